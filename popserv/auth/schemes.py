@@ -1,0 +1,108 @@
+"""
+Password schemes of a Dovecot-compatible passwd-file: C{{SCHEME}secret}.
+
+Hashing is done by maintained libraries (libpass, which drives argon2-cffi and
+bcrypt), never here. A scheme says whether checking it is slow enough to move
+off the reactor thread, and whether it yields a plaintext-equivalent secret
+(which APOP and, later, CRAM-MD5 need).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from passlib import hash as _hashes
+
+__all__ = ["Scheme", "SCHEMES", "parseStoredPassword", "UnknownScheme"]
+
+
+class UnknownScheme(ValueError):
+    """The passwd-file names a scheme popserv does not support."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """
+    @ivar verify: C{verify(password, secret)}: is C{password} right?
+    @ivar slow: verification costs enough CPU to belong in a thread.
+    @ivar plaintext: the secret is the password itself (APOP can use it).
+    """
+
+    name: str
+    verify: Callable[[bytes, str], bool]
+    slow: bool = True
+    plaintext: bool = False
+
+
+def _plain(password: bytes, secret: str) -> bool:
+    return hmac.compare_digest(password, secret.encode("utf-8"))
+
+
+def _libpass(handler: object, maxBytes: int | None = None) -> Callable[[bytes, str], bool]:
+    def verify(password: bytes, secret: str) -> bool:
+        if maxBytes is not None:
+            # crypt(3) and Dovecot look at the first 72 bytes only.
+            password = password[:maxBytes]
+        try:
+            return bool(handler.verify(password, secret))  # type: ignore[attr-defined]
+        except (ValueError, TypeError):
+            return False  # a malformed hash never matches
+
+    return verify
+
+
+_argon2 = _libpass(_hashes.argon2)
+_bcrypt = _libpass(_hashes.bcrypt, maxBytes=72)
+_sha512 = _libpass(_hashes.sha512_crypt)
+_sha256 = _libpass(_hashes.sha256_crypt)
+_md5crypt = _libpass(_hashes.md5_crypt)
+
+#: Scheme names as Dovecot spells them.
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in [
+        Scheme("PLAIN", _plain, slow=False, plaintext=True),
+        Scheme("CLEARTEXT", _plain, slow=False, plaintext=True),
+        Scheme("ARGON2ID", _argon2),
+        Scheme("ARGON2I", _argon2),
+        Scheme("BLF-CRYPT", _bcrypt),
+        Scheme("SHA512-CRYPT", _sha512),
+        Scheme("SHA256-CRYPT", _sha256),
+        Scheme("MD5-CRYPT", _md5crypt),
+    ]
+}
+
+# A bare crypt string (Dovecot's default scheme CRYPT) by its "$id$" prefix.
+_CRYPT_PREFIXES = {
+    "$argon2id$": "ARGON2ID",
+    "$argon2i$": "ARGON2I",
+    "$2y$": "BLF-CRYPT",
+    "$2b$": "BLF-CRYPT",
+    "$2a$": "BLF-CRYPT",
+    "$6$": "SHA512-CRYPT",
+    "$5$": "SHA256-CRYPT",
+    "$1$": "MD5-CRYPT",
+}
+
+
+def parseStoredPassword(field: str) -> tuple[Scheme, str]:
+    """
+    Split a stored password field into its scheme and secret.
+
+    C{{PLAIN}demo} is PLAIN; a field without C{{...}} is taken as a crypt
+    string and recognised by its prefix. Raises L{UnknownScheme}.
+    """
+    if field.startswith("{"):
+        name, sep, secret = field[1:].partition("}")
+        if not sep:
+            raise UnknownScheme("unterminated {SCHEME}")
+        scheme = SCHEMES.get(name.upper())
+        if scheme is None:
+            raise UnknownScheme(name)
+        return scheme, secret
+    for prefix, name in _CRYPT_PREFIXES.items():
+        if field.startswith(prefix):
+            return SCHEMES[name], field
+    raise UnknownScheme("no {SCHEME} and not a recognised crypt string")

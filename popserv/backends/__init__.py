@@ -1,0 +1,1 @@
+"""Storage backends: each provides L{popserv.interfaces.IMailStore}."""

@@ -1,0 +1,104 @@
+"""
+An in-memory store, for tests and for embedders who want a POP3 endpoint over
+messages they already hold. Same locking and UPDATE semantics as on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+from zope.interface import implementer
+
+from popserv.errors import MaildropInUse, MessageVanished
+from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
+from popserv.wire import crlfSize
+
+__all__ = ["MemoryStore", "MemoryMaildrop", "MemoryMailbox"]
+
+
+class MemoryMaildrop:
+    """One user's messages: an ordered dict of uid -> bytes, plus the lock flag."""
+
+    def __init__(self, messages: Iterable[bytes] = ()) -> None:
+        self.messages: dict[str, bytes] = {}
+        self.locked = False
+        self._counter = itertools.count(1)
+        for m in messages:
+            self.deliver(m)
+
+    def deliver(self, message: bytes, uid: str | None = None) -> str:
+        """Add a message (as a delivery would) and return its UID."""
+        if uid is None:
+            uid = f"mem{next(self._counter):08d}"
+        if uid in self.messages:
+            raise ValueError(f"UID {uid} already present")
+        self.messages[uid] = message
+        return uid
+
+
+@implementer(IMessageReader)
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int) -> bytes:
+        chunk = bytes(self._view[self._pos : self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._view.release()
+
+
+@implementer(IMailbox)
+class MemoryMailbox:
+    """A locked session view of a L{MemoryMaildrop}."""
+
+    def __init__(self, maildrop: MemoryMaildrop) -> None:
+        self._maildrop = maildrop
+        self._closed = False
+
+    def listMessages(self) -> list[MessageInfo]:
+        return [
+            MessageInfo(uid, crlfSize(data), key=uid)
+            for uid, data in self._maildrop.messages.items()
+        ]
+
+    def openMessage(self, info: MessageInfo) -> IMessageReader:
+        data = self._maildrop.messages.get(info.key)
+        if data is None:
+            raise MessageVanished()
+        return _BytesReader(data)
+
+    def removeMessages(self, infos: Sequence[MessageInfo]) -> list[MessageInfo]:
+        for info in infos:
+            self._maildrop.messages.pop(info.key, None)
+        return []
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._maildrop.locked = False
+
+
+@implementer(IMailStore)
+class MemoryStore:
+    """Maildrops by user name; a user without one gets an empty maildrop."""
+
+    description = "memory"
+
+    def __init__(self, maildrops: dict[str, MemoryMaildrop] | None = None) -> None:
+        self.maildrops: dict[str, MemoryMaildrop] = dict(maildrops or {})
+
+    def maildrop(self, user: str) -> MemoryMaildrop:
+        """The maildrop of C{user}, created empty if needed."""
+        return self.maildrops.setdefault(user, MemoryMaildrop())
+
+    def openMailbox(self, user: str) -> MemoryMailbox:
+        drop = self.maildrop(user)
+        if drop.locked:
+            raise MaildropInUse()
+        drop.locked = True
+        return MemoryMailbox(drop)

@@ -1,0 +1,125 @@
+"""
+The configuration: one set of settings shared by the twistd plugin
+(C{--config} plus options), the tac file and the embedding API.
+
+The file format is TOML (read with the standard library's C{tomllib}); keys
+are the long option names with C{_} for C{-}. Relative paths in a file are
+relative to the file's own directory, so a configuration can be moved whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from popserv.location import MailLocation
+from popserv.protocol import DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
+
+__all__ = ["Config", "ConfigError", "loadConfig", "DEFAULT_LISTEN"]
+
+#: The standard POP3 port on all interfaces (RFC 1939 section 3).
+DEFAULT_LISTEN = "tcp:110"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    @ivar listen: Twisted server endpoint strings to listen on.
+    @ivar passwd: the passwd-file path.
+    @ivar mail_location: where maildrops are, e.g. C{maildir:/var/mail/%d/%n/Maildir}.
+    @ivar timeout: autologout after this many idle seconds.
+    @ivar hostname: host name in the APOP greeting timestamp (default: this host's).
+    @ivar apop: offer APOP (needs {PLAIN} secrets to succeed for an account).
+    @ivar max_bad_commands: close a connection after this many bad commands.
+    @ivar create_maildirs: create a missing maildrop at first login.
+    """
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    passwd: str | None = None
+    mail_location: str | None = None
+    timeout: int = DEFAULT_TIMEOUT
+    hostname: str | None = None
+    apop: bool = True
+    max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS
+    create_maildirs: bool = True
+    #: the directory relative paths are resolved against (the config file's)
+    base_dir: str = field(default_factory=os.getcwd, compare=False)
+
+    def merged(self, **overrides: Any) -> Config:
+        """A copy with the settings that are not None replaced."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validated(self) -> Config:
+        """Check every setting; raise L{ConfigError} naming the first bad one."""
+        if not self.listen:
+            raise ConfigError("listen: at least one endpoint is needed")
+        if not self.passwd:
+            raise ConfigError("passwd: a passwd-file is required")
+        if not self.mail_location:
+            raise ConfigError("mail_location: required, e.g. maildir:/var/mail/%d/%n/Maildir")
+        try:
+            MailLocation.parse(self.mail_location, self.base_dir)
+        except ValueError as e:
+            raise ConfigError(f"mail_location: {e}") from None
+        if self.timeout <= 0:
+            raise ConfigError("timeout: must be a positive number of seconds")
+        if self.max_bad_commands <= 0:
+            raise ConfigError("max_bad_commands: must be positive")
+        return self
+
+    @property
+    def passwdPath(self) -> str:
+        assert self.passwd is not None
+        return os.path.join(self.base_dir, os.path.expanduser(self.passwd))
+
+    @property
+    def location(self) -> MailLocation:
+        assert self.mail_location is not None
+        return MailLocation.parse(self.mail_location, self.base_dir)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "listen": (list, str),
+    "passwd": str,
+    "mail_location": str,
+    "timeout": int,
+    "hostname": str,
+    "apop": bool,
+    "max_bad_commands": int,
+    "create_maildirs": bool,
+}
+
+
+def loadConfig(path: str | os.PathLike[str]) -> Config:
+    """Read a TOML configuration file; raise L{ConfigError} on any problem."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    known = {f.name for f in fields(Config)} - {"base_dir"}
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
+            )
+        expected = _TYPES[name]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: {key} has the wrong type")
+        if name == "listen":
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: listen must be a list of endpoint strings")
+        settings[name] = value
+    return Config(base_dir=os.path.dirname(os.path.abspath(path)), **settings)

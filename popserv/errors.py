@@ -1,0 +1,142 @@
+"""
+Errors popserv raises, and the one place that turns any failure into a
+C{-ERR} line.
+
+Backends and checkers raise these (or plain OSErrors); the protocol never
+chooses a response code itself, it calls L{errorReply}.
+"""
+
+from __future__ import annotations
+
+import errno
+from enum import StrEnum
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from popserv import wire
+
+__all__ = [
+    "ResponseCode",
+    "POP3Error",
+    "CommandError",
+    "NoSuchMessage",
+    "AuthenticationFailed",
+    "MaildropInUse",
+    "TemporaryFailure",
+    "PermanentFailure",
+    "InvalidUserName",
+    "MessageVanished",
+    "errorReply",
+]
+
+_log = Logger()
+
+
+class ResponseCode(StrEnum):
+    """Extended response codes: RFC 2449 section 8 and RFC 3206."""
+
+    IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
+    SYS_TEMP = "SYS/TEMP"
+    SYS_PERM = "SYS/PERM"
+    AUTH = "AUTH"
+
+
+class POP3Error(Exception):
+    """
+    A failure with a text meant for the client.
+
+    @cvar code: the response code sent with it, if any.
+    @cvar text: the default human-readable text; an instance may carry its own.
+    """
+
+    code: ResponseCode | None = None
+    text = "Command failed"
+
+    def __init__(self, text: str | None = None) -> None:
+        super().__init__(text or self.text)
+        if text:
+            self.text = text
+
+
+class CommandError(POP3Error):
+    """A command was unknown, not allowed in this state, or had bad arguments."""
+
+
+class NoSuchMessage(POP3Error):
+    """The message number is out of range or the message is marked deleted."""
+
+    text = "No such message"
+
+
+class AuthenticationFailed(POP3Error):
+    """Bad credentials. Unknown user and wrong password deliberately read the same."""
+
+    code = ResponseCode.AUTH
+    text = "Authentication failed"
+
+
+class MaildropInUse(POP3Error):
+    """Another session holds the maildrop lock (RFC 2449 [IN-USE])."""
+
+    code = ResponseCode.IN_USE
+    text = "Mailbox is locked by another session"
+
+
+class TemporaryFailure(POP3Error):
+    """A problem that retrying later may cure: storage unavailable, I/O error."""
+
+    code = ResponseCode.SYS_TEMP
+    text = "Temporary server failure, try again later"
+
+
+class PermanentFailure(POP3Error):
+    """A problem retrying will not cure: unreadable maildrop, disabled account."""
+
+    code = ResponseCode.SYS_PERM
+    text = "Permanent server failure"
+
+
+class InvalidUserName(PermanentFailure):
+    """A user name that cannot name a maildrop (it would escape the mail root)."""
+
+    text = "Invalid user name"
+
+
+class MessageVanished(POP3Error):
+    """The message was removed from storage by another program during the session."""
+
+    text = "Message was removed from the maildrop by another program"
+
+
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP})
+
+
+def errorReply(reason: BaseException | Failure, codes: bool = True) -> bytes:
+    """
+    The C{-ERR} line for any failure.
+
+    POP3Errors carry their own text and code. Cred failures become the one
+    authentication failure. OS errors become [SYS/TEMP] or [SYS/PERM] by errno.
+    Anything else is a bug: it is logged with its traceback and the client gets
+    a generic line, never a class name or a Python message.
+    """
+    exc = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(exc, (UnauthorizedLogin, UnhandledCredentials)):
+        exc = AuthenticationFailed()
+    elif isinstance(exc, OSError) and not isinstance(exc, POP3Error):
+        _log.failure(
+            "storage error",
+            reason if isinstance(reason, Failure) else Failure(exc),
+        )
+        exc = PermanentFailure() if exc.errno in _PERMANENT_ERRNOS else TemporaryFailure()
+    elif not isinstance(exc, POP3Error):
+        _log.failure(
+            "unexpected error while handling a command",
+            reason if isinstance(reason, Failure) else Failure(exc),
+        )
+        exc = TemporaryFailure("Internal server error")
+    code = exc.code.value if (codes and exc.code is not None) else None
+    return wire.err(exc.text, code)

@@ -1,0 +1,94 @@
+"""
+The seams between the wire protocol and storage.
+
+Every method here may return its result directly or as a Deferred: the
+protocol wraps each call in C{maybeDeferred}, so a local Maildir and a remote
+database fit the same protocol code.
+
+Text and bytes: user names are C{str} (decoded from the wire as UTF-8);
+message content is C{bytes}, always; UIDs are C{str} of printable ASCII.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+__all__ = ["MessageInfo", "IMessageReader", "IMailbox", "IMailStore", "validUID"]
+
+
+def validUID(uid: str) -> bool:
+    """RFC 1939 section 7: 1 to 70 characters in the range 0x21 to 0x7E."""
+    return 0 < len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """
+    What a session knows about one message present at login.
+
+    @ivar uid: the unique id (RFC 1939 UIDL): unique in the maildrop, never
+        changing, never reused.
+    @ivar size: the exact octet count RETR sends, before byte-stuffing (CRLF
+        line endings, a final CRLF included).
+    @ivar key: the backend's own handle for the message; opaque to the protocol.
+    """
+
+    uid: str
+    size: int
+    key: Any = field(default=None, compare=False, repr=False)
+
+
+class IMessageReader(Interface):
+    """An open message, read sequentially in chunks by the protocol's producer."""
+
+    def read(size: int) -> bytes | Deferred[bytes]:
+        """Up to C{size} more bytes of the stored message; C{b""} at its end."""
+
+    def close() -> None:
+        """Release the message; called exactly once, also on a dropped connection."""
+
+
+class IMailbox(Interface):
+    """
+    One locked maildrop for the length of one session.
+
+    Deletion marks are not the mailbox's business: the session keeps them and
+    calls L{removeMessages} only in the UPDATE state, after QUIT.
+    """
+
+    def listMessages() -> Sequence[MessageInfo] | Deferred[Sequence[MessageInfo]]:
+        """The messages present now, in the order they are to be numbered."""
+
+    def openMessage(info: MessageInfo) -> IMessageReader | Deferred[IMessageReader]:
+        """Open one message of the listing for reading."""
+
+    def removeMessages(
+        infos: Sequence[MessageInfo],
+    ) -> Sequence[MessageInfo] | Deferred[Sequence[MessageInfo]]:
+        """
+        Remove these messages for good; return those that could not be
+        removed (a message already gone counts as removed).
+        """
+
+    def close() -> None | Deferred[None]:
+        """Release the maildrop lock. Called exactly once per opened mailbox."""
+
+
+class IMailStore(Interface):
+    """Where maildrops live: turns an authenticated user into a locked mailbox."""
+
+    description = Attribute("A short human-readable description for logs.")
+
+    def openMailbox(user: str) -> IMailbox | Deferred[IMailbox]:
+        """
+        Open and lock the maildrop of C{user}.
+
+        Fails with L{popserv.errors.MaildropInUse} when another session holds
+        it, L{popserv.errors.InvalidUserName} for a name that cannot name a
+        maildrop, or another L{popserv.errors.POP3Error}.
+        """

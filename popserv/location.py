@@ -1,0 +1,90 @@
+"""
+Mail locations: Dovecot-style templates such as
+C{maildir:/var/mail/%d/%n/Maildir} that turn a user name into a maildrop path.
+
+Variables: C{%u} the whole user name, C{%n} its local part (before C{@}),
+C{%d} its domain (after C{@}, empty if none), C{%%} a percent sign.
+A user name that could escape the mail root is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from popserv.errors import InvalidUserName
+
+__all__ = ["MailLocation", "splitUser", "checkUserName"]
+
+_VARIABLE = re.compile(r"%(.)")
+_KNOWN = {"u", "n", "d", "%"}
+_KINDS = ("maildir",)
+
+#: User names longer than this cannot be real (RFC 5321 caps an address at 254).
+MAX_USER_NAME = 254
+
+
+def splitUser(user: str) -> tuple[str, str]:
+    """C{local@domain} -> (local, domain); the domain is empty without an C{@}."""
+    local, _, domain = user.rpartition("@") if "@" in user else (user, "", "")
+    return local, domain
+
+
+def checkUserName(user: str) -> None:
+    """Raise L{InvalidUserName} unless C{user} is safe to use in a path."""
+    if not user or len(user) > MAX_USER_NAME:
+        raise InvalidUserName()
+    if any(c in user for c in "/\\") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
+        raise InvalidUserName()
+    for part in (user, *splitUser(user)):
+        if part in (".", ".."):
+            raise InvalidUserName()
+
+
+@dataclass(frozen=True)
+class MailLocation:
+    """A parsed mail location: the storage kind and the path template."""
+
+    kind: str
+    template: str
+
+    @classmethod
+    def parse(cls, spec: str, relativeTo: str | None = None) -> MailLocation:
+        """
+        Parse C{kind:template} (a bare template means maildir). A relative
+        template is made absolute against C{relativeTo} (or the working
+        directory). Raises ValueError for an unknown kind or variable.
+        """
+        kind, sep, template = spec.partition(":")
+        if not sep or kind not in _KINDS:
+            if sep and re.fullmatch(r"[a-z0-9]+", kind):
+                raise ValueError(
+                    f"unsupported mail storage kind {kind!r} (supported: {', '.join(_KINDS)})"
+                )
+            kind, template = "maildir", spec
+        if not template:
+            raise ValueError("empty mail location")
+        for var in _VARIABLE.findall(template):
+            if var not in _KNOWN:
+                raise ValueError(f"unknown variable %{var} in mail location (known: %u %n %d %%)")
+        if not os.path.isabs(template):
+            template = os.path.join(relativeTo or os.getcwd(), template)
+        return cls(kind, template)
+
+    @property
+    def root(self) -> str:
+        """The fixed directory every expansion stays below."""
+        head = self.template.split("%", 1)[0]
+        return os.path.dirname(head) if "%" in self.template else head
+
+    def expand(self, user: str) -> str:
+        """The maildrop path of C{user}; L{InvalidUserName} if it is unsafe."""
+        checkUserName(user)
+        local, domain = splitUser(user)
+        values = {"u": user, "n": local, "d": domain, "%": "%"}
+        path = os.path.normpath(_VARIABLE.sub(lambda m: values[m.group(1)], self.template))
+        root = os.path.normpath(self.root)
+        if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+            raise InvalidUserName()
+        return path

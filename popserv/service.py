@@ -1,0 +1,107 @@
+"""
+Building a running server: the one place that wires checker, realm, store,
+factory and listening endpoints together. The twistd plugin, the tac file and
+embedders all come through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from popserv.auth.passwdfile import PasswdFileChecker
+from popserv.auth.realm import MailboxRealm
+from popserv.backends.maildir import MaildirStore
+from popserv.config import Config, ConfigError
+from popserv.interfaces import IMailStore
+from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
+from popserv.threads import reactorThreads
+
+__all__ = ["makePortal", "makeFactory", "makeService"]
+
+_log = Logger()
+
+
+def makePortal(checker: ICredentialsChecker, store: IMailStore) -> Portal:
+    """A Portal whose realm opens (and locks) maildrops from C{store}."""
+    return Portal(MailboxRealm(store), [checker])
+
+
+def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = None) -> POP3Factory:
+    """
+    The protocol factory for C{config}; listen on it with any endpoint.
+
+    @param portal: use this portal instead of the passwd-file and mail
+        location of C{config} (for a custom checker or store).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if portal is None:
+        config.validated()
+        run = reactorThreads(reactor)
+        try:
+            checker = PasswdFileChecker(config.passwdPath, runInThread=run)
+        except OSError as e:
+            raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None
+        store = MaildirStore(
+            config.location, runInThread=run, createMissing=config.create_maildirs
+        )
+        portal = makePortal(checker, store)
+    if config.timeout < DEFAULT_TIMEOUT:
+        _log.warn(
+            "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
+            timeout=config.timeout,
+        )
+    return POP3Factory(
+        portal,
+        clock=reactor,
+        timeout=config.timeout,
+        hostname=config.hostname,
+        apop=None if config.apop else False,
+        maxBadCommands=config.max_bad_commands,
+    )
+
+
+def makeService(
+    config: Config | None = None,
+    *,
+    reactor: Any = None,
+    portal: Portal | None = None,
+    **settings: Any,
+) -> MultiService:
+    """
+    A service that listens on every C{listen} endpoint of the configuration.
+
+    Settings may be given as a L{Config}, as keyword arguments named like its
+    fields (C{listen=["tcp:1110"], passwd="...", mail_location="..."}), or
+    both (keywords win). Raises L{ConfigError} for a configuration that cannot
+    work, before anything listens.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if "listen" in settings and isinstance(settings["listen"], str):
+        settings["listen"] = (settings["listen"],)
+    elif "listen" in settings and settings["listen"] is not None:
+        settings["listen"] = tuple(settings["listen"])
+    config = (config or Config()).merged(**settings)
+    if portal is None:
+        config = config.validated()
+    factory = makeFactory(config, reactor, portal)
+    top = MultiService()
+    top.setName("popserv")
+    for description in config.listen:
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"listen: bad endpoint {description!r}: {e}") from None
+        service = StreamServerEndpointService(endpoint, factory)
+        service._raiseSynchronously = True  # fail twistd start-up on a busy port
+        service.setServiceParent(top)
+    top.factory = factory  # type: ignore[attr-defined]
+    return top

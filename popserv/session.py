@@ -1,0 +1,82 @@
+"""
+RFC 1939 transaction semantics, independent of storage and of the wire.
+
+A L{Transaction} is the snapshot taken at login: messages numbered 1..N for
+the whole session, deletion marks kept here (never in the backend), and the
+removal of exactly the marked messages in the UPDATE state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+
+from popserv.errors import NoSuchMessage
+from popserv.interfaces import IMailbox, MessageInfo
+
+__all__ = ["Transaction"]
+
+
+class Transaction:
+    """The per-login view of one maildrop."""
+
+    def __init__(self, mailbox: IMailbox, messages: Sequence[MessageInfo]) -> None:
+        self.mailbox = mailbox
+        self._messages = tuple(messages)
+        self._deleted: set[int] = set()
+        self._deletedSize = 0
+        self._totalSize = sum(m.size for m in self._messages)
+
+    def __len__(self) -> int:
+        """The number of messages at login, deleted or not."""
+        return len(self._messages)
+
+    def get(self, number: int) -> MessageInfo:
+        """The message numbered C{number}; NoSuchMessage if out of range or marked."""
+        if not 1 <= number <= len(self._messages):
+            raise NoSuchMessage()
+        if number in self._deleted:
+            raise NoSuchMessage("Message is marked deleted")
+        return self._messages[number - 1]
+
+    def stat(self) -> tuple[int, int]:
+        """Count and total size of the messages not marked deleted (STAT)."""
+        return (
+            len(self._messages) - len(self._deleted),
+            self._totalSize - self._deletedSize,
+        )
+
+    def listing(self) -> Iterator[tuple[int, MessageInfo]]:
+        """(number, info) for each message not marked deleted, in order."""
+        deleted = self._deleted
+        for number, info in enumerate(self._messages, 1):
+            if number not in deleted:
+                yield number, info
+
+    def delete(self, number: int) -> None:
+        """Mark a message deleted (DELE); nothing is removed until UPDATE."""
+        info = self.get(number)
+        self._deleted.add(number)
+        self._deletedSize += info.size
+
+    def reset(self) -> None:
+        """Unmark every message (RSET)."""
+        self._deleted.clear()
+        self._deletedSize = 0
+
+    @property
+    def marked(self) -> list[MessageInfo]:
+        """The messages marked deleted, in message-number order."""
+        return [self._messages[n - 1] for n in sorted(self._deleted)]
+
+    def commit(self) -> Deferred[Sequence[MessageInfo]]:
+        """
+        UPDATE: remove exactly the marked messages.
+
+        Fires with those that could not be removed (empty on full success).
+        """
+        marked = self.marked
+        if not marked:
+            return succeed(())
+        return maybeDeferred(self.mailbox.removeMessages, marked)

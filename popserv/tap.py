@@ -1,0 +1,111 @@
+"""C{twistd popserv}: command-line options only; the building is in L{popserv.service}."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from popserv.config import Config, ConfigError, loadConfig
+from popserv.service import makeService as _makeService
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve POP3 (RFC 1939) from Maildirs to users of a Dovecot-style passwd-file. "
+        "Settings come from --config (TOML) and are overridden by options given here. "
+        "Example: twistd -n popserv --listen tcp:110 --passwd /etc/popserv/passwd "
+        "--mail-location 'maildir:/var/mail/%d/%n/Maildir'"
+    )
+
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "TOML configuration file (keys as the long options below, '_' for '-'); "
+            "relative paths in it are relative to the file.",
+        ],
+        [
+            "passwd",
+            "p",
+            None,
+            "Passwd-file: lines of user:{SCHEME}secret, SCHEME one of PLAIN, ARGON2ID, "
+            "BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT. Re-read when it changes.",
+        ],
+        [
+            "mail-location",
+            "m",
+            None,
+            "Where maildrops are, e.g. maildir:/var/mail/%d/%n/Maildir; %u is the user "
+            "name, %n its local part, %d its domain.",
+        ],
+        [
+            "timeout",
+            None,
+            None,
+            "Autologout after this many idle seconds [default: 600, the RFC 1939 minimum].",
+            int,
+        ],
+        [
+            "hostname",
+            None,
+            None,
+            "Host name in the APOP greeting timestamp [default: this host's name].",
+        ],
+        [
+            "max-bad-commands",
+            None,
+            None,
+            "Close a connection after this many unknown or malformed commands [default: 20].",
+            int,
+        ],
+    ]
+    optFlags = [
+        ["no-apop", None, "Do not offer APOP (no timestamp in the greeting)."],
+        [
+            "no-create-maildirs",
+            None,
+            "Refuse a login whose maildrop does not exist instead of creating it.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Listen on this Twisted server endpoint; repeat for several
+        (e.g. tcp:110, tcp:1110:interface=127.0.0.1, unix:/run/popserv.sock,
+        systemd:domain=INET:index=0) [default: tcp:110].
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        try:
+            base = loadConfig(self["config"]) if self["config"] else Config()
+            self.config = base.merged(
+                listen=tuple(self["listen"]) or None,
+                passwd=self["passwd"],
+                mail_location=self["mail-location"],
+                timeout=self["timeout"],
+                hostname=self["hostname"],
+                max_bad_commands=self["max-bad-commands"],
+                apop=False if self["no-apop"] else None,
+                create_maildirs=False if self["no-create-maildirs"] else None,
+            ).validated()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    """Build the popserv service from parsed options."""
+    try:
+        return _makeService(options.config)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None

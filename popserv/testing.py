@@ -1,0 +1,99 @@
+"""
+Helpers for testing code that embeds popserv, without sockets.
+
+    from popserv.testing import memoryServer, connect
+    factory, store = memoryServer({"alice": "secret"})
+    store.maildrop("alice").deliver(b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
+    client = connect(factory)
+    client.send(b"USER alice\\r\\nPASS secret\\r\\nSTAT\\r\\n")
+    assert client.lines()[-1] == b"+OK 1 29"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from popserv.auth.realm import MailboxRealm
+from popserv.backends.memory import MemoryStore
+from popserv.interfaces import IMailStore
+from popserv.protocol import POP3Factory, POP3Protocol
+
+__all__ = ["PlaintextChecker", "memoryServer", "connect", "TestClient"]
+
+
+@implementer(ICredentialsChecker)
+class PlaintextChecker:
+    """An in-memory {user: password} checker for USER/PASS and APOP. Tests only."""
+
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self.users = dict(users)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        password = self.users.get(credentials.username)
+        if password is not None and credentials.checkPassword(password.encode("utf-8")):
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+def memoryServer(
+    users: Mapping[str, str], store: IMailStore | None = None, **factoryArgs: Any
+) -> tuple[POP3Factory, Any]:
+    """A factory over a memory store (or C{store}), its clock a L{Clock}."""
+    if store is None:
+        store = MemoryStore()
+    portal = Portal(MailboxRealm(store), [PlaintextChecker(users)])
+    factoryArgs.setdefault("clock", Clock())
+    factoryArgs.setdefault("hostname", "pop.example")
+    return POP3Factory(portal, **factoryArgs), store
+
+
+class TestClient:
+    """A protocol on a StringTransport: send bytes, read what came back."""
+
+    def __init__(self, protocol: POP3Protocol, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self._read = 0
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def output(self) -> bytes:
+        """Everything written since the last call."""
+        value = self.transport.value()
+        out, self._read = value[self._read :], len(value)
+        return out
+
+    def lines(self) -> list[bytes]:
+        """L{output} split into lines without their CRLF."""
+        return self.output().split(b"\r\n")[:-1]
+
+    def disconnect(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.transport.loseConnection()
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def connect(factory: POP3Factory, peer: str = "127.0.0.1") -> TestClient:
+    """Connect a new protocol to an in-memory transport; the greeting is consumed."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+    protocol.makeConnection(transport)
+    client = TestClient(protocol, transport)
+    client.greeting = client.output()  # type: ignore[attr-defined]
+    return client
