@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import ServerProcess, deliver  # noqa: E402
+
+DEMO_USERS = {"alice": "{PLAIN}wonderland", "bob@example.org": "{PLAIN}builder"}
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A running popserv with users alice and bob@example.org ({PLAIN} passwords)."""
+    srv = ServerProcess(tmp_path, DEMO_USERS)
+    srv.deliver = lambda user, msg, **kw: deliver(srv.maildir(user), msg, **kw)
+    srv.start()
+    yield srv
+    srv.stop()
