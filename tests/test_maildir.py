@@ -1,0 +1,263 @@
+"""The Maildir store: UIDLs, sizes, locking, removal; run synchronously (no threads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from twisted.cred.portal import Portal
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from popserv.auth.realm import MailboxRealm
+from popserv.backends import maildir as md
+from popserv.backends.maildir import LOCK_FILE, MaildirStore, uidFor, uniquePart
+from popserv.errors import InvalidUserName, MaildropInUse, MessageVanished, PermanentFailure
+from popserv.interfaces import IMailbox, IMailStore, IMessageReader, validUID
+from popserv.protocol import POP3Factory
+from popserv.testing import PlaintextChecker, connect
+from popserv.threads import synchronously
+from support import deliver
+
+
+def result(d):
+    """The result of an already-fired Deferred (raising its failure)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return MaildirStore(f"maildir:{tmp_path}/%d/%n/Maildir", runInThread=synchronously)
+
+
+@pytest.fixture
+def box(tmp_path):
+    return tmp_path / "alice" / "Maildir"
+
+
+def open_(store, user="alice"):
+    return result(store.openMailbox(user))
+
+
+def test_interfaces_are_provided(store, box):
+    deliver(box, b"x\n")
+    assert verifyObject(IMailStore, store)
+    mailbox = open_(store)
+    assert verifyObject(IMailbox, mailbox)
+    (info,) = result(mailbox.listMessages())
+    assert verifyObject(IMessageReader, mailbox.openMessage(info))
+
+
+@pytest.mark.parametrize("name,unique", [
+    ("1700000000.M1P2.host", "1700000000.M1P2.host"),
+    ("1700000000.M1P2.host:2,S", "1700000000.M1P2.host"),
+    ("1700000000.M1P2.host,S=1234:2,RS", "1700000000.M1P2.host"),
+    ("1700000000.M1P2.host,S=1234,W=1260:2,", "1700000000.M1P2.host"),
+    ("1700000000.M1P2.host,X=7,S=1:2,", "1700000000.M1P2.host,X=7"),
+])
+def test_unique_part(name, unique):
+    assert uniquePart(name) == unique
+
+
+def test_uid_is_valid_for_any_name():
+    """RFC 1939 section 7: 1-70 characters in 0x21-0x7E; odd names map to a digest."""
+    for unique in ("ok.name", "has space", "x" * 71, "caf\u00e9", "a\udcffb"):
+        uid = uidFor(unique)
+        assert validUID(uid)
+        assert uid == uidFor(unique)
+    assert uidFor("has space") != uidFor("has  space")
+
+
+def test_uidl_survives_flag_changes_and_the_move_to_cur(store, box):
+    """UIDLs never change when another program sets flags or moves new/ -> cur/."""
+    path = deliver(box, b"Subject: a\n\nbody\n", name="1700000000.M1P1.host,S=17")
+    mailbox = open_(store)
+    before = [i.uid for i in result(mailbox.listMessages())]
+    mailbox.close()
+    os.rename(path, box / "cur" / (path.name + ":2,S"))
+    mailbox = open_(store)
+    after = result(mailbox.listMessages())
+    assert [i.uid for i in after] == before == ["1700000000.M1P1.host"]
+    os.rename(box / "cur" / (path.name + ":2,S"), box / "cur" / (path.name + ":2,RS"))
+    assert [i.uid for i in result(mailbox.listMessages())] == before
+
+
+def test_sizes_are_crlf_octets(store, box):
+    deliver(box, b"a\nb\n", name="1.A.h")           # LF: 4 bytes -> 6
+    deliver(box, b"a\r\nb\r\n", name="2.B.h")       # CRLF stays 6
+    deliver(box, b"a\r\nb", name="3.C.h")           # no final newline: +2
+    deliver(box, b"", name="4.D.h")
+    sizes = [i.size for i in result(open_(store).listMessages())]
+    assert sizes == [6, 6, 6, 0]
+
+
+def test_w_size_hint_is_trusted_and_sizes_are_cached(store, box, monkeypatch):
+    deliver(box, b"a\nb\n", name="1.A.h,S=4,W=6")
+    deliver(box, b"abc\n", name="2.B.h")
+    mailbox = open_(store)
+    calls = []
+    real = md._countSize
+    monkeypatch.setattr(md, "_countSize", lambda fd: calls.append(fd) or real(fd))
+    assert [i.size for i in result(mailbox.listMessages())] == [6, 5]
+    assert len(calls) == 1  # only the file without W=
+    assert [i.size for i in result(mailbox.listMessages())] == [6, 5]
+    assert len(calls) == 1  # second login: from the cache
+
+
+def test_ignores_tmp_dotfiles_symlinks_and_directories(store, box, tmp_path):
+    deliver(box, b"real\n", name="1.A.h")
+    (box / "tmp" / "2.B.h").write_bytes(b"in delivery\n")
+    (box / "new" / ".hidden").write_bytes(b"x\n")
+    (box / "new" / "3.C.h").mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not mail\n")
+    os.symlink(secret, box / "new" / "4.D.h")
+    infos = result(open_(store).listMessages())
+    assert [i.uid for i in infos] == ["1.A.h"]
+
+
+def test_order_is_delivery_order(store, box):
+    for t in (300, 100, 200):
+        deliver(box, b"%d\n" % t, name=f"{t}.M.h")
+    assert [i.uid for i in result(open_(store).listMessages())] == [
+        "100.M.h", "200.M.h", "300.M.h"]
+
+
+def test_duplicate_unique_names_are_listed_once(store, box):
+    deliver(box, b"one\n", name="5.X.h", sub="cur")
+    deliver(box, b"two\n", name="5.X.h:2,S", sub="cur")
+    infos = result(open_(store).listMessages())
+    assert [i.uid for i in infos] == ["5.X.h"]
+
+
+def test_read_follows_a_rename_by_another_program(store, box):
+    path = deliver(box, b"Subject: x\n\nhello\n", name="1.A.h")
+    mailbox = open_(store)
+    (info,) = result(mailbox.listMessages())
+    os.rename(path, box / "cur" / "1.A.h:2,S")
+    reader = mailbox.openMessage(info)
+    assert reader.read(1000) == b"Subject: x\n\nhello\n"
+    assert reader.read(1000) == b""
+    reader.close()
+
+
+def test_vanished_message(store, box):
+    path = deliver(box, b"x\n", name="1.A.h")
+    mailbox = open_(store)
+    (info,) = result(mailbox.listMessages())
+    path.unlink()
+    with pytest.raises(MessageVanished):
+        mailbox.openMessage(info)
+
+
+def test_remove_only_given_messages_including_renamed_and_vanished(store, box):
+    a = deliver(box, b"a\n", name="1.A.h")
+    b = deliver(box, b"b\n", name="2.B.h")
+    deliver(box, b"c\n", name="3.C.h")
+    mailbox = open_(store)
+    infos = result(mailbox.listMessages())
+    os.rename(a, box / "cur" / "1.A.h:2,S")
+    b.unlink()
+    assert result(mailbox.removeMessages(infos[:2])) == []
+    assert sorted(os.listdir(box / "new")) == ["3.C.h"]
+    assert os.listdir(box / "cur") == []
+
+
+def test_failed_removal_is_reported(store, box, monkeypatch):
+    deliver(box, b"a\n", name="1.A.h")
+    deliver(box, b"b\n", name="2.B.h")
+    mailbox = open_(store)
+    infos = result(mailbox.listMessages())
+    real = os.unlink
+
+    def unlink(path, *a, **kw):
+        if str(path).endswith("1.A.h"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert result(mailbox.removeMessages(infos)) == infos[:1]
+    assert os.listdir(box / "new") == ["1.A.h"]
+
+
+def test_lock_is_exclusive_and_released_on_close(store, box):
+    first = open_(store)
+    with pytest.raises(MaildropInUse):
+        open_(store)
+    first.close()
+    first.close()  # idempotent
+    open_(store).close()
+
+
+def test_lock_is_exclusive_between_stores_in_one_process(tmp_path, box):
+    a = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    b = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    held = open_(a)
+    with pytest.raises(MaildropInUse):
+        open_(b)
+    held.close()
+    open_(b).close()
+
+
+def test_lock_held_by_a_dead_process_is_free(store, box):
+    """A lock the kernel releases: SIGKILL of the holder leaves no stale lock."""
+    box.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(box / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(MaildropInUse):
+            open_(store)
+    finally:
+        holder.kill()
+        holder.wait()
+    open_(store).close()
+
+
+def test_missing_maildir_is_created_or_refused(tmp_path):
+    store = MaildirStore(f"{tmp_path}/%d/%n", runInThread=synchronously)
+    open_(store, "joe@example.org").close()
+    assert sorted(os.listdir(tmp_path / "example.org" / "joe")) == [
+        ".popserv.lock", "cur", "new", "tmp"]
+    strict = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously,
+                          createMissing=False)
+    with pytest.raises(PermanentFailure):
+        open_(strict, "nobody")
+
+
+@pytest.mark.parametrize("user", ["..", "../x", "a/b", "a\x00b", ".@x", "a@..", "", "x\n"])
+def test_user_names_cannot_escape_the_mail_root(store, user):
+    with pytest.raises(InvalidUserName):
+        open_(store, user)
+
+
+def test_protocol_over_maildir_end_to_end(tmp_path):
+    """RETR, DELE and QUIT through the protocol remove exactly the marked file."""
+    store = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously)
+    box = tmp_path / "alice"
+    deliver(box, b"Subject: 1\n\n.one\n", name=f"{int(time.time())}.A.h")
+    deliver(box, b"Subject: 2\n\ntwo\n", name=f"{int(time.time()) + 1}.B.h")
+    factory = POP3Factory(Portal(MailboxRealm(store), [PlaintextChecker({"alice": "pw"})]),
+                          Clock())
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
+    assert client.lines() == [
+        b"+OK Send your password", b"+OK Logged in, 2 messages (39 octets)",
+        b"+OK 20 octets", b"Subject: 1", b"", b"..one", b".",
+        b"+OK Message 2 deleted", b"+OK popserv 0.1.0 signing off (1 message left)"]
+    assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["A"]
+    open_(store).close()  # the lock was released

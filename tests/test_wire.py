@@ -1,0 +1,155 @@
+"""The pure wire format: parsing, status lines, CRLF conversion, byte-stuffing, TOP, sizes."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from popserv import wire
+
+
+def encode(message: bytes, chunks: list[int] | None = None, top: int | None = None) -> bytes:
+    """Run a message through MessageEncoder split at the given chunk lengths."""
+    enc = wire.MessageEncoder(top)
+    out = []
+    pos = 0
+    for n in chunks or []:
+        out.append(enc.feed(message[pos : pos + n]))
+        pos += n
+    out.append(enc.feed(message[pos:]))
+    out.append(enc.finish())
+    return b"".join(out)
+
+
+def reference(message: bytes) -> bytes:
+    """A slow, obviously-correct line-by-line encoder to compare against."""
+    if not message:
+        return b".\r\n"
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    out = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    return out + b".\r\n"
+
+
+def unstuff(wire_bytes: bytes) -> bytes:
+    """What a client reconstructs: drop the terminator, undo the stuffing."""
+    assert wire_bytes.endswith(b"\r\n.\r\n") or wire_bytes == b".\r\n"
+    body = wire_bytes[:-3]
+    lines = body.split(b"\r\n")
+    return b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines)
+
+
+def test_parse_command_case_insensitive():
+    assert wire.parseCommand(b"retr 1") == wire.Command("RETR", b"1")
+    assert wire.parseCommand(b"Top 1 10").args == [b"1", b"10"]
+
+
+def test_parse_command_keeps_password_spaces():
+    """RFC 1939 section 7: PASS arguments may contain spaces."""
+    assert wire.parseCommand(b"PASS a b  c ").rest == b"a b  c "
+
+
+def test_parse_command_garbage_is_unknown():
+    for line in (b"", b" ", b"\x00\xff", b"R\xc3\xa9TR 1", b"12 3", b":"):
+        assert wire.parseCommand(line).verb == ""
+
+
+@given(st.binary(max_size=300))
+def test_parse_command_never_raises(line):
+    cmd = wire.parseCommand(line)
+    assert cmd.verb == "" or cmd.verb.isalpha()
+
+
+def test_status_lines():
+    assert wire.ok("2 320") == b"+OK 2 320\r\n"
+    assert wire.ok() == b"+OK\r\n"
+    assert wire.err("locked", "IN-USE") == b"-ERR [IN-USE] locked\r\n"
+
+
+def test_status_line_cannot_inject_lines_and_is_bounded():
+    """RFC 2449 section 4: a response line is at most 512 octets; text can't add lines."""
+    line = wire.err("a\r\n+OK forged" + "x" * 1000)
+    assert line.count(b"\r\n") == 1 and line.endswith(b"\r\n")
+    assert len(line) == wire.MAX_RESPONSE_LINE
+
+
+def test_first_line_is_stuffed():
+    """RFC 1939 section 3: byte-stuffing applies to the first line too."""
+    assert encode(b".a\r\nb\r\n") == b"..a\r\nb\r\n.\r\n"
+
+
+def test_lone_dot_line_is_stuffed():
+    assert encode(b"a\n.\nb\n") == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_empty_message_is_just_the_terminator():
+    assert encode(b"") == b".\r\n"
+    assert wire.crlfSize(b"") == 0
+
+
+def test_no_final_newline_still_ends_with_crlf_dot_crlf():
+    assert encode(b"Subject: x\n\nbody") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert wire.crlfSize(b"Subject: x\n\nbody") == len(b"Subject: x\r\n\r\nbody\r\n")
+
+
+def test_mixed_line_endings_and_lone_cr():
+    """Bare LF becomes CRLF, CRLF stays, a lone CR is data."""
+    assert encode(b"a\nb\r\nc\rd\n") == b"a\r\nb\r\nc\rd\r\n.\r\n"
+
+
+def test_crlf_split_across_chunks_and_dot_after_boundary():
+    message = b"a\r\n.b\r\n"
+    for cut in range(len(message) + 1):
+        assert encode(message, [cut]) == b"a\r\n..b\r\n.\r\n", cut
+
+
+def test_top_zero_lines_is_headers_and_blank_line():
+    msg = b"H: 1\nH2: 2\n\nbody1\nbody2\n"
+    assert encode(msg, top=0) == b"H: 1\r\nH2: 2\r\n\r\n.\r\n"
+    assert encode(msg, top=1) == b"H: 1\r\nH2: 2\r\n\r\nbody1\r\n.\r\n"
+    assert encode(msg, top=99) == encode(msg)
+
+
+def test_top_message_without_body_or_header():
+    assert encode(b"H: 1\n", top=0) == b"H: 1\r\n.\r\n"
+    assert encode(b"\nbody\n.x\n", top=2) == b"\r\nbody\r\n..x\r\n.\r\n"
+
+
+messages = st.lists(
+    st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"x.y", b"\x00", b"\xff"]),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(max_examples=400)
+@given(messages, st.lists(st.integers(0, 8), max_size=12))
+def test_encoding_independent_of_chunking(message, chunks):
+    """Byte-stuffing and CRLF conversion are right whatever the chunk boundaries."""
+    assert encode(message, chunks) == encode(message)
+
+
+@settings(max_examples=400)
+@given(messages.filter(lambda m: b"\r" not in m.replace(b"\r\n", b"")))
+def test_encoding_matches_line_by_line_reference(message):
+    assert encode(message) == reference(message)
+
+
+@settings(max_examples=400)
+@given(messages, st.lists(st.integers(0, 8), max_size=12))
+def test_size_is_exact_wire_octets_before_stuffing(message, chunks):
+    """RFC 1939: the size is what RETR sends before byte-stuffing, whatever the chunking."""
+    sizer = wire.CRLFSizer()
+    pos = 0
+    for n in chunks:
+        sizer.feed(message[pos : pos + n])
+        pos += n
+    sizer.feed(message[pos:])
+    assert sizer.size == len(unstuff(encode(message)))
+
+
+@settings(max_examples=300)
+@given(messages, st.integers(0, 5), st.lists(st.integers(0, 8), max_size=12))
+def test_top_is_a_prefix_of_the_message_and_chunk_independent(message, lines, chunks):
+    full = encode(message)[:-3]
+    top = encode(message, chunks, top=lines)
+    assert top == encode(message, top=lines)
+    assert full.startswith(top[:-3])
