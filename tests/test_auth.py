@@ -1,0 +1,153 @@
+"""Credentials, password schemes and the passwd-file checker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from passlib.hash import argon2, bcrypt, sha256_crypt, sha512_crypt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from zope.interface.verify import verifyObject
+
+from popserv.auth.credentials import APOPCredentials, UsernamePassword
+from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
+from popserv.auth.realm import MailboxRealm
+from popserv.auth.schemes import UnknownScheme, parseStoredPassword
+from popserv.backends.memory import MemoryStore
+from popserv.interfaces import IMailbox
+from popserv.threads import synchronously
+
+# Test fixtures: throw-away hashes of the password "pw", cheap parameters.
+HASHES = {
+    "plain": "{PLAIN}pw",
+    "cleartext": "{CLEARTEXT}pw",
+    "argon": "{ARGON2ID}" + argon2.using(memory_cost=1024, rounds=1, parallelism=1).hash("pw"),
+    "blf": "{BLF-CRYPT}" + bcrypt.using(ident="2y", rounds=4).hash("pw"),
+    "sha512": "{SHA512-CRYPT}" + sha512_crypt.using(rounds=1000).hash("pw"),
+    "sha256": "{SHA256-CRYPT}" + sha256_crypt.using(rounds=1000).hash("pw"),
+    "bare": sha512_crypt.using(rounds=1000).hash("pw"),
+}
+
+
+def outcome(d):
+    out = []
+    d.addBoth(out.append)
+    assert out
+    return out[0]
+
+
+@pytest.fixture
+def passwd(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text(
+        "# comment\n\n"
+        + "".join(f"{u}:{h}:1000:1000::/home/{u}::extra=1\n" for u, h in HASHES.items())
+        + "broken:{NOPE}x\nnocolon\n"
+    )
+    return path
+
+
+@pytest.fixture
+def checker(passwd):
+    runs = []
+
+    def run(f, *args):
+        runs.append(f)
+        return synchronously(f, *args)
+
+    c = PasswdFileChecker(passwd, runInThread=run)
+    c.threadRuns = runs
+    return c
+
+
+def test_checker_provides_interface(checker):
+    assert verifyObject(ICredentialsChecker, checker)
+    assert verifyObject(IRealm, MailboxRealm(MemoryStore()))
+
+
+@pytest.mark.parametrize("user", sorted(HASHES))
+def test_every_scheme_verifies(checker, user):
+    assert outcome(checker.requestAvatarId(UsernamePassword(user, b"pw"))) == user
+    failure = outcome(checker.requestAvatarId(UsernamePassword(user, b"wrong")))
+    assert failure.check(UnauthorizedLogin)
+
+
+def test_slow_schemes_run_in_the_thread_runner(checker):
+    outcome(checker.requestAvatarId(UsernamePassword("plain", b"pw")))
+    assert checker.threadRuns == []
+    outcome(checker.requestAvatarId(UsernamePassword("argon", b"pw")))
+    assert len(checker.threadRuns) == 1
+
+
+def test_unknown_user_fails_like_a_wrong_password(checker):
+    unknown = outcome(checker.requestAvatarId(UsernamePassword("nobody", b"pw")))
+    wrong = outcome(checker.requestAvatarId(UsernamePassword("plain", b"x")))
+    assert unknown.type is wrong.type is UnauthorizedLogin
+    assert "broken" not in checker.users and "nocolon" not in checker.users
+
+
+def test_apop_only_for_plaintext_secrets(checker):
+    """APOP needs the shared secret: only {PLAIN}/{CLEARTEXT} accounts can use it."""
+    challenge = b"<1.2@host>"
+    digest = hashlib.md5(challenge + b"pw").hexdigest().encode()
+    for user in ("plain", "cleartext"):
+        assert outcome(checker.requestAvatarId(APOPCredentials(user, challenge, digest))) == user
+    for user in ("argon", "blf", "sha512"):
+        result = outcome(checker.requestAvatarId(APOPCredentials(user, challenge, digest)))
+        assert result.check(UnauthorizedLogin)
+    bad = APOPCredentials("plain", challenge, b"0" * 32)
+    assert outcome(checker.requestAvatarId(bad)).check(UnauthorizedLogin)
+
+
+def test_passwd_file_reloads_when_changed(checker, passwd):
+    """Adding a user needs no restart."""
+    assert outcome(checker.requestAvatarId(UsernamePassword("new", b"n"))).check(
+        UnauthorizedLogin)
+    with open(passwd, "a") as f:
+        f.write("new:{PLAIN}n\n")
+    st = os.stat(passwd)
+    os.utime(passwd, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert outcome(checker.requestAvatarId(UsernamePassword("new", b"n"))) == "new"
+
+
+def test_unreadable_passwd_file_keeps_the_loaded_users(checker, passwd):
+    passwd.unlink()
+    assert outcome(checker.requestAvatarId(UsernamePassword("plain", b"pw"))) == "plain"
+
+
+def test_bcrypt_long_passwords_are_cut_at_72_bytes_like_crypt():
+    scheme, secret = parseStoredPassword("{BLF-CRYPT}" + bcrypt.using(rounds=4).hash(b"x" * 72))
+    assert scheme.verify(b"x" * 100, secret)
+
+
+def test_unknown_schemes():
+    for field in ("{NOPE}x", "{PLAIN", "justtext"):
+        with pytest.raises(UnknownScheme):
+            parseStoredPassword(field)
+    assert parsePasswdFile("a:{NOPE}x\nb:{PLAIN}y\n") .keys() == {"b"}
+
+
+def test_malformed_hash_never_matches():
+    scheme, secret = parseStoredPassword("{ARGON2ID}$argon2id$garbage")
+    assert scheme.verify(b"pw", secret) is False
+
+
+def test_realm_hands_out_mailbox_and_a_logout_that_runs_once():
+    store = MemoryStore()
+    realm = MailboxRealm(store)
+    iface, mailbox, logout = outcome(realm.requestAvatar("alice", None, IMailbox))
+    assert iface is IMailbox and verifyObject(IMailbox, mailbox)
+    assert store.maildrop("alice").locked
+    logout()
+    assert not store.maildrop("alice").locked
+    store.maildrop("alice").locked = True  # someone else now
+    logout()
+    assert store.maildrop("alice").locked
+
+
+def test_credentials_do_not_show_secrets():
+    assert "hunter2" not in repr(UsernamePassword("a", b"hunter2"))
+    assert "d1g3st" not in repr(APOPCredentials("a", b"<x>", b"d1g3st"))

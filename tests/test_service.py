@@ -1,0 +1,200 @@
+"""Configuration, twistd options, the embedding API, the tac file and packaging."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, loadApplication
+from twisted.python import usage
+
+import popserv
+from popserv.config import ConfigError, loadConfig
+from popserv.tap import Options
+from support import REPO, twistdCommand
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "passwd").write_text("u:{PLAIN}p\n")
+    return tmp_path
+
+
+def parse(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_options_contract(files):
+    """The option names other tools drive the server with."""
+    o = parse("--listen", "tcp:110", "--listen", "tcp:1110:interface=127.0.0.1",
+              "--passwd", str(files / "passwd"),
+              "--mail-location", "maildir:/var/mail/%d/%n/Maildir")
+    assert o.config.listen == ("tcp:110", "tcp:1110:interface=127.0.0.1")
+    assert o.config.location.template == "/var/mail/%d/%n/Maildir"
+    assert o.config.timeout == 600
+
+
+def test_help_documents_every_option():
+    text = str(Options())
+    for option in ("--config", "--listen", "--passwd", "--mail-location", "--timeout",
+                   "--hostname", "--max-bad-commands", "--no-apop", "--no-create-maildirs"):
+        assert option in text, option
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "passwd"),
+    (["--passwd", "x"], "mail_location"),
+    (["--passwd", "x", "--mail-location", "imap:/x"], "unsupported mail storage"),
+    (["--passwd", "x", "--mail-location", "/m/%q"], "unknown variable"),
+    (["--passwd", "x", "--mail-location", "/m/%u", "--timeout", "0"], "timeout"),
+    (["--config", "/nonexistent/popserv.conf"], "cannot read"),
+])
+def test_bad_options_are_usage_errors(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_config_file_with_overrides_and_relative_paths(files):
+    conf = files / "popserv.conf"
+    conf.write_text('listen = "tcp:1110"\npasswd = "passwd"\nmail_location = "mail/%n"\n'
+                    "timeout = 900\n")
+    o = parse("--config", str(conf), "--timeout", "1200")
+    assert o.config.listen == ("tcp:1110",)
+    assert o.config.timeout == 1200
+    assert o.config.passwdPath == str(files / "passwd")
+    assert o.config.location.template == str(files / "mail/%n")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lisen = []\n", "unknown setting 'lisen'"),
+    ("timeout = 'soon'\n", "timeout has the wrong type"),
+    ("listen = [1]\n", "listen must be a list"),
+    ("= broken", "popserv.conf"),
+])
+def test_bad_config_files(files, text, message):
+    conf = files / "popserv.conf"
+    conf.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        loadConfig(conf)
+
+
+def test_make_service_builds_one_listener_per_endpoint(files):
+    service = popserv.makeService(listen=["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"],
+                                  passwd=str(files / "passwd"),
+                                  mail_location=str(files / "mail/%n"))
+    assert IService.providedBy(service)
+    children = list(service)
+    assert len(children) == 2
+    assert all(isinstance(c, StreamServerEndpointService) for c in children)
+    assert isinstance(service.factory, popserv.POP3Factory)
+
+
+def test_make_service_rejects_bad_endpoint_before_listening(files):
+    with pytest.raises(ConfigError, match="bad endpoint"):
+        popserv.makeService(listen=["nonsense:1"], passwd=str(files / "passwd"),
+                            mail_location=str(files / "%n"))
+
+
+def test_tac_loads_through_the_public_api():
+    application = loadApplication(str(REPO / "etc" / "popserv.tac"), "python")
+    service = IService(application)
+    (top,) = list(service)
+    assert top.name == "popserv"
+
+
+def demo_copy(tmp_path: Path) -> Path:
+    """A copy of etc/ listening on a free port, so the demo maildir stays untouched."""
+    etc = tmp_path / "etc"
+    shutil.copytree(REPO / "etc", etc)
+    conf = etc / "popserv.conf"
+    conf.write_text(re.sub(r'^listen = .*$', 'listen = ["tcp:0:interface=127.0.0.1"]',
+                           conf.read_text(), flags=re.M))
+    return etc
+
+
+def run_twistd(tmp_path, *argv):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([*twistdCommand(), "-n", "--pidfile=", "--logfile=-", *argv],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"POP3Factory starting on (\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    raise AssertionError("server did not start:\n" + "".join(lines))
+
+
+@pytest.mark.parametrize("how", ["plugin", "tac"])
+def test_demo_configuration_serves_the_demo_maildir(tmp_path, how):
+    """The README's demo: user demo/demo, a few messages, via the plugin and the tac."""
+    etc = demo_copy(tmp_path)
+    if how == "plugin":
+        argv = ["popserv", "--config", str(etc / "popserv.conf")]
+    else:
+        argv = ["-y", str(etc / "popserv.tac")]
+    proc, port = run_twistd(tmp_path, *argv)
+    try:
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user("demo")
+        pop.pass_("demo")
+        count, _ = pop.stat()
+        assert count == 3
+        _, lines, _ = pop.retr(1)
+        assert b"Subject: Welcome to popserv" in lines
+        pop.quit()
+        if shutil.which("curl"):
+            out = subprocess.run(["curl", "-s", f"pop3://demo:demo@127.0.0.1:{port}/1"],
+                                 capture_output=True, timeout=30)
+            assert b"Subject: Welcome to popserv" in out.stdout
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def installed_python_check(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_installed_plugin_is_discoverable(tmp_path):
+    """getPlugins(IServiceMaker) finds popserv from the installed copy, not the checkout."""
+    found = installed_python_check(
+        "import popserv, sys\n"
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "print(popserv.__file__)\n"
+        "print(sorted({p.tapname for p in getPlugins(IServiceMaker)}))\n", tmp_path)
+    assert found.returncode == 0, found.stderr
+    where, names = found.stdout.splitlines()
+    if Path(where).resolve().is_relative_to(REPO):
+        pytest.skip("popserv is not installed (an editable install points at the checkout)")
+    assert "'popserv'" in names
+
+
+def test_wheel_contents(tmp_path):
+    """The wheel ships the plugin shim but no twisted/__init__.py, dropin.cache or tests."""
+    pytest.importorskip("setuptools")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("popserv-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/popserv_plugins.py" in names
+    assert "popserv/py.typed" in names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert not any("dropin.cache" in n or n.startswith("tests/") for n in names)
