@@ -105,6 +105,15 @@ def test_make_service_rejects_bad_endpoint_before_listening(files):
                             mail_location=str(files / "%n"))
 
 
+def test_twistd_lists_and_documents_the_plugin(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([*twistdCommand(), "popserv", "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--listen", "--passwd", "--mail-location", "--config"):
+        assert option in out.stdout
+
+
 def test_tac_loads_through_the_public_api():
     application = loadApplication(str(REPO / "etc" / "popserv.tac"), "python")
     service = IService(application)
