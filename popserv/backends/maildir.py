@@ -167,14 +167,21 @@ class MaildirMailbox:
                         unique=unique,
                     )
                     continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                    size = self._size(entry.path, name, st, cache)
-                except FileNotFoundError:
-                    continue  # moved or removed by another program meanwhile
-                seen.add(uid)
+                hints = _sizeHints(name)
                 leading = _LEADING_DIGITS.match(unique)
-                order = int(leading.group()) if leading else int(st.st_mtime)
+                if "W" in hints and leading:
+                    # Everything is in the name: no stat, no read.
+                    size, order = hints["W"], int(leading.group())
+                else:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        size = hints.get("W")
+                        if size is None:
+                            size = self._countCached(entry.path, st, cache)
+                    except FileNotFoundError:
+                        continue  # moved or removed by another program meanwhile
+                    order = int(leading.group()) if leading else int(st.st_mtime)
+                seen.add(uid)
                 base = name.split(":", 1)[0]
                 found.append(
                     ((order, unique), MessageInfo(uid, size, key=_Location(base, entry.path)))
@@ -183,10 +190,7 @@ class MaildirMailbox:
         return [info for _, info in found]
 
     @staticmethod
-    def _size(path: str, name: str, st: os.stat_result, cache: SizeCache) -> int:
-        hints = _sizeHints(name)
-        if "W" in hints:
-            return hints["W"]
+    def _countCached(path: str, st: os.stat_result, cache: SizeCache) -> int:
         size = cache.get(st)
         if size is None:
             fd = os.open(path, _OPEN_FLAGS)
