@@ -188,7 +188,7 @@ def test_installed_plugin_is_discoverable(tmp_path):
         "print(sorted({p.tapname for p in getPlugins(IServiceMaker)}))\n", tmp_path)
     assert found.returncode == 0, found.stderr
     where, names = found.stdout.splitlines()
-    if Path(where).resolve().is_relative_to(REPO):
+    if Path(where).resolve().is_relative_to(REPO / "popserv"):
         pytest.skip("popserv is not installed (an editable install points at the checkout)")
     assert "'popserv'" in names
 
