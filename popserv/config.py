@@ -14,8 +14,11 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from popserv.i18n import LANGUAGES
 from popserv.location import MailLocation
+from popserv.policy import parseExpire
 from popserv.protocol import DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
+from popserv.sasl import mechanismsByName
 
 __all__ = ["Config", "ConfigError", "loadConfig", "DEFAULT_LISTEN"]
 
@@ -38,6 +41,15 @@ class Config:
     @ivar apop: offer APOP (needs {PLAIN} secrets to succeed for an account).
     @ivar max_bad_commands: close a connection after this many bad commands.
     @ivar create_maildirs: create a missing maildrop at first login.
+    @ivar login_delay: minimum seconds between two logins of a user (RFC 2449
+        LOGIN-DELAY; 0 for none); a passwd-file line may set its own.
+    @ivar expire: days messages stay on the server, C{"NEVER"} or a number (0:
+        retrieved messages are removed at QUIT even without DELE).
+    @ivar language: the default language of response texts (LANG can change it).
+    @ivar sasl_mechanisms: the SASL mechanisms to offer (default: all that can
+        succeed with the passwd-file's secrets).
+    @ivar master_users: users who may log in as any other user with SASL PLAIN
+        (authorization id = the user to act as).
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -48,6 +60,11 @@ class Config:
     apop: bool = True
     max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS
     create_maildirs: bool = True
+    login_delay: int = 0
+    expire: str | int = "NEVER"
+    language: str = "en"
+    sasl_mechanisms: tuple[str, ...] | None = None
+    master_users: tuple[str, ...] = ()
     #: the directory relative paths are resolved against (the config file's)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
 
@@ -71,6 +88,18 @@ class Config:
             raise ConfigError("timeout: must be a positive number of seconds")
         if self.max_bad_commands <= 0:
             raise ConfigError("max_bad_commands: must be positive")
+        if self.login_delay < 0:
+            raise ConfigError("login_delay: must be 0 or more seconds")
+        try:
+            parseExpire(self.expire)
+        except ValueError:
+            raise ConfigError("expire: must be NEVER or a number of days >= 0") from None
+        if self.language not in LANGUAGES:
+            raise ConfigError(f"language: one of {', '.join(LANGUAGES)}")
+        try:
+            mechanismsByName(list(self.sasl_mechanisms) if self.sasl_mechanisms else None)
+        except ValueError as e:
+            raise ConfigError(f"sasl_mechanisms: {e}") from None
         return self
 
     @property
@@ -93,7 +122,14 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "apop": bool,
     "max_bad_commands": int,
     "create_maildirs": bool,
+    "login_delay": int,
+    "expire": (str, int),
+    "language": str,
+    "sasl_mechanisms": list,
+    "master_users": list,
 }
+
+_LISTS = ("listen", "sasl_mechanisms", "master_users")
 
 
 def loadConfig(path: str | os.PathLike[str]) -> Config:
@@ -117,9 +153,9 @@ def loadConfig(path: str | os.PathLike[str]) -> Config:
         expected = _TYPES[name]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {key} has the wrong type")
-        if name == "listen":
+        if name in _LISTS:
             value = (value,) if isinstance(value, str) else tuple(value)
             if not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{path}: listen must be a list of endpoint strings")
+                raise ConfigError(f"{path}: {key} must be a list of strings")
         settings[name] = value
     return Config(base_dir=os.path.dirname(os.path.abspath(path)), **settings)

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popserv import wire
+from popserv.i18n import DEFAULT_LANGUAGE, Language
 
 __all__ = [
     "ResponseCode",
@@ -28,6 +29,9 @@ __all__ = [
     "PermanentFailure",
     "InvalidUserName",
     "MessageVanished",
+    "AccountDisabled",
+    "LoginDelayed",
+    "PlaintextRefused",
     "errorReply",
 ]
 
@@ -49,16 +53,22 @@ class POP3Error(Exception):
     A failure with a text meant for the client.
 
     @cvar code: the response code sent with it, if any.
-    @cvar text: the default human-readable text; an instance may carry its own.
+    @cvar text: the default text: an English template (see L{popserv.i18n});
+        an instance may carry its own, with C{params} to fill it in.
     """
 
     code: ResponseCode | None = None
     text = "Command failed"
 
-    def __init__(self, text: str | None = None) -> None:
+    def __init__(self, text: str | None = None, **params: object) -> None:
         super().__init__(text or self.text)
         if text:
             self.text = text
+        self.params = params
+
+    def message(self, language: Language = DEFAULT_LANGUAGE) -> str:
+        """The text for the client, in C{language}."""
+        return language.text(self.text, **self.params)
 
 
 class CommandError(POP3Error):
@@ -111,10 +121,34 @@ class MessageVanished(POP3Error):
     text = "Message was removed from the maildrop by another program"
 
 
+class AccountDisabled(PermanentFailure):
+    """The credentials were right but the account may not log in."""
+
+    text = "Account is disabled"
+
+
+class LoginDelayed(POP3Error):
+    """RFC 2449 LOGIN-DELAY: this user logged in too recently."""
+
+    code = ResponseCode.LOGIN_DELAY
+    text = "Logged in too recently, wait {seconds} seconds"
+
+
+class PlaintextRefused(POP3Error):
+    """Policy forbids sending a password in the clear on this connection."""
+
+    code = ResponseCode.AUTH
+    text = "Plaintext authentication is not allowed on this connection; use STLS first"
+
+
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP})
 
 
-def errorReply(reason: BaseException | Failure, codes: bool = True) -> bytes:
+def errorReply(
+    reason: BaseException | Failure,
+    language: Language = DEFAULT_LANGUAGE,
+    codes: bool = True,
+) -> bytes:
     """
     The C{-ERR} line for any failure.
 
@@ -139,4 +173,4 @@ def errorReply(reason: BaseException | Failure, codes: bool = True) -> bytes:
         )
         exc = TemporaryFailure("Internal server error")
     code = exc.code.value if (codes and exc.code is not None) else None
-    return wire.err(exc.text, code)
+    return wire.err(exc.message(language), code)

@@ -36,11 +36,13 @@ class MessageInfo:
     @ivar size: the exact octet count RETR sends, before byte-stuffing (CRLF
         line endings, a final CRLF included).
     @ivar key: the backend's own handle for the message; opaque to the protocol.
+    @ivar received: when it was delivered (POSIX time), if known: EXPIRE uses it.
     """
 
     uid: str
     size: int
     key: Any = field(default=None, compare=False, repr=False)
+    received: float | None = field(default=None, compare=False)
 
 
 class IMessageReader(Interface):

@@ -9,6 +9,8 @@ C{Portal} and talks to an L{IMailbox} whose methods may return Deferreds.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import socket
 import time
@@ -30,10 +32,14 @@ from twisted.python.failure import Failure
 from popserv import wire
 from popserv._version import __version__
 from popserv.auth.credentials import APOPCredentials, UsernamePassword
-from popserv.errors import CommandError, POP3Error, errorReply
+from popserv.errors import CommandError, PlaintextRefused, POP3Error, errorReply
+from popserv.i18n import DEFAULT_LANGUAGE, LANGUAGES, Language, negotiate
 from popserv.interfaces import IMailbox, MessageInfo
+from popserv.policy import SessionPolicy, UserSettings
+from popserv.sasl import ALL_MECHANISMS, Challenge, ISASLMechanism, ISecretSource, SASLContext
 from popserv.session import Transaction
 from popserv.streaming import LinesProducer, MessageProducer
+from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["State", "POP3Protocol", "POP3Factory", "DEFAULT_TIMEOUT"]
 
@@ -58,6 +64,11 @@ MAX_NUMBER_DIGITS = 9
 #: Longest APOP digest field: an MD5 in hex (RFC 1939 section 7).
 APOP_DIGEST_LENGTH = 32
 
+#: RFC 5034 section 4: SASL continuation lines are exempt from the 255-octet
+#: limit "up to what the mechanism needs"; this bound fits any mechanism we
+#: offer (and a GSSAPI token) while keeping a client from growing our buffer.
+MAX_SASL_LINE = 16 * 1024
+
 
 class State(Enum):
     """The session states of RFC 1939 section 3."""
@@ -74,7 +85,7 @@ class State(Enum):
 
 def _noArgs(cmd: wire.Command) -> tuple[()]:
     if cmd.args:
-        raise CommandError(f"{cmd.verb} takes no arguments")
+        raise CommandError("{verb} takes no arguments", verb=cmd.verb)
     return ()
 
 
@@ -87,14 +98,14 @@ def _number(raw: bytes) -> int:
 def _message(cmd: wire.Command) -> tuple[int]:
     args = cmd.args
     if len(args) != 1:
-        raise CommandError(f"{cmd.verb} takes one message number")
+        raise CommandError("{verb} takes one message number", verb=cmd.verb)
     return (_number(args[0]),)
 
 
 def _optionalMessage(cmd: wire.Command) -> tuple[int | None]:
     args = cmd.args
     if len(args) > 1:
-        raise CommandError(f"{cmd.verb} takes at most one message number")
+        raise CommandError("{verb} takes at most one message number", verb=cmd.verb)
     return (_number(args[0]),) if args else (None,)
 
 
@@ -107,19 +118,20 @@ def _top(cmd: wire.Command) -> tuple[int, int]:
     return (_number(args[0]), int(args[1]))
 
 
-def _text(raw: bytes, what: str) -> str:
+def _text(raw: bytes) -> str:
+    # User names are UTF-8 (RFC 6856 "UTF8 USER"); control characters never.
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise CommandError(f"Invalid {what}") from None
+        raise CommandError("Invalid user name or password encoding") from None
     if not text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise CommandError(f"Invalid {what}")
+        raise CommandError("Invalid argument")
     return text
 
 
 def _userName(cmd: wire.Command) -> tuple[str]:
     # The whole rest of the line: some sites have user names with spaces.
-    return (_text(cmd.rest.strip(b" "), "user name"),)
+    return (_text(cmd.rest.strip(b" ")),)
 
 
 def _password(cmd: wire.Command) -> tuple[bytes]:
@@ -138,17 +150,43 @@ def _apop(cmd: wire.Command) -> tuple[str, bytes]:
         c in b"0123456789abcdefABCDEF" for c in digest
     ):
         raise CommandError("Invalid APOP digest")
-    return (_text(args[0], "user name"), digest)
+    return (_text(args[0]), digest)
+
+
+def _optionalWord(cmd: wire.Command) -> tuple[str | None]:
+    args = cmd.args
+    if len(args) > 1:
+        raise CommandError("Invalid argument")
+    return (_text(args[0]),) if args else (None,)
+
+
+def _auth(cmd: wire.Command) -> tuple[str | None, bytes | None]:
+    # RFC 5034 section 4; "AUTH" alone lists the mechanisms (as RFC 1734
+    # clients expect), and a trailing space (Outlook) is tolerated.
+    args = cmd.args
+    if len(args) > 2:
+        raise CommandError("AUTH takes a mechanism and an optional initial response")
+    if not args:
+        return (None, None)
+    mechanism = _text(args[0]).upper()
+    if len(args) == 1:
+        return (mechanism, None)
+    return (mechanism, _base64(args[1]))
+
+
+def _base64(data: bytes) -> bytes:
+    if data == b"=":
+        return b""  # RFC 5034: "=" is an empty initial response
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandError("Invalid base64 data") from None
 
 
 @dataclass(frozen=True)
 class _Verb:
     parse: Callable[[wire.Command], tuple[Any, ...]]
     handler: Callable[..., bytes | Deferred[bytes] | None]
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 class POP3Protocol(LineReceiver, TimeoutMixin):
@@ -182,6 +220,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._closing = False  # no further commands will be processed
         self._badCommands = 0
         self._producer: MessageProducer | LinesProducer | None = None
+        self._sasl: Any = None  # the SASL exchange in progress, if any
+        self.language: Language = DEFAULT_LANGUAGE
+        self.utf8 = False
+        self.settings: UserSettings | None = None
 
     # -- connection events ---------------------------------------------------
 
@@ -194,7 +236,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             # Responses are written whole; don't let Nagle hold the last
             # segment of one back until the client's delayed ACK.
             self.transport.setTcpNoDelay(True)
-        greeting = f"{self.factory.implementation} ready."
+        self.language = self.factory.language
+        greeting = self._t("{implementation} ready.", implementation=self.factory.implementation)
         if self.factory.apop:
             self._challenge = self.factory.makeChallenge()
             greeting += " " + self._challenge.decode("ascii")
@@ -216,7 +259,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             user=self.user,
             timeout=self.factory.timeout,
         )
-        self.transport.write(wire.err("Disconnected for inactivity"))
+        self.transport.write(self._err("Disconnected for inactivity"))
         if self._producer is not None and hasattr(self.transport, "abortConnection"):
             self.transport.abortConnection()  # the client is not reading
         else:
@@ -246,9 +289,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         try:
             buf = self._inbuf
             while not (self._busy or self._closing or self._disconnected):
+                limit = MAX_SASL_LINE if self._sasl is not None else self.MAX_LENGTH
                 eol = buf.find(b"\n")
                 if eol < 0:
-                    if len(buf) > self.MAX_LENGTH + 1:
+                    if len(buf) > limit + 1:
                         self._discarding = True
                         del buf[:]
                     break
@@ -260,7 +304,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) > self.MAX_LENGTH:
+                if len(line) > limit:
                     self.lineLengthExceeded(line)
                     continue
                 self.lineReceived(line)
@@ -273,17 +317,24 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.resetTimeout()
+        if self._sasl is not None:
+            self._sasl = None
+            self.transport.write(self._err("Authentication exchange too long"))
+            return
         self._badCommand(CommandError("Command line too long"))
 
     # -- dispatch --------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
+        if self._sasl is not None:
+            self._saslResponse(line)
+            return
         cmd = wire.parseCommand(line)
         verb = _COMMANDS[self.state].get(cmd.verb)
         if verb is None:
             if cmd.verb in _ALL_VERBS:
-                self._badCommand(CommandError(f"{cmd.verb} is not valid in this state"))
+                self._badCommand(CommandError("{verb} is not valid in this state", verb=cmd.verb))
             else:
                 self._badCommand(CommandError("Unknown command"))
             return
@@ -292,8 +343,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         except CommandError as e:
             self._badCommand(e)
             return
+        self._run(verb.handler, self, *args)
+
+    def _run(self, handler: Callable[..., Any], *args: Any) -> None:
+        """Run a handler and send its answer, now or when its Deferred fires."""
         try:
-            result = verb.handler(self, *args)
+            result = handler(*args)
         except Exception:
             self._reply(Failure())
             return
@@ -308,7 +363,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if isinstance(result, Failure):
             if result.check(ConnectionLost):
                 return
-            result = errorReply(result)
+            result = errorReply(result, self.language)
         if result and not self._disconnected:
             self.transport.write(result)
 
@@ -319,11 +374,28 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def _badCommand(self, error: POP3Error) -> None:
         self._badCommands += 1
-        self.transport.write(errorReply(error))
+        self.transport.write(errorReply(error, self.language))
         if self._badCommands >= self.factory.maxBadCommands:
             _log.info("closing after {n} bad commands", n=self._badCommands)
-            self.transport.write(wire.err("Too many bad commands, closing connection"))
+            self.transport.write(self._err("Too many bad commands, closing connection"))
             self._disconnectNow()
+
+    # -- texts -------------------------------------------------------------------
+
+    def _t(self, template: str, **params: Any) -> str:
+        return self.language.text(template, **params)
+
+    def _ok(self, template: str = "", **params: Any) -> bytes:
+        return wire.ok(self._t(template, **params) if template else "")
+
+    def _err(self, template: str, code: str | None = None, **params: Any) -> bytes:
+        return wire.err(self._t(template, **params), code)
+
+    def _counts(self, count: int, size: int) -> dict[str, str]:
+        return {
+            "messages": self.language.count(count, "message"),
+            "octets": self.language.count(size, "octet"),
+        }
 
     def _disconnectNow(self) -> None:
         self._closing = True
@@ -332,8 +404,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     # -- AUTHORIZATION ---------------------------------------------------------
 
     def do_USER(self, name: str) -> bytes:
+        if not self.factory.allowPlaintext(self.transport):
+            raise PlaintextRefused()
         self._pendingUser = name
-        return wire.ok("Send your password")
+        return self._ok("Send your password")
 
     def do_PASS(self, password: bytes) -> Deferred[bytes]:
         user, self._pendingUser = self._pendingUser, None
@@ -372,11 +446,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.transaction = Transaction(mailbox, messages)
         self.state = State.TRANSACTION
         self.user = user
+        self.settings = self.factory.policy.settingsFor(user)
         count, size = self.transaction.stat()
         _log.info(
             "login {user}: {count} messages, {size} octets", user=user, count=count, size=size
         )
-        return wire.ok(f"Logged in, {_plural(count, 'message')} ({size} octets)")
+        return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
 
     def _loginFailed(self, failure: Failure, user: str) -> Failure:
         # Whatever was taken (a lock) is given back; the state stays AUTHORIZATION.
@@ -400,46 +475,81 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def do_CAPA(self) -> Deferred[bytes]:
         return self._streamLines(
-            wire.ok("Capability list follows"),
-            (cap.encode("ascii") + b"\r\n" for cap in self.capabilities()),
+            self._ok("Capability list follows"),
+            (cap.encode("utf-8") + b"\r\n" for cap in self.capabilities()),
         )
 
     def capabilities(self) -> list[str]:
-        """RFC 2449 capabilities for the current state."""
+        """
+        RFC 2449 capabilities for the current state and connection: only what
+        works here and now (a mechanism no account can use is not listed).
+        """
+        factory = self.factory
+        policy = factory.policy
         caps = ["TOP", "UIDL", "RESP-CODES", "PIPELINING"]
         if self.state is State.AUTHORIZATION:
-            caps += ["USER", "AUTH-RESP-CODE"]
-        caps.append(f"IMPLEMENTATION {self.factory.implementation}")
+            if factory.allowPlaintext(self.transport):
+                caps.append("USER")
+            mechanisms = self._mechanisms()
+            if mechanisms:
+                caps.append("SASL " + " ".join(mechanisms))
+            caps.append("AUTH-RESP-CODE")
+            perUser = " USER"
+            settings = policy.defaults
+            if policy.enforcesLoginDelay:
+                varies = perUser if policy.variesPerUser("loginDelay") else ""
+                caps.append(f"LOGIN-DELAY {settings.loginDelay}{varies}")
+            varies = perUser if policy.variesPerUser("expire") else ""
+            caps.append(f"EXPIRE {settings.expireText()}{varies}")
+            caps.append("UTF8 USER")
+        else:
+            assert self.settings is not None
+            if policy.enforcesLoginDelay:
+                caps.append(f"LOGIN-DELAY {self.settings.loginDelay}")
+            caps.append(f"EXPIRE {self.settings.expireText()}")
+        caps.append("LANG")
+        caps.append(f"IMPLEMENTATION {factory.implementation}")
         return caps
 
     def do_QUIT(self) -> Deferred[bytes] | None:
+        implementation = self.factory.implementation
         if self.state is State.AUTHORIZATION:
-            self.transport.write(wire.ok(f"{self.factory.implementation} signing off"))
+            self.transport.write(
+                self._ok("{implementation} signing off", implementation=implementation)
+            )
             self._disconnectNow()
             return None
         # TRANSACTION -> UPDATE (RFC 1939 section 6). Anything pipelined after
         # QUIT is ignored.
         self.state = State.UPDATE
         self._closing = True
-        assert self.transaction is not None
-        d = self.transaction.commit()
-        d.addCallbacks(self._updated, self._updateFailed)
+        session = self._session()
+        assert self.settings is not None
+        removals = session.removals(
+            expireRetrieved=self.settings.expire == 0,
+            receivedBefore=self.factory.policy.expiryCutoff(self.settings),
+        )
+        d = session.commit(removals)
+        d.addCallbacks(self._updated, self._updateFailed, callbackArgs=(removals,))
         return d
 
-    def _updated(self, notRemoved: list[MessageInfo]) -> bytes:
-        assert self.transaction is not None
+    def _updated(self, notRemoved: list[MessageInfo], removals: list[MessageInfo]) -> bytes:
+        session = self._session()
         self._runLogout()
         if notRemoved:
-            reply = wire.err("Some deleted messages not removed", "SYS/TEMP")
+            reply = self._err("Some deleted messages not removed", "SYS/TEMP")
         else:
-            left = len(self.transaction) - len(self.transaction.marked)
-            reply = wire.ok(
-                f"{self.factory.implementation} signing off ({_plural(left, 'message')} left)"
+            left = len(session) - len(removals)
+            reply = self._ok(
+                "{implementation} signing off ({messages} left)",
+                implementation=self.factory.implementation,
+                messages=self.language.count(left, "message"),
             )
         _log.info(
-            "logout {user}: {removed} removed, {failed} not removed",
+            "logout {user}: {removed} removed ({marked} marked), {failed} not removed",
             user=self.user,
-            removed=len(self.transaction.marked) - len(notRemoved),
+            removed=len(removals) - len(notRemoved),
+            marked=len(session.marked),
             failed=len(notRemoved),
         )
         if not self._disconnected:
@@ -451,9 +561,87 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         _log.failure("UPDATE failed for {user}", failure, user=self.user)
         self._runLogout()
         if not self._disconnected:
-            self.transport.write(wire.err("Some deleted messages not removed", "SYS/TEMP"))
+            self.transport.write(self._err("Some deleted messages not removed", "SYS/TEMP"))
             self.transport.loseConnection()
         return b""
+
+    # -- SASL (RFC 5034) -------------------------------------------------------
+
+    def _mechanisms(self) -> dict[str, ISASLMechanism]:
+        """The SASL mechanisms that can succeed and are allowed on this connection."""
+        factory = self.factory
+        plaintext = factory.allowPlaintext(self.transport)
+        return {
+            name: m
+            for name, m in factory.mechanisms.items()
+            if (plaintext or not m.plaintext) and m.available(factory.secrets)
+        }
+
+    def do_AUTH(self, mechanism: str | None, initial: bytes | None) -> bytes | Deferred[bytes]:
+        if mechanism is None:
+            return self._streamLines(
+                self._ok("Mechanism list follows"),
+                (name.encode("ascii") + b"\r\n" for name in self._mechanisms()),
+            )
+        chosen = self._mechanisms().get(mechanism)
+        if chosen is None:
+            known = self.factory.mechanisms.get(mechanism)
+            if known is not None and known.plaintext and known.available(self.factory.secrets):
+                raise PlaintextRefused()
+            raise CommandError("Unsupported authentication mechanism")
+        self._pendingUser = None
+        factory = self.factory
+        self._sasl = chosen.exchange(
+            SASLContext(factory.secrets, factory.hostname, factory.runInThread)
+        )
+        return self._saslStep(initial)
+
+    def _saslResponse(self, line: bytes) -> None:
+        if line == b"*":
+            self._sasl = None
+            self.transport.write(self._err("Authentication cancelled"))
+            return
+        try:
+            data = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            self.transport.write(self._err("Invalid base64 data"))
+            return
+        self._run(self._saslStep, data)
+
+    def _saslStep(self, data: bytes | None) -> Deferred[bytes]:
+        d = maybeDeferred(self._sasl.step, data)
+        d.addCallback(self._saslNext)
+        d.addErrback(self._saslFailed)
+        return d
+
+    def _saslNext(self, result: Any) -> bytes | Deferred[bytes]:
+        if isinstance(result, Challenge):
+            return b"+ " + base64.b64encode(result.data) + b"\r\n"
+        self._sasl = None
+        return self._login(result.credentials)
+
+    def _saslFailed(self, failure: Failure) -> Failure:
+        self._sasl = None
+        return failure
+
+    # -- RFC 6856: UTF8 and LANG -----------------------------------------------
+
+    def do_UTF8(self) -> bytes:
+        self.utf8 = True
+        return self._ok("UTF-8 mode enabled")
+
+    def do_LANG(self, requested: str | None) -> bytes | Deferred[bytes]:
+        if requested is None:
+            return self._streamLines(
+                self._ok("Language listing follows"),
+                (f"{tag} {lang.description}\r\n".encode() for tag, lang in LANGUAGES.items()),
+            )
+        language = negotiate(requested, self.factory.language)
+        if language is None:
+            raise CommandError("Invalid language")
+        self.language = language
+        return wire.ok(f"{language.tag} {language.changed}")
 
     # -- TRANSACTION -----------------------------------------------------------
 
@@ -471,7 +659,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return wire.ok(f"{number} {session.get(number).size}")
         count, size = session.stat()
         return self._streamLines(
-            wire.ok(f"{_plural(count, 'message')} ({size} octets)"),
+            self._ok("{messages} ({octets})", **self._counts(count, size)),
             (b"%d %d\r\n" % (n, info.size) for n, info in session.listing()),
         )
 
@@ -480,21 +668,24 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if number is not None:
             return wire.ok(f"{number} {session.get(number).uid}")
         return self._streamLines(
-            wire.ok("Unique-ID listing follows"),
+            self._ok("Unique-ID listing follows"),
             (b"%d %s\r\n" % (n, info.uid.encode("ascii")) for n, info in session.listing()),
         )
 
     def do_RETR(self, number: int) -> Deferred[bytes]:
-        info = self._session().get(number)
-        return self._streamMessage(info, wire.ok(f"{info.size} octets"), None)
+        session = self._session()
+        info = session.get(number)
+        # The status line stays "<size> octets" in every language: clients parse it.
+        d = self._streamMessage(info, wire.ok(f"{info.size} octets"), None)
+        return d.addCallback(lambda done: session.retrieved(number) or done)
 
     def do_TOP(self, number: int, lines: int) -> Deferred[bytes]:
         info = self._session().get(number)
-        return self._streamMessage(info, wire.ok("Top of message follows"), lines)
+        return self._streamMessage(info, self._ok("Top of message follows"), lines)
 
     def do_DELE(self, number: int) -> bytes:
         self._session().delete(number)
-        return wire.ok(f"Message {number} deleted")
+        return self._ok("Message {number} deleted", number=number)
 
     def do_NOOP(self) -> bytes:
         return wire.ok()
@@ -503,7 +694,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         session = self._session()
         session.reset()
         count, size = session.stat()
-        return wire.ok(f"Maildrop has {_plural(count, 'message')} ({size} octets)")
+        return self._ok("Maildrop has {messages} ({octets})", **self._counts(count, size))
 
     # -- streamed responses ----------------------------------------------------
 
@@ -554,7 +745,10 @@ _AUTH = {
     "USER": _Verb(_userName, POP3Protocol.do_USER),
     "PASS": _Verb(_password, POP3Protocol.do_PASS),
     "APOP": _Verb(_apop, POP3Protocol.do_APOP),
+    "AUTH": _Verb(_auth, POP3Protocol.do_AUTH),
     "CAPA": _Verb(_noArgs, POP3Protocol.do_CAPA),
+    "UTF8": _Verb(_noArgs, POP3Protocol.do_UTF8),
+    "LANG": _Verb(_optionalWord, POP3Protocol.do_LANG),
     "QUIT": _Verb(_noArgs, POP3Protocol.do_QUIT),
 }
 _TRANSACTION = {
@@ -567,6 +761,7 @@ _TRANSACTION = {
     "TOP": _Verb(_top, POP3Protocol.do_TOP),
     "UIDL": _Verb(_optionalMessage, POP3Protocol.do_UIDL),
     "CAPA": _Verb(_noArgs, POP3Protocol.do_CAPA),
+    "LANG": _Verb(_optionalWord, POP3Protocol.do_LANG),
     "QUIT": _Verb(_noArgs, POP3Protocol.do_QUIT),
 }
 _COMMANDS: dict[State, dict[str, _Verb]] = {
@@ -577,6 +772,10 @@ _COMMANDS: dict[State, dict[str, _Verb]] = {
 _ALL_VERBS = frozenset(_AUTH) | frozenset(_TRANSACTION)
 
 
+def _alwaysAllowed(transport: object) -> bool:
+    return True
+
+
 class POP3Factory(Factory):
     """
     Builds L{POP3Protocol}s sharing one portal and one configuration. Listen
@@ -585,10 +784,21 @@ class POP3Factory(Factory):
     @param portal: a Portal whose realm provides L{IMailbox} avatars.
     @param clock: the time source for timers (the reactor; a Clock in tests).
     @param timeout: autologout after this many idle seconds (RFC 1939: >= 600).
-    @param hostname: the host part of the APOP timestamp.
+    @param hostname: the host part of the APOP and CRAM-MD5 challenges.
     @param apop: offer APOP (a timestamp in the greeting); by default, when the
         portal can check APOP credentials.
     @param maxBadCommands: close the connection after this many bad commands.
+    @param mechanisms: the SASL mechanisms to offer, by name (default: all that
+        can succeed with the portal's checker).
+    @param secrets: where SCRAM keys and the kinds of stored secrets come from
+        (default: the first of the portal's checkers that provides
+        L{ISecretSource}).
+    @param policy: LOGIN-DELAY and EXPIRE; share it with the realm so that the
+        delay is enforced.
+    @param language: the language of response texts until LANG changes it.
+    @param allowPlaintext: C{allowPlaintext(transport)} says whether USER/PASS
+        and plaintext SASL mechanisms may be used on a connection.
+    @param runInThread: for CPU-heavy SASL steps.
     """
 
     protocol = POP3Protocol
@@ -602,6 +812,12 @@ class POP3Factory(Factory):
         apop: bool | None = None,
         maxBadCommands: int = DEFAULT_MAX_BAD_COMMANDS,
         implementation: str = f"popserv {__version__}",
+        mechanisms: dict[str, ISASLMechanism] | None = None,
+        secrets: ISecretSource | None = None,
+        policy: SessionPolicy | None = None,
+        language: Language = DEFAULT_LANGUAGE,
+        allowPlaintext: Callable[[Any], bool] = _alwaysAllowed,
+        runInThread: RunInThread | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -616,6 +832,18 @@ class POP3Factory(Factory):
         self.apop = apop
         self.maxBadCommands = maxBadCommands
         self.implementation = implementation
+        if mechanisms is None:
+            mechanisms = {m.name: m for m in ALL_MECHANISMS}
+        self.mechanisms = mechanisms
+        if secrets is None:
+            secrets = next(
+                (c for c in set(portal.checkers.values()) if ISecretSource.providedBy(c)), None
+            )
+        self.secrets = secrets
+        self.policy = policy or SessionPolicy(clock)
+        self.language = language
+        self.allowPlaintext = allowPlaintext
+        self.runInThread = runInThread or reactorThreads(clock)
 
     def makeChallenge(self) -> bytes:
         """A greeting timestamp unique to this connection (RFC 1939 section 7)."""

@@ -19,8 +19,11 @@ from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.config import Config, ConfigError
+from popserv.i18n import LANGUAGES
 from popserv.interfaces import IMailStore
+from popserv.policy import SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
+from popserv.sasl import mechanismsByName
 from popserv.threads import reactorThreads
 
 __all__ = ["makePortal", "makeFactory", "makeService"]
@@ -28,9 +31,11 @@ __all__ = ["makePortal", "makeFactory", "makeService"]
 _log = Logger()
 
 
-def makePortal(checker: ICredentialsChecker, store: IMailStore) -> Portal:
+def makePortal(
+    checker: ICredentialsChecker, store: IMailStore, policy: SessionPolicy | None = None
+) -> Portal:
     """A Portal whose realm opens (and locks) maildrops from C{store}."""
-    return Portal(MailboxRealm(store), [checker])
+    return Portal(MailboxRealm(store, policy), [checker])
 
 
 def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = None) -> POP3Factory:
@@ -42,17 +47,22 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     """
     if reactor is None:
         from twisted.internet import reactor
+    run = reactorThreads(reactor)
+    policy = None
     if portal is None:
         config.validated()
-        run = reactorThreads(reactor)
         try:
-            checker = PasswdFileChecker(config.passwdPath, runInThread=run)
+            checker = PasswdFileChecker(
+                config.passwdPath, runInThread=run, masterUsers=frozenset(config.master_users)
+            )
         except OSError as e:
             raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None
         store = MaildirStore(
             config.location, runInThread=run, createMissing=config.create_maildirs
         )
-        portal = makePortal(checker, store)
+        defaults = UserSettings(config.login_delay, parseExpire(config.expire))
+        policy = SessionPolicy(reactor, defaults, checker)
+        portal = makePortal(checker, store, policy)
     if config.timeout < DEFAULT_TIMEOUT:
         _log.warn(
             "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
@@ -65,6 +75,12 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         hostname=config.hostname,
         apop=None if config.apop else False,
         maxBadCommands=config.max_bad_commands,
+        mechanisms=mechanismsByName(
+            list(config.sasl_mechanisms) if config.sasl_mechanisms else None
+        ),
+        policy=policy,
+        language=LANGUAGES[config.language],
+        runInThread=run,
     )
 
 

@@ -25,6 +25,7 @@ class Transaction:
         self.mailbox = mailbox
         self._messages = tuple(messages)
         self._deleted: set[int] = set()
+        self._retrieved: set[int] = set()
         self._deletedSize = 0
         self._totalSize = sum(m.size for m in self._messages)
 
@@ -54,6 +55,10 @@ class Transaction:
             if number not in deleted:
                 yield number, info
 
+    def retrieved(self, number: int) -> None:
+        """Note that RETR sent this message (EXPIRE 0 removes it at UPDATE)."""
+        self._retrieved.add(number)
+
     def delete(self, number: int) -> None:
         """Mark a message deleted (DELE); nothing is removed until UPDATE."""
         info = self.get(number)
@@ -70,13 +75,35 @@ class Transaction:
         """The messages marked deleted, in message-number order."""
         return [self._messages[n - 1] for n in sorted(self._deleted)]
 
-    def commit(self) -> Deferred[Sequence[MessageInfo]]:
+    def removals(
+        self, expireRetrieved: bool = False, receivedBefore: float | None = None
+    ) -> list[MessageInfo]:
         """
-        UPDATE: remove exactly the marked messages.
+        What UPDATE removes: the marked messages, plus (RFC 2449 EXPIRE) those
+        retrieved when C{expireRetrieved} (EXPIRE 0), plus those delivered
+        before C{receivedBefore} (EXPIRE n days). Message-number order.
+        """
+        numbers = set(self._deleted)
+        if expireRetrieved:
+            numbers |= self._retrieved
+        if receivedBefore is not None:
+            numbers.update(
+                n
+                for n, info in enumerate(self._messages, 1)
+                if info.received is not None and info.received < receivedBefore
+            )
+        return [self._messages[n - 1] for n in sorted(numbers)]
+
+    def commit(
+        self, removals: Sequence[MessageInfo] | None = None
+    ) -> Deferred[Sequence[MessageInfo]]:
+        """
+        UPDATE: remove C{removals} (by default exactly the marked messages).
 
         Fires with those that could not be removed (empty on full success).
         """
-        marked = self.marked
-        if not marked:
+        if removals is None:
+            removals = self.marked
+        if not removals:
             return succeed(())
-        return maybeDeferred(self.mailbox.removeMessages, marked)
+        return maybeDeferred(self.mailbox.removeMessages, list(removals))

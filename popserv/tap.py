@@ -62,6 +62,29 @@ class Options(usage.Options):
             "Close a connection after this many unknown or malformed commands [default: 20].",
             int,
         ],
+        [
+            "login-delay",
+            None,
+            None,
+            "Minimum seconds between two logins of a user (RFC 2449 LOGIN-DELAY); a "
+            "passwd-file line can set its own with login_delay=N [default: 0, none].",
+            int,
+        ],
+        [
+            "expire",
+            None,
+            None,
+            "Days messages stay on the server: NEVER, or a number; 0 removes retrieved "
+            "messages at QUIT (RFC 2449 EXPIRE); per user: expire=N [default: NEVER].",
+        ],
+        ["language", None, None, "Default language of response texts: en or ru [default: en]."],
+        [
+            "sasl-mechanisms",
+            None,
+            None,
+            "Comma-separated SASL mechanisms to offer, from SCRAM-SHA-256, SCRAM-SHA-1, "
+            "CRAM-MD5, PLAIN, LOGIN [default: all that the passwd-file's secrets allow].",
+        ],
     ]
     optFlags = [
         ["no-apop", None, "Do not offer APOP (no timestamp in the greeting)."],
@@ -75,6 +98,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["master-users"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -85,6 +109,13 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_master_user(self, user: str) -> None:
+        """
+        A user who may log in as anyone else with SASL PLAIN (authorization id:
+        the user to act as); repeatable.
+        """
+        self["master-users"].append(user)
 
     def postOptions(self) -> None:
         try:
@@ -98,6 +129,15 @@ class Options(usage.Options):
                 max_bad_commands=self["max-bad-commands"],
                 apop=False if self["no-apop"] else None,
                 create_maildirs=False if self["no-create-maildirs"] else None,
+                login_delay=self["login-delay"],
+                expire=self["expire"],
+                language=self["language"],
+                sasl_mechanisms=(
+                    tuple(m.strip() for m in self["sasl-mechanisms"].split(",") if m.strip())
+                    if self["sasl-mechanisms"]
+                    else None
+                ),
+                master_users=tuple(self["master-users"]) or None,
             ).validated()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

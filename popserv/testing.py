@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -24,40 +25,70 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from popserv.auth.credentials import IVerifiedCredentials
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
 from popserv.interfaces import IMailStore
+from popserv.policy import SessionPolicy
 from popserv.protocol import POP3Factory, POP3Protocol
+from popserv.sasl.base import ISecretSource, ScramKeys
+from popserv.threads import synchronously
 
 __all__ = ["PlaintextChecker", "memoryServer", "connect", "TestClient"]
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISecretSource)
 class PlaintextChecker:
-    """An in-memory {user: password} checker for USER/PASS and APOP. Tests only."""
+    """
+    An in-memory {user: password} checker for every mechanism popserv offers
+    (USER/PASS, APOP, SASL PLAIN, LOGIN, CRAM-MD5, SCRAM). For tests and
+    demos: the passwords are held in the clear.
+    """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IVerifiedCredentials)
 
     def __init__(self, users: Mapping[str, str]) -> None:
         self.users = dict(users)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         password = self.users.get(credentials.username)
-        if password is not None and credentials.checkPassword(password.encode("utf-8")):
+        if password is not None and (
+            IVerifiedCredentials.providedBy(credentials)
+            or credentials.checkPassword(password.encode("utf-8"))
+        ):
             return succeed(credentials.username)
         return fail(UnauthorizedLogin())
 
+    def secretKinds(self) -> frozenset[str]:
+        return frozenset({"plaintext"})
+
+    def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
+        password = self.users.get(user)
+        if password is None:
+            return succeed(None)
+        salt, stored, server, i = scramp.ScramMechanism(mechanism).make_auth_info(password)
+        return succeed(ScramKeys(salt, stored, server, i))
+
 
 def memoryServer(
-    users: Mapping[str, str], store: IMailStore | None = None, **factoryArgs: Any
+    users: Mapping[str, str],
+    store: IMailStore | None = None,
+    policy: SessionPolicy | None = None,
+    **factoryArgs: Any,
 ) -> tuple[POP3Factory, Any]:
-    """A factory over a memory store (or C{store}), its clock a L{Clock}."""
+    """
+    A factory over a memory store (or C{store}), its clock a L{Clock}, SASL
+    steps run synchronously. A C{policy} is shared by realm and factory.
+    """
     if store is None:
         store = MemoryStore()
-    portal = Portal(MailboxRealm(store), [PlaintextChecker(users)])
-    factoryArgs.setdefault("clock", Clock())
+    clock = factoryArgs.setdefault("clock", Clock())
+    if policy is None:
+        policy = SessionPolicy(clock)
+    portal = Portal(MailboxRealm(store, policy), [PlaintextChecker(users)])
     factoryArgs.setdefault("hostname", "pop.example")
-    return POP3Factory(portal, **factoryArgs), store
+    factoryArgs.setdefault("runInThread", synchronously)
+    return POP3Factory(portal, policy=policy, **factoryArgs), store
 
 
 class TestClient:

@@ -1,4 +1,4 @@
-"""Credentials the POP3 protocol builds from USER/PASS and APOP."""
+"""Credentials the POP3 protocol builds from USER/PASS, APOP and SASL exchanges."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import hmac
 from dataclasses import dataclass, field
 
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
-__all__ = ["UsernamePassword", "APOPCredentials"]
+__all__ = [
+    "UsernamePassword",
+    "APOPCredentials",
+    "CramMD5Credentials",
+    "IVerifiedCredentials",
+    "VerifiedCredentials",
+    "IImpersonation",
+    "Impersonation",
+]
 
 
 @implementer(IUsernamePassword)
@@ -41,3 +49,49 @@ class APOPCredentials:
     def checkPassword(self, password: bytes) -> bool:
         expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
         return hmac.compare_digest(expected, self.digest.lower())
+
+
+@implementer(IUsernameHashedPassword)
+@dataclass(frozen=True)
+class CramMD5Credentials:
+    """RFC 2195: HMAC-MD5 of the challenge keyed by the shared secret, in hex."""
+
+    username: str
+    challenge: bytes
+    digest: bytes = field(repr=False)
+
+    def checkPassword(self, password: bytes) -> bool:
+        expected = hmac.new(password, self.challenge, hashlib.md5).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest)
+
+
+class IVerifiedCredentials(Interface):
+    """
+    A user proven by a mechanism that used the checker's own secrets (SCRAM
+    with the checker's keys) or by the transport (a TLS client certificate).
+    The checker still decides whether that user exists and may log in.
+    """
+
+    username = Attribute("The proven user name.")
+    mechanism = Attribute("How it was proven, for logs.")
+
+
+@implementer(IVerifiedCredentials)
+@dataclass(frozen=True)
+class VerifiedCredentials:
+    username: str
+    mechanism: str
+
+
+class IImpersonation(Interface):
+    """Credentials of one user (a master user) asking to act as another."""
+
+    username = Attribute("The user to log in as (the SASL authorization id).")
+    credentials = Attribute("The credentials of the acting user.")
+
+
+@implementer(IImpersonation)
+@dataclass(frozen=True)
+class Impersonation:
+    username: str
+    credentials: object

@@ -2,16 +2,19 @@
 A cred checker over a Dovecot-compatible passwd-file.
 
 Each line is C{user:{SCHEME}secret[:uid:gid:gecos:home:shell:extra]}; blank
-lines and lines starting with C{#} are ignored; only the first two fields are
-read. The file is re-read when it changes on disk, so adding a user needs no
-restart.
+lines and lines starting with C{#} are ignored. Of the further fields only
+the extra fields (space-separated) are read: C{login_delay=N},
+C{expire=N|NEVER} (also with Dovecot's C{userdb_} prefix) and C{nologin}.
+The file is re-read when it changes on disk, so adding a user needs no restart.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
+import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -19,60 +22,108 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.auth.schemes import Scheme, UnknownScheme, parseStoredPassword
+from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
+from popserv.auth.schemes import Scheme, UnknownScheme, parseScramSecret, parseStoredPassword
+from popserv.errors import AccountDisabled
+from popserv.policy import IUserSettingsSource, parseExpire
+from popserv.sasl.base import ISecretSource, ScramKeys
 from popserv.threads import RunInThread, reactorThreads
 
-__all__ = ["PasswdFileChecker", "parsePasswdFile"]
+__all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
 
 _log = Logger()
 
 
-def parsePasswdFile(text: str, source: str = "passwd-file") -> dict[str, tuple[Scheme, str]]:
-    """Parse passwd-file text into {user: (scheme, secret)}; bad lines are logged and skipped."""
-    users: dict[str, tuple[Scheme, str]] = {}
+@dataclass(frozen=True)
+class PasswdEntry:
+    """One account: its password scheme and secret, and its extra fields."""
+
+    scheme: Scheme
+    secret: str = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+    disabled: bool = False
+
+
+def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
+    settings: dict[str, Any] = {}
+    disabled = False
+    for item in text.split():
+        key, _, value = item.partition("=")
+        key = key.removeprefix("userdb_")
+        if key == "nologin":
+            disabled = True
+        elif key == "login_delay":
+            settings["loginDelay"] = int(value)
+        elif key == "expire":
+            settings["expire"] = parseExpire(value)
+    return settings, disabled
+
+
+def parsePasswdFile(text: str, source: str = "passwd-file") -> dict[str, PasswdEntry]:
+    """Parse passwd-file text into {user: entry}; bad lines are logged and skipped."""
+    users: dict[str, PasswdEntry] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        user, sep, rest = line.partition(":")
-        password = rest.split(":", 1)[0]
-        if not sep or not user:
+        fields = line.split(":", 7)
+        user = fields[0]
+        if len(fields) < 2 or not user:
             _log.warn(
                 "{source}:{lineno}: no user:password, line ignored", source=source, lineno=lineno
             )
             continue
         try:
-            users[user] = parseStoredPassword(password)
-        except UnknownScheme as e:
+            scheme, secret = parseStoredPassword(fields[1])
+            settings, disabled = _extraFields(fields[7] if len(fields) > 7 else "")
+        except (UnknownScheme, ValueError) as e:
             _log.warn(
-                "{source}:{lineno}: user {user}: unsupported password ({why}), line ignored",
+                "{source}:{lineno}: user {user}: {why}; line ignored",
                 source=source,
                 lineno=lineno,
                 user=user,
                 why=e,
             )
+            continue
+        users[user] = PasswdEntry(scheme, secret, settings, disabled)
     return users
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource)
 class PasswdFileChecker:
     """
-    Check USER/PASS (L{IUsernamePassword}) and APOP (L{IUsernameHashedPassword})
-    against a passwd-file. APOP succeeds only for accounts stored as
-    C{{PLAIN}}: no other scheme yields the shared secret it needs.
+    Checks USER/PASS and SASL PLAIN/LOGIN (L{IUsernamePassword}), APOP and
+    CRAM-MD5 (L{IUsernameHashedPassword}, only for C{{PLAIN}} accounts: no
+    other scheme yields the shared secret), SCRAM results
+    (L{IVerifiedCredentials}: the keys came from here) and master-user logins
+    (L{IImpersonation}, for the users in C{masterUsers}).
 
     Unknown users and wrong passwords fail identically (L{UnauthorizedLogin}).
+
+    @param runInThread: runs slow hashes (argon2, bcrypt, crypt, PBKDF2) off
+        the reactor thread.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+        IVerifiedCredentials,
+        IImpersonation,
+    )
 
     def __init__(
-        self, path: str | os.PathLike[str], runInThread: RunInThread | None = None
+        self,
+        path: str | os.PathLike[str],
+        runInThread: RunInThread | None = None,
+        masterUsers: frozenset[str] = frozenset(),
     ) -> None:
         self.path = os.fspath(path)
-        #: Slow hashes (argon2, bcrypt, crypt) are checked in a thread.
         self._runInThread = runInThread or reactorThreads()
+        self.masterUsers = frozenset(masterUsers)
         self._stamp: tuple[int, int, int, int] | None = None
-        self._users: dict[str, tuple[Scheme, str]] = {}
+        self._users: dict[str, PasswdEntry] = {}
+        self._kinds: frozenset[str] = frozenset()
+        self._overridden: frozenset[str] = frozenset()
+        self._derived: dict[tuple[str, str, str], ScramKeys] = {}
         self._load()
 
     def _load(self) -> None:
@@ -94,6 +145,15 @@ class PasswdFileChecker:
             )
             return
         self._users = parsePasswdFile(text, self.path)
+        kinds = set()
+        for entry in self._users.values():
+            if entry.scheme.plaintext:
+                kinds.add("plaintext")
+            if entry.scheme.scram:
+                kinds.add(entry.scheme.scram)
+        self._kinds = frozenset(kinds)
+        self._overridden = frozenset(k for e in self._users.values() for k in e.settings)
+        self._derived.clear()
         self._stamp = stamp
 
     @property
@@ -102,12 +162,16 @@ class PasswdFileChecker:
         self._load()
         return frozenset(self._users)
 
+    # -- ICredentialsChecker ---------------------------------------------------
+
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         self._load()
+        if IImpersonation.providedBy(credentials):
+            return self._impersonate(credentials)
         entry = self._users.get(credentials.username)
         if entry is None:
             return fail(UnauthorizedLogin())
-        scheme, secret = entry
+        scheme, secret = entry.scheme, entry.secret
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
             if scheme.slow:
@@ -116,12 +180,63 @@ class PasswdFileChecker:
                 d = maybeDeferred(scheme.verify, password, secret)
         elif IUsernameHashedPassword.providedBy(credentials) and scheme.plaintext:
             d = succeed(credentials.checkPassword(secret.encode("utf-8")))
+        elif IVerifiedCredentials.providedBy(credentials):
+            d = succeed(True)
         else:
             return fail(UnauthorizedLogin())
         return d.addCallback(self._verdict, credentials.username)
 
-    @staticmethod
-    def _verdict(matched: bool, username: str) -> str:
+    def _verdict(self, matched: bool, username: str) -> str:
         if not matched:
             raise UnauthorizedLogin()
+        entry = self._users.get(username)
+        if entry is None:
+            raise UnauthorizedLogin()
+        if entry.disabled:
+            raise AccountDisabled()
         return username
+
+    def _impersonate(self, credentials: Any) -> Deferred[str]:
+        actor = credentials.credentials
+        if actor.username not in self.masterUsers or credentials.username not in self._users:
+            return fail(UnauthorizedLogin())
+        d = self.requestAvatarId(actor)
+        return d.addCallback(lambda _actor: self._verdict(True, credentials.username))
+
+    # -- ISecretSource -----------------------------------------------------------
+
+    def secretKinds(self) -> frozenset[str]:
+        self._load()
+        return self._kinds
+
+    def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
+        self._load()
+        entry = self._users.get(user)
+        if entry is None:
+            return succeed(None)
+        if entry.scheme.scram == mechanism:
+            return succeed(parseScramSecret(entry.secret))
+        if not entry.scheme.plaintext:
+            return succeed(None)
+        key = (user, mechanism, entry.secret)
+        if key in self._derived:
+            return succeed(self._derived[key])
+        d = self._runInThread(_deriveScramKeys, mechanism, entry.secret)
+        d.addCallback(lambda keys: self._derived.setdefault(key, keys))
+        return d
+
+    # -- IUserSettingsSource -------------------------------------------------------
+
+    def settingsFor(self, user: str) -> dict[str, Any]:
+        self._load()
+        entry = self._users.get(user)
+        return entry.settings if entry else {}
+
+    def overriddenSettings(self) -> frozenset[str]:
+        self._load()
+        return self._overridden
+
+
+def _deriveScramKeys(mechanism: str, password: str) -> ScramKeys:
+    salt, stored, server, iterations = scramp.ScramMechanism(mechanism).make_auth_info(password)
+    return ScramKeys(salt, stored, server, iterations)

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.interfaces import IMailbox, IMailStore
+from popserv.policy import SessionPolicy
 
 __all__ = ["MailboxRealm"]
 
@@ -25,18 +26,32 @@ class MailboxRealm:
     Opening the mailbox takes its lock, so a maildrop that is in use fails the
     login (with L{popserv.errors.MaildropInUse}). The logout callable closes
     the mailbox, releasing the lock; it does so once however often it is called.
+
+    With a L{SessionPolicy}, a login sooner than the user's LOGIN-DELAY after
+    the previous one fails with L{popserv.errors.LoginDelayed} before the
+    maildrop is touched.
     """
 
-    def __init__(self, store: IMailStore) -> None:
+    def __init__(self, store: IMailStore, policy: SessionPolicy | None = None) -> None:
         self.store = store
+        self.policy = policy
 
     def requestAvatar(
         self, avatarId: str, mind: object, *interfaces: Any
     ) -> Deferred[tuple[Any, IMailbox, Callable[[], None]]]:
         if IMailbox not in interfaces:
             raise NotImplementedError("popserv's realm only provides IMailbox")
+        if self.policy is not None:
+            self.policy.checkLogin(avatarId)
         d = maybeDeferred(self.store.openMailbox, avatarId)
-        return d.addCallback(lambda mailbox: (IMailbox, mailbox, _logoutOnce(mailbox)))
+        return d.addCallback(self._opened, avatarId)
+
+    def _opened(
+        self, mailbox: IMailbox, avatarId: str
+    ) -> tuple[Any, IMailbox, Callable[[], None]]:
+        if self.policy is not None:
+            self.policy.recordLogin(avatarId)
+        return (IMailbox, mailbox, _logoutOnce(mailbox))
 
 
 def _logoutOnce(mailbox: IMailbox) -> Callable[[], None]:

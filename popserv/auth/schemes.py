@@ -9,13 +9,20 @@ off the reactor thread, and whether it yields a plaintext-equivalent secret
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from passlib import hash as _hashes
 
-__all__ = ["Scheme", "SCHEMES", "parseStoredPassword", "UnknownScheme"]
+if TYPE_CHECKING:
+    from popserv.sasl.base import ScramKeys
+
+__all__ = ["Scheme", "SCHEMES", "parseStoredPassword", "parseScramSecret", "UnknownScheme"]
 
 
 class UnknownScheme(ValueError):
@@ -28,12 +35,14 @@ class Scheme:
     @ivar verify: C{verify(password, secret)}: is C{password} right?
     @ivar slow: verification costs enough CPU to belong in a thread.
     @ivar plaintext: the secret is the password itself (APOP can use it).
+    @ivar scram: the SCRAM mechanism whose stored keys the secret is, if any.
     """
 
     name: str
     verify: Callable[[bytes, str], bool]
     slow: bool = True
     plaintext: bool = False
+    scram: str | None = None
 
 
 def _plain(password: bytes, secret: str) -> bool:
@@ -49,6 +58,41 @@ def _libpass(handler: object, maxBytes: int | None = None) -> Callable[[bytes, s
             return bool(handler.verify(password, secret))  # type: ignore[attr-defined]
         except (ValueError, TypeError):
             return False  # a malformed hash never matches
+
+    return verify
+
+
+def parseScramSecret(secret: str) -> ScramKeys:
+    """
+    Dovecot's stored SCRAM form C{iterations,salt,StoredKey,ServerKey} (the
+    last three in base64). Raises ValueError if malformed.
+    """
+    from popserv.sasl.base import ScramKeys
+
+    try:
+        iterations, salt, stored, server = secret.split(",")
+        keys = ScramKeys(
+            base64.b64decode(salt, validate=True),
+            base64.b64decode(stored, validate=True),
+            base64.b64decode(server, validate=True),
+            int(iterations),
+        )
+    except (ValueError, binascii.Error):
+        raise ValueError(
+            "malformed SCRAM secret (want iterations,salt,storedkey,serverkey)"
+        ) from None
+    if keys.iterations < 1 or not keys.salt:
+        raise ValueError("malformed SCRAM secret")
+    return keys
+
+
+def _scram(hashName: str) -> Callable[[bytes, str], bool]:
+    def verify(password: bytes, secret: str) -> bool:
+        # RFC 5802 section 3: StoredKey = H(HMAC(SaltedPassword, "Client Key")).
+        keys = parseScramSecret(secret)
+        salted = hashlib.pbkdf2_hmac(hashName, password, keys.salt, keys.iterations)
+        clientKey = hmac.new(salted, b"Client Key", hashName).digest()
+        return hmac.compare_digest(hashlib.new(hashName, clientKey).digest(), keys.storedKey)
 
     return verify
 
@@ -71,6 +115,8 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("SHA512-CRYPT", _sha512),
         Scheme("SHA256-CRYPT", _sha256),
         Scheme("MD5-CRYPT", _md5crypt),
+        Scheme("SCRAM-SHA-1", _scram("sha1"), scram="SCRAM-SHA-1"),
+        Scheme("SCRAM-SHA-256", _scram("sha256"), scram="SCRAM-SHA-256"),
     ]
 }
 
@@ -101,6 +147,8 @@ def parseStoredPassword(field: str) -> tuple[Scheme, str]:
         scheme = SCHEMES.get(name.upper())
         if scheme is None:
             raise UnknownScheme(name)
+        if scheme.scram:
+            parseScramSecret(secret)  # refuse a malformed line when the file is read
         return scheme, secret
     for prefix, name in _CRYPT_PREFIXES.items():
         if field.startswith(prefix):

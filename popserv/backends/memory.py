@@ -6,6 +6,7 @@ messages they already hold. Same locking and UPDATE semantics as on disk.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 
 from zope.interface import implementer
@@ -22,18 +23,22 @@ class MemoryMaildrop:
 
     def __init__(self, messages: Iterable[bytes] = ()) -> None:
         self.messages: dict[str, bytes] = {}
+        self.received: dict[str, float] = {}
         self.locked = False
         self._counter = itertools.count(1)
         for m in messages:
             self.deliver(m)
 
-    def deliver(self, message: bytes, uid: str | None = None) -> str:
+    def deliver(
+        self, message: bytes, uid: str | None = None, received: float | None = None
+    ) -> str:
         """Add a message (as a delivery would) and return its UID."""
         if uid is None:
             uid = f"mem{next(self._counter):08d}"
         if uid in self.messages:
             raise ValueError(f"UID {uid} already present")
         self.messages[uid] = message
+        self.received[uid] = time.time() if received is None else received
         return uid
 
 
@@ -61,8 +66,9 @@ class MemoryMailbox:
         self._closed = False
 
     def listMessages(self) -> list[MessageInfo]:
+        received = self._maildrop.received
         return [
-            MessageInfo(uid, crlfSize(data), key=uid)
+            MessageInfo(uid, crlfSize(data), key=uid, received=received.get(uid))
             for uid, data in self._maildrop.messages.items()
         ]
 
@@ -75,6 +81,7 @@ class MemoryMailbox:
     def removeMessages(self, infos: Sequence[MessageInfo]) -> list[MessageInfo]:
         for info in infos:
             self._maildrop.messages.pop(info.key, None)
+            self._maildrop.received.pop(info.key, None)
         return []
 
     def close(self) -> None:

@@ -1,0 +1,122 @@
+"""
+Per-user session policy: LOGIN-DELAY and EXPIRE (RFC 2449 sections 6.5, 6.7).
+
+Server-wide defaults come from the configuration; a user's own values come
+from an L{IUserSettingsSource} (the passwd-file's extra fields
+C{login_delay=N} and C{expire=N|NEVER}).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface
+
+from popserv.errors import LoginDelayed
+
+__all__ = ["UserSettings", "IUserSettingsSource", "SessionPolicy", "parseExpire", "NEVER"]
+
+#: The EXPIRE value meaning messages are never removed by the server.
+NEVER = None
+
+_DAY = 86400
+
+
+def parseExpire(value: str | int | None) -> int | None:
+    """C{"NEVER"}/None -> None; a whole number of days (0 allowed) -> int; else ValueError."""
+    if value is None or (isinstance(value, str) and value.upper() == "NEVER"):
+        return None
+    days = int(value)
+    if days < 0:
+        raise ValueError("expire must be NEVER or a number of days >= 0")
+    return days
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """
+    @ivar loginDelay: minimum seconds between two logins of the user (0: none).
+    @ivar expire: days a message stays on the server (None: NEVER; 0: removed
+        at UPDATE once retrieved).
+    """
+
+    loginDelay: int = 0
+    expire: int | None = None
+
+    def expireText(self) -> str:
+        return "NEVER" if self.expire is None else str(self.expire)
+
+
+class IUserSettingsSource(Interface):
+    """Per-user overrides of the session policy."""
+
+    def settingsFor(user: str) -> dict[str, Any]:
+        """Overrides for C{user}: keys C{loginDelay} and/or C{expire}."""
+
+    def overriddenSettings() -> frozenset[str]:
+        """The setting names some user overrides (so CAPA says C{USER})."""
+
+
+class SessionPolicy:
+    """
+    Defaults plus per-user overrides, and the memory of recent logins that
+    LOGIN-DELAY needs (per process: several nodes each enforce their own).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        defaults: UserSettings = UserSettings(),
+        source: IUserSettingsSource | None = None,
+    ) -> None:
+        self.clock = clock
+        self.defaults = defaults
+        self.source = source
+        self._lastLogin: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def settingsFor(self, user: str) -> UserSettings:
+        if self.source is None:
+            return self.defaults
+        overrides = self.source.settingsFor(user)
+        if not overrides:
+            return self.defaults
+        return UserSettings(
+            loginDelay=overrides.get("loginDelay", self.defaults.loginDelay),
+            expire=overrides.get("expire", self.defaults.expire),
+        )
+
+    def variesPerUser(self, setting: str) -> bool:
+        return self.source is not None and setting in self.source.overriddenSettings()
+
+    @property
+    def enforcesLoginDelay(self) -> bool:
+        return self.defaults.loginDelay > 0 or self.variesPerUser("loginDelay")
+
+    def checkLogin(self, user: str) -> None:
+        """Raise L{LoginDelayed} if C{user} logged in less than its delay ago."""
+        delay = self.settingsFor(user).loginDelay
+        if delay <= 0:
+            return
+        now = self.clock.seconds()
+        last = self._lastLogin.get(user)
+        if last is not None and now - last < delay:
+            raise LoginDelayed(seconds=int(delay - (now - last)) + 1)
+
+    def recordLogin(self, user: str) -> None:
+        now = self.clock.seconds()
+        with self._lock:
+            self._lastLogin[user] = now
+            if len(self._lastLogin) > 100_000:
+                # Forget logins old enough that no delay can still apply.
+                horizon = now - max(self.defaults.loginDelay, 86400)
+                self._lastLogin = {u: t for u, t in self._lastLogin.items() if t > horizon}
+
+    def expiryCutoff(self, settings: UserSettings) -> float | None:
+        """Messages received before this time are expired (None: no age limit)."""
+        if settings.expire is None or settings.expire == 0:
+            return None
+        return self.clock.seconds() - settings.expire * _DAY

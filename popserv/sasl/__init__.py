@@ -1,0 +1,62 @@
+"""
+SASL mechanisms for the POP3 AUTH command (RFC 5034).
+
+Each mechanism is one module providing L{ISASLMechanism}; an exchange ends in
+credentials that the protocol hands to the same C{Portal} as USER/PASS.
+"""
+
+from popserv.sasl.base import (
+    Challenge,
+    ISASLExchange,
+    ISASLMechanism,
+    ISecretSource,
+    Outcome,
+    SASLContext,
+    SASLError,
+    ScramKeys,
+)
+from popserv.sasl.crammd5 import CramMD5
+from popserv.sasl.login import Login
+from popserv.sasl.plain import Plain
+from popserv.sasl.scram import ScramSHA1, ScramSHA256
+
+__all__ = [
+    "Challenge",
+    "ISASLExchange",
+    "ISASLMechanism",
+    "ISecretSource",
+    "Outcome",
+    "SASLContext",
+    "SASLError",
+    "ScramKeys",
+    "Plain",
+    "Login",
+    "CramMD5",
+    "ScramSHA1",
+    "ScramSHA256",
+    "ALL_MECHANISMS",
+    "mechanismsByName",
+]
+
+#: Every mechanism popserv implements, in the order CAPA lists them.
+ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
+    ScramSHA256(),
+    ScramSHA1(),
+    CramMD5(),
+    Plain(),
+    Login(),
+)
+
+
+def mechanismsByName(names: list[str] | None = None) -> dict[str, ISASLMechanism]:
+    """The mechanisms named (all if None), by upper-case name; ValueError if unknown."""
+    known = {m.name: m for m in ALL_MECHANISMS}
+    if names is None:
+        return known
+    chosen = {}
+    for name in names:
+        mechanism = known.get(name.upper())
+        if mechanism is None:
+            raise ValueError(f"unknown SASL mechanism {name!r} (known: {', '.join(known)})")
+        chosen[mechanism.name] = mechanism
+    return chosen

@@ -1,0 +1,155 @@
+"""
+SCRAM-SHA-1 and SCRAM-SHA-256 (RFC 5802, RFC 7677), computed by scramp.
+
+The server needs only the stored keys (salt, StoredKey, ServerKey, iteration
+count), which a passwd-file can hold as C{{SCRAM-SHA-256}} instead of the
+password. An unknown user gets a made-up but stable salt, so the exchange
+does not reveal which users exist; it fails at the proof like a wrong password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+import scramp
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from popserv.auth.credentials import Impersonation, VerifiedCredentials
+from popserv.sasl.base import (
+    Challenge,
+    ISASLExchange,
+    ISASLMechanism,
+    ISecretSource,
+    Outcome,
+    SASLContext,
+    SASLError,
+    ScramKeys,
+)
+
+__all__ = ["ScramSHA1", "ScramSHA256", "parseClientFirst"]
+
+#: Keyed per process, so fake salts for unknown users are stable but unguessable.
+_FAKE_KEY = secrets.token_bytes(32)
+
+
+def _unescape(name: str) -> str:
+    # RFC 5802 section 5.1: "," and "=" in names are sent as =2C and =3D.
+    if "=" in name.replace("=2C", "").replace("=3D", ""):
+        raise SASLError()
+    return name.replace("=2C", ",").replace("=3D", "=")
+
+
+def parseClientFirst(message: str) -> tuple[str, str, str]:
+    """(cbind flag, authzid, username) from a client-first message; SASLError if bad."""
+    parts = message.split(",", 3)
+    if len(parts) != 4:
+        raise SASLError()
+    flag, authz, bare, _ = parts
+    if not (flag in ("n", "y") or flag.startswith("p=")):
+        raise SASLError()
+    if authz and not authz.startswith("a="):
+        raise SASLError()
+    if not bare.startswith("n="):
+        raise SASLError()
+    user = _unescape(bare[2:])
+    if not user:
+        raise SASLError()
+    return flag, _unescape(authz[2:]) if authz else "", user
+
+
+@implementer(ISASLExchange)
+class _ScramExchange:
+    def __init__(self, mechanism: _Scram, context: SASLContext) -> None:
+        self._mechanism = mechanism
+        self._context = context
+        self._server: scramp.core.ScramServer | None = None
+        self._user = ""
+        self._authzid = ""
+        self._real = False
+        self._finalSent = False
+
+    def step(self, response: bytes | None) -> Challenge | Outcome | Deferred:
+        if self._finalSent:
+            if response:
+                raise SASLError()
+            creds = VerifiedCredentials(self._user, self._mechanism.name)
+            if self._authzid and self._authzid != self._user:
+                return Outcome(Impersonation(self._authzid, creds))
+            return Outcome(creds)
+        if self._server is None:
+            if response is None:
+                return Challenge(b"")
+            return self._clientFirst(response)
+        return self._clientFinal(response or b"")
+
+    def _clientFirst(self, response: bytes) -> Deferred:
+        try:
+            text = response.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SASLError() from None
+        flag, self._authzid, self._user = parseClientFirst(text)
+        if flag.startswith("p="):
+            raise SASLError()  # channel binding is only for the -PLUS variants
+        source = self._context.source
+        d = source.scramKeys(self._user, self._mechanism.name) if source else succeed(None)
+        return d.addCallback(self._serverFirst, text)
+
+    def _serverFirst(self, keys: ScramKeys | None, clientFirst: str) -> Challenge:
+        self._real = keys is not None
+        if keys is None:
+            keys = self._mechanism.fakeKeys(self._user)
+        auth = (keys.salt, keys.storedKey, keys.serverKey, keys.iterations)
+        self._server = self._mechanism.scram.make_server(lambda _user: auth)
+        try:
+            self._server.set_client_first(clientFirst)
+            return Challenge(self._server.get_server_first().encode("utf-8"))
+        except scramp.ScramException:
+            raise SASLError() from None
+
+    def _clientFinal(self, response: bytes) -> Challenge:
+        assert self._server is not None
+        try:
+            self._server.set_client_final(response.decode("utf-8"))
+        except (scramp.ScramException, UnicodeDecodeError):
+            raise UnauthorizedLogin() from None
+        if not self._real:
+            raise UnauthorizedLogin()
+        self._finalSent = True
+        return Challenge(self._server.get_server_final().encode("utf-8"))
+
+
+@implementer(ISASLMechanism)
+class _Scram:
+    name = ""
+    plaintext = False
+    _digest = hashlib.sha256
+
+    def __init__(self) -> None:
+        self.scram = scramp.ScramMechanism(self.name)
+
+    def available(self, source: ISecretSource | None) -> bool:
+        if source is None:
+            return False
+        kinds = source.secretKinds()
+        return "plaintext" in kinds or self.name in kinds
+
+    def exchange(self, context: SASLContext) -> ISASLExchange:
+        return _ScramExchange(self, context)
+
+    def fakeKeys(self, user: str) -> ScramKeys:
+        seed = hmac.new(_FAKE_KEY, f"{self.name}\0{user}".encode(), self._digest).digest()
+        return ScramKeys(seed[:16], seed, seed, 4096)
+
+
+class ScramSHA1(_Scram):
+    name = "SCRAM-SHA-1"
+    _digest = hashlib.sha1
+
+
+class ScramSHA256(_Scram):
+    name = "SCRAM-SHA-256"
+    _digest = hashlib.sha256
