@@ -39,7 +39,6 @@ from popserv.policy import SessionPolicy, UserSettings
 from popserv.sasl import ALL_MECHANISMS, Challenge, ISASLMechanism, ISecretSource, SASLContext
 from popserv.session import Transaction
 from popserv.streaming import LinesProducer, MessageProducer
-from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["State", "POP3Protocol", "POP3Factory", "DEFAULT_TIMEOUT"]
 
@@ -591,9 +590,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             raise CommandError("Unsupported authentication mechanism")
         self._pendingUser = None
         factory = self.factory
-        self._sasl = chosen.exchange(
-            SASLContext(factory.secrets, factory.hostname, factory.runInThread)
-        )
+        self._sasl = chosen.exchange(SASLContext(factory.secrets, factory.hostname))
         return self._saslStep(initial)
 
     def _saslResponse(self, line: bytes) -> None:
@@ -798,7 +795,6 @@ class POP3Factory(Factory):
     @param language: the language of response texts until LANG changes it.
     @param allowPlaintext: C{allowPlaintext(transport)} says whether USER/PASS
         and plaintext SASL mechanisms may be used on a connection.
-    @param runInThread: for CPU-heavy SASL steps.
     """
 
     protocol = POP3Protocol
@@ -817,7 +813,6 @@ class POP3Factory(Factory):
         policy: SessionPolicy | None = None,
         language: Language = DEFAULT_LANGUAGE,
         allowPlaintext: Callable[[Any], bool] = _alwaysAllowed,
-        runInThread: RunInThread | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -843,7 +838,6 @@ class POP3Factory(Factory):
         self.policy = policy or SessionPolicy(clock)
         self.language = language
         self.allowPlaintext = allowPlaintext
-        self.runInThread = runInThread or reactorThreads(clock)
 
     def makeChallenge(self) -> bytes:
         """A greeting timestamp unique to this connection (RFC 1939 section 7)."""

@@ -80,7 +80,6 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         ),
         policy=policy,
         language=LANGUAGES[config.language],
-        runInThread=run,
     )
 
 

@@ -32,7 +32,6 @@ from popserv.interfaces import IMailStore
 from popserv.policy import SessionPolicy
 from popserv.protocol import POP3Factory, POP3Protocol
 from popserv.sasl.base import ISecretSource, ScramKeys
-from popserv.threads import synchronously
 
 __all__ = ["PlaintextChecker", "memoryServer", "connect", "TestClient"]
 
@@ -77,8 +76,8 @@ def memoryServer(
     **factoryArgs: Any,
 ) -> tuple[POP3Factory, Any]:
     """
-    A factory over a memory store (or C{store}), its clock a L{Clock}, SASL
-    steps run synchronously. A C{policy} is shared by realm and factory.
+    A factory over a memory store (or C{store}), its clock a L{Clock}. A
+    C{policy} is shared by realm and factory.
     """
     if store is None:
         store = MemoryStore()
@@ -87,7 +86,6 @@ def memoryServer(
         policy = SessionPolicy(clock)
     portal = Portal(MailboxRealm(store, policy), [PlaintextChecker(users)])
     factoryArgs.setdefault("hostname", "pop.example")
-    factoryArgs.setdefault("runInThread", synchronously)
     return POP3Factory(portal, policy=policy, **factoryArgs), store
 
 

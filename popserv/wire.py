@@ -61,7 +61,7 @@ def parseCommand(line: bytes) -> Command:
     string, which no command table knows, so it gets the unknown-command reply.
     """
     verb, _, rest = line.partition(b" ")
-    if verb.isalpha() and verb.isascii():
+    if verb.isalnum() and verb.isascii():
         name = verb.decode("ascii").upper()
     else:
         name = ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,14 +73,10 @@ class SASLContext:
 
     @ivar source: the secret source (None if the checker offers none).
     @ivar hostname: the server name for challenges (CRAM-MD5).
-    @ivar runInThread: for CPU-heavy steps (key derivation).
-    @ivar masterUsers: authentication ids allowed to act for another user.
     """
 
     source: ISecretSource | None
     hostname: str
-    runInThread: Callable[..., Deferred[Any]]
-    masterUsers: frozenset[str] = frozenset()
 
 
 class ISASLExchange(Interface):

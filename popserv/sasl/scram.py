@@ -71,6 +71,8 @@ class _ScramExchange:
         self._authzid = ""
         self._real = False
         self._finalSent = False
+        #: Fixed server nonce, for reproducing the RFCs' test vectors only.
+        self.serverNonce: str | None = None
 
     def step(self, response: bytes | None) -> Challenge | Outcome | Deferred:
         if self._finalSent:
@@ -103,7 +105,9 @@ class _ScramExchange:
         if keys is None:
             keys = self._mechanism.fakeKeys(self._user)
         auth = (keys.salt, keys.storedKey, keys.serverKey, keys.iterations)
-        self._server = self._mechanism.scram.make_server(lambda _user: auth)
+        self._server = self._mechanism.scram.make_server(
+            lambda _user: auth, s_nonce=self.serverNonce
+        )
         try:
             self._server.set_client_first(clientFirst)
             return Challenge(self._server.get_server_first().encode("utf-8"))
