@@ -9,6 +9,7 @@ relative to the file's own directory, so a configuration can be moved whole.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +20,7 @@ from popserv.location import MailLocation
 from popserv.policy import parseExpire
 from popserv.protocol import DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
 from popserv.sasl import mechanismsByName
+from popserv.tls import CERT_USER_FIELDS, DEFAULT_TRUSTED_NETWORKS
 
 __all__ = ["Config", "ConfigError", "loadConfig", "DEFAULT_LISTEN"]
 
@@ -50,6 +52,18 @@ class Config:
         succeed with the passwd-file's secrets).
     @ivar master_users: users who may log in as any other user with SASL PLAIN
         (authorization id = the user to act as).
+    @ivar listen_tls: endpoints to listen on with implicit TLS (RFC 8314 POP3S).
+    @ivar tls_cert: PEM certificate (then its chain) for STLS and implicit TLS.
+    @ivar tls_key: PEM private key (default: in C{tls_cert}).
+    @ivar tls_selfsigned: without C{tls_cert}, use a throw-away self-signed
+        certificate for localhost made at start-up (demos only).
+    @ivar tls_client_ca: PEM CA certificates for client certificates (SASL EXTERNAL).
+    @ivar tls_cert_user: what names the user in a client certificate: cn,
+        email or dns.
+    @ivar plaintext_auth: C{"tls"}: passwords in the clear (USER/PASS, PLAIN,
+        LOGIN) only over TLS or from C{trusted_networks}; C{"always"}: anywhere.
+    @ivar trusted_networks: networks (CIDR) where plaintext passwords are allowed
+        without TLS.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -65,6 +79,14 @@ class Config:
     language: str = "en"
     sasl_mechanisms: tuple[str, ...] | None = None
     master_users: tuple[str, ...] = ()
+    listen_tls: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_selfsigned: bool = False
+    tls_client_ca: str | None = None
+    tls_cert_user: str = "cn"
+    plaintext_auth: str = "tls"
+    trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
     #: the directory relative paths are resolved against (the config file's)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
 
@@ -74,8 +96,19 @@ class Config:
 
     def validated(self) -> Config:
         """Check every setting; raise L{ConfigError} naming the first bad one."""
-        if not self.listen:
+        if not self.listen and not self.listen_tls:
             raise ConfigError("listen: at least one endpoint is needed")
+        if self.listen_tls and not self.tlsEnabled:
+            raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
+        if self.tls_cert_user not in CERT_USER_FIELDS:
+            raise ConfigError(f"tls_cert_user: one of {', '.join(CERT_USER_FIELDS)}")
+        if self.plaintext_auth not in ("tls", "always"):
+            raise ConfigError("plaintext_auth: tls or always")
+        for network in self.trusted_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_networks: {network!r} is not a network") from None
         if not self.passwd:
             raise ConfigError("passwd: a passwd-file is required")
         if not self.mail_location:
@@ -103,6 +136,16 @@ class Config:
         return self
 
     @property
+    def tlsEnabled(self) -> bool:
+        return self.tls_cert is not None or self.tls_selfsigned
+
+    def path(self, name: str | None) -> str | None:
+        """A configured path made absolute against the configuration's directory."""
+        if name is None:
+            return None
+        return os.path.join(self.base_dir, os.path.expanduser(name))
+
+    @property
     def passwdPath(self) -> str:
         assert self.passwd is not None
         return os.path.join(self.base_dir, os.path.expanduser(self.passwd))
@@ -127,9 +170,17 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "language": str,
     "sasl_mechanisms": list,
     "master_users": list,
+    "listen_tls": (list, str),
+    "tls_cert": str,
+    "tls_key": str,
+    "tls_selfsigned": bool,
+    "tls_client_ca": str,
+    "tls_cert_user": str,
+    "plaintext_auth": str,
+    "trusted_networks": list,
 }
 
-_LISTS = ("listen", "sasl_mechanisms", "master_users")
+_LISTS = ("listen", "sasl_mechanisms", "master_users", "listen_tls", "trusted_networks")
 
 
 def loadConfig(path: str | os.PathLike[str]) -> Config:

@@ -39,6 +39,7 @@ from popserv.policy import SessionPolicy, UserSettings
 from popserv.sasl import ALL_MECHANISMS, Challenge, ISASLMechanism, ISecretSource, SASLContext
 from popserv.session import Transaction
 from popserv.streaming import LinesProducer, MessageProducer
+from popserv.tls import ServerTLS, certificateUser, serverEndPointBinding, tlsConnection
 
 __all__ = ["State", "POP3Protocol", "POP3Factory", "DEFAULT_TIMEOUT"]
 
@@ -487,6 +488,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         policy = factory.policy
         caps = ["TOP", "UIDL", "RESP-CODES", "PIPELINING"]
         if self.state is State.AUTHORIZATION:
+            if factory.tls is not None and not self.secure:
+                caps.append("STLS")
             if factory.allowPlaintext(self.transport):
                 caps.append("USER")
             mechanisms = self._mechanisms()
@@ -566,14 +569,36 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     # -- SASL (RFC 5034) -------------------------------------------------------
 
+    @property
+    def secure(self) -> bool:
+        """Is this connection encrypted (implicit TLS or after STLS)?"""
+        return tlsConnection(self.transport) is not None
+
+    def _saslContext(self) -> SASLContext:
+        factory = self.factory
+        connection = tlsConnection(self.transport)
+        if connection is None:
+            return SASLContext(factory.secrets, factory.hostname)
+        external = None
+        if factory.tls is not None and factory.tls.verifiesClients:
+            external = certificateUser(connection, factory.certUserField)
+        return SASLContext(
+            factory.secrets,
+            factory.hostname,
+            tls=True,
+            channelBinding=serverEndPointBinding(connection),
+            externalUser=external,
+        )
+
     def _mechanisms(self) -> dict[str, ISASLMechanism]:
         """The SASL mechanisms that can succeed and are allowed on this connection."""
         factory = self.factory
         plaintext = factory.allowPlaintext(self.transport)
+        context = self._saslContext()
         return {
             name: m
             for name, m in factory.mechanisms.items()
-            if (plaintext or not m.plaintext) and m.available(factory.secrets)
+            if (plaintext or not m.plaintext) and m.available(context)
         }
 
     def do_AUTH(self, mechanism: str | None, initial: bytes | None) -> bytes | Deferred[bytes]:
@@ -582,15 +607,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
                 self._ok("Mechanism list follows"),
                 (name.encode("ascii") + b"\r\n" for name in self._mechanisms()),
             )
+        context = self._saslContext()
         chosen = self._mechanisms().get(mechanism)
         if chosen is None:
             known = self.factory.mechanisms.get(mechanism)
-            if known is not None and known.plaintext and known.available(self.factory.secrets):
+            if known is not None and known.plaintext and known.available(context):
                 raise PlaintextRefused()
             raise CommandError("Unsupported authentication mechanism")
         self._pendingUser = None
-        factory = self.factory
-        self._sasl = chosen.exchange(SASLContext(factory.secrets, factory.hostname))
+        self._sasl = chosen.exchange(context)
         return self._saslStep(initial)
 
     def _saslResponse(self, line: bytes) -> None:
@@ -621,6 +646,29 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     def _saslFailed(self, failure: Failure) -> Failure:
         self._sasl = None
         return failure
+
+    # -- RFC 2595: STLS ----------------------------------------------------------
+
+    def do_STLS(self) -> None:
+        tls = self.factory.tls
+        if tls is None:
+            raise CommandError("STLS is not available")
+        if self.secure:
+            raise CommandError("TLS is already active")
+        self.transport.write(self._ok("Begin TLS negotiation"))
+        # Anything the client pipelined behind STLS arrived in the clear and
+        # must not be executed as if it came over TLS (CVE-2011-0411 class).
+        discarded = len(self._inbuf)
+        del self._inbuf[:]
+        self._discarding = False
+        if discarded:
+            _log.warn("discarded {n} bytes sent in the clear after STLS", n=discarded)
+        # RFC 2595 section 4: forget what the client said before TLS.
+        self._pendingUser = None
+        self._sasl = None
+        self.utf8 = False
+        self.language = self.factory.language
+        self.transport.startTLS(tls)
 
     # -- RFC 6856: UTF8 and LANG -----------------------------------------------
 
@@ -743,6 +791,7 @@ _AUTH = {
     "PASS": _Verb(_password, POP3Protocol.do_PASS),
     "APOP": _Verb(_apop, POP3Protocol.do_APOP),
     "AUTH": _Verb(_auth, POP3Protocol.do_AUTH),
+    "STLS": _Verb(_noArgs, POP3Protocol.do_STLS),
     "CAPA": _Verb(_noArgs, POP3Protocol.do_CAPA),
     "UTF8": _Verb(_noArgs, POP3Protocol.do_UTF8),
     "LANG": _Verb(_optionalWord, POP3Protocol.do_LANG),
@@ -794,7 +843,12 @@ class POP3Factory(Factory):
         delay is enforced.
     @param language: the language of response texts until LANG changes it.
     @param allowPlaintext: C{allowPlaintext(transport)} says whether USER/PASS
-        and plaintext SASL mechanisms may be used on a connection.
+        and plaintext SASL mechanisms may be used on a connection (see
+        L{popserv.tls.PlaintextPolicy}).
+    @param tls: the server's TLS settings: offer STLS and use them for
+        implicit-TLS listeners.
+    @param certUserField: how a verified client certificate names its user
+        for SASL EXTERNAL: C{cn}, C{email} or C{dns}.
     """
 
     protocol = POP3Protocol
@@ -813,6 +867,8 @@ class POP3Factory(Factory):
         policy: SessionPolicy | None = None,
         language: Language = DEFAULT_LANGUAGE,
         allowPlaintext: Callable[[Any], bool] = _alwaysAllowed,
+        tls: ServerTLS | None = None,
+        certUserField: str = "cn",
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -838,6 +894,8 @@ class POP3Factory(Factory):
         self.policy = policy or SessionPolicy(clock)
         self.language = language
         self.allowPlaintext = allowPlaintext
+        self.tls = tls
+        self.certUserField = certUserField
 
     def makeChallenge(self) -> bytes:
         """A greeting timestamp unique to this connection (RFC 1939 section 7)."""

@@ -6,6 +6,8 @@ embedders all come through here.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -14,6 +16,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
@@ -25,8 +28,9 @@ from popserv.policy import SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
 from popserv.sasl import mechanismsByName
 from popserv.threads import reactorThreads
+from popserv.tls import PlaintextPolicy, ServerTLS, TLSError
 
-__all__ = ["makePortal", "makeFactory", "makeService"]
+__all__ = ["makePortal", "makeFactory", "makeService", "PopservService"]
 
 _log = Logger()
 
@@ -63,6 +67,17 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
         policy = SessionPolicy(reactor, defaults, checker)
         portal = makePortal(checker, store, policy)
+    tls = None
+    if config.tlsEnabled:
+        try:
+            tls = ServerTLS(
+                config.path(config.tls_cert),
+                config.path(config.tls_key),
+                config.path(config.tls_client_ca),
+                selfSignedHosts=None if config.tls_cert else ["localhost"],
+            )
+        except TLSError as e:
+            raise ConfigError(f"tls: {e}") from None
     if config.timeout < DEFAULT_TIMEOUT:
         _log.warn(
             "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
@@ -80,6 +95,11 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         ),
         policy=policy,
         language=LANGUAGES[config.language],
+        tls=tls,
+        certUserField=config.tls_cert_user,
+        allowPlaintext=PlaintextPolicy(
+            requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
+        ),
     )
 
 
@@ -108,15 +128,56 @@ def makeService(
     if portal is None:
         config = config.validated()
     factory = makeFactory(config, reactor, portal)
-    top = MultiService()
-    top.setName("popserv")
-    for description in config.listen:
+    top = PopservService(factory, reactor)
+    listeners = [(d, factory) for d in config.listen]
+    if config.listen_tls:
+        assert factory.tls is not None
+        # Implicit TLS (RFC 8314): the same context as STLS, so both reload together.
+        wrapped = TLSMemoryBIOFactory(factory.tls, False, factory)
+        listeners += [(d, wrapped) for d in config.listen_tls]
+    for description, serving in listeners:
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"listen: bad endpoint {description!r}: {e}") from None
-        service = StreamServerEndpointService(endpoint, factory)
+        service = StreamServerEndpointService(endpoint, serving)
         service._raiseSynchronously = True  # fail twistd start-up on a busy port
         service.setServiceParent(top)
-    top.factory = factory  # type: ignore[attr-defined]
     return top
+
+
+class PopservService(MultiService):
+    """
+    All of popserv's listeners. C{SIGHUP} (or L{reload}) re-reads the TLS
+    certificate and key without dropping sessions; the passwd-file is re-read
+    on change anyway.
+    """
+
+    name = "popserv"
+
+    def __init__(self, factory: POP3Factory, reactor: Any) -> None:
+        super().__init__()
+        self.factory = factory
+        self._reactor = reactor
+        self._previousHandler: Any = None
+
+    def reload(self) -> None:
+        if self.factory.tls is None:
+            return
+        try:
+            self.factory.tls.reload()
+        except TLSError as e:
+            _log.error("TLS reload failed, keeping the old certificate: {error}", error=e)
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            self._previousHandler = signal.signal(
+                signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload)
+            )
+
+    def stopService(self) -> Any:
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
+        return super().stopService()

@@ -79,6 +79,34 @@ class Options(usage.Options):
         ],
         ["language", None, None, "Default language of response texts: en or ru [default: en]."],
         [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate (followed by its chain) for STLS and --listen-tls; "
+            "re-read on SIGHUP.",
+        ],
+        ["tls-key", None, None, "PEM private key [default: taken from --tls-cert]."],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "PEM CA certificates: clients may present a certificate they issued and "
+            "log in with SASL EXTERNAL.",
+        ],
+        [
+            "tls-cert-user",
+            None,
+            None,
+            "What in a client certificate is the user name: cn, email or dns [default: cn].",
+        ],
+        [
+            "plaintext-auth",
+            None,
+            None,
+            "tls: passwords in the clear (USER/PASS, PLAIN, LOGIN) only over TLS or from "
+            "--trusted-network; always: anywhere (labs only) [default: tls].",
+        ],
+        [
             "sasl-mechanisms",
             None,
             None,
@@ -87,6 +115,12 @@ class Options(usage.Options):
         ],
     ]
     optFlags = [
+        [
+            "tls-selfsigned",
+            None,
+            "Without --tls-cert, make a throw-away self-signed certificate for localhost "
+            "at start-up (demos and tests only).",
+        ],
         ["no-apop", None, "Do not offer APOP (no timestamp in the greeting)."],
         [
             "no-create-maildirs",
@@ -99,6 +133,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["master-users"] = []
+        self["listen-tls"] = []
+        self["trusted-networks"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -109,6 +145,21 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_listen_tls(self, description: str) -> None:
+        """
+        Listen on this endpoint with implicit TLS (RFC 8314 POP3S), using
+        --tls-cert; repeatable (e.g. tcp:995). An ssl: endpoint given to
+        --listen works too, with its own certificate.
+        """
+        self["listen-tls"].append(description)
+
+    def opt_trusted_network(self, network: str) -> None:
+        """
+        A network (CIDR) where passwords may be sent without TLS; repeatable
+        [default: 127.0.0.0/8 and ::1/128].
+        """
+        self["trusted-networks"].append(network)
 
     def opt_master_user(self, user: str) -> None:
         """
@@ -138,6 +189,14 @@ class Options(usage.Options):
                     else None
                 ),
                 master_users=tuple(self["master-users"]) or None,
+                listen_tls=tuple(self["listen-tls"]) or None,
+                tls_cert=self["tls-cert"],
+                tls_key=self["tls-key"],
+                tls_selfsigned=True if self["tls-selfsigned"] else None,
+                tls_client_ca=self["tls-client-ca"],
+                tls_cert_user=self["tls-cert-user"],
+                plaintext_auth=self["plaintext-auth"],
+                trusted_networks=tuple(self["trusted-networks"]) or None,
             ).validated()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

@@ -262,11 +262,16 @@ def test_scram_escaped_names_and_authzid():
 def test_mechanisms_are_offered_only_where_they_can_succeed(tmp_path):
     path = tmp_path / "passwd"
     path.write_text("a:{SHA512-CRYPT}$6$rounds=1000$salt$x\n")
-    hashed_only = PasswdFileChecker(path, runInThread=synchronously)
-    usable = {m.name for m in ALL_MECHANISMS if m.available(hashed_only)}
-    assert usable == {"PLAIN", "LOGIN"}
-    usable = {m.name for m in ALL_MECHANISMS if m.available(PlaintextChecker({}))}
-    assert usable == {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+    hashed_only = context(PasswdFileChecker(path, runInThread=synchronously))
+    assert {m.name for m in ALL_MECHANISMS if m.available(hashed_only)} == {"PLAIN", "LOGIN"}
+    plain = context(PlaintextChecker({}))
+    assert {m.name for m in ALL_MECHANISMS if m.available(plain)} == {
+        "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+    tls = SASLContext(PlaintextChecker({}), "h", tls=True, channelBinding=b"x" * 32,
+                      externalUser="alice")
+    assert {m.name for m in ALL_MECHANISMS if m.available(tls)} == {
+        "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-256-PLUS", "EXTERNAL"}
 
 
 def test_mechanisms_by_name():

@@ -16,9 +16,10 @@ from popserv.sasl.base import (
     ScramKeys,
 )
 from popserv.sasl.crammd5 import CramMD5
+from popserv.sasl.external import External
 from popserv.sasl.login import Login
 from popserv.sasl.plain import Plain
-from popserv.sasl.scram import ScramSHA1, ScramSHA256
+from popserv.sasl.scram import ScramSHA1, ScramSHA1Plus, ScramSHA256, ScramSHA256Plus
 
 __all__ = [
     "Challenge",
@@ -34,14 +35,20 @@ __all__ = [
     "CramMD5",
     "ScramSHA1",
     "ScramSHA256",
+    "ScramSHA1Plus",
+    "ScramSHA256Plus",
+    "External",
     "ALL_MECHANISMS",
     "mechanismsByName",
 ]
 
 #: Every mechanism popserv implements, in the order CAPA lists them.
 ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
+    ScramSHA256Plus(),
+    ScramSHA1Plus(),
     ScramSHA256(),
     ScramSHA1(),
+    External(),
     CramMD5(),
     Plain(),
     Login(),

@@ -73,10 +73,16 @@ class SASLContext:
 
     @ivar source: the secret source (None if the checker offers none).
     @ivar hostname: the server name for challenges (CRAM-MD5).
+    @ivar tls: the connection is encrypted.
+    @ivar channelBinding: RFC 5929 tls-server-end-point data (SCRAM-PLUS).
+    @ivar externalUser: the user a verified TLS client certificate names.
     """
 
     source: ISecretSource | None
     hostname: str
+    tls: bool = False
+    channelBinding: bytes | None = field(default=None, repr=False)
+    externalUser: str | None = None
 
 
 class ISASLExchange(Interface):
@@ -96,8 +102,8 @@ class ISASLMechanism(Interface):
     name = Attribute("The IANA mechanism name, upper case.")
     plaintext = Attribute("True if the password itself crosses the wire.")
 
-    def available(source: ISecretSource | None) -> bool:
-        """Can this mechanism succeed for some account of this source?"""
+    def available(context: SASLContext) -> bool:
+        """Can this mechanism succeed for some account, on this connection?"""
 
     def exchange(context: SASLContext) -> ISASLExchange:
         """Start an exchange."""

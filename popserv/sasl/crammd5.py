@@ -16,7 +16,6 @@ from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
     ISASLMechanism,
-    ISecretSource,
     Outcome,
     SASLContext,
     SASLError,
@@ -55,7 +54,8 @@ class CramMD5:
     name = "CRAM-MD5"
     plaintext = False
 
-    def available(self, source: ISecretSource | None) -> bool:
+    def available(self, context: SASLContext) -> bool:
+        source = context.source
         return source is not None and "plaintext" in source.secretKinds()
 
     def exchange(self, context: SASLContext) -> ISASLExchange:

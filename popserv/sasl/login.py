@@ -12,7 +12,6 @@ from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
     ISASLMechanism,
-    ISecretSource,
     Outcome,
     SASLContext,
     SASLError,
@@ -47,7 +46,7 @@ class Login:
     name = "LOGIN"
     plaintext = True
 
-    def available(self, source: ISecretSource | None) -> bool:
+    def available(self, context: SASLContext) -> bool:
         return True
 
     def exchange(self, context: SASLContext) -> ISASLExchange:

@@ -9,7 +9,6 @@ from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
     ISASLMechanism,
-    ISecretSource,
     Outcome,
     SASLContext,
     SASLError,
@@ -58,7 +57,7 @@ class Plain:
     name = "PLAIN"
     plaintext = True
 
-    def available(self, source: ISecretSource | None) -> bool:
+    def available(self, context: SASLContext) -> bool:
         return True  # any stored scheme can check a plaintext password
 
     def exchange(self, context: SASLContext) -> ISASLExchange:

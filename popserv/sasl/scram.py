@@ -1,5 +1,7 @@
 """
-SCRAM-SHA-1 and SCRAM-SHA-256 (RFC 5802, RFC 7677), computed by scramp.
+SCRAM-SHA-1 and SCRAM-SHA-256 (RFC 5802, RFC 7677), computed by scramp, and
+their -PLUS variants bound to the TLS channel with tls-server-end-point
+(RFC 5929), offered on TLS connections.
 
 The server needs only the stored keys (salt, StoredKey, ServerKey, iteration
 count), which a passwd-file can hold as C{{SCRAM-SHA-256}} instead of the
@@ -23,14 +25,16 @@ from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
     ISASLMechanism,
-    ISecretSource,
     Outcome,
     SASLContext,
     SASLError,
     ScramKeys,
 )
 
-__all__ = ["ScramSHA1", "ScramSHA256", "parseClientFirst"]
+__all__ = ["ScramSHA1", "ScramSHA256", "ScramSHA1Plus", "ScramSHA256Plus", "parseClientFirst"]
+
+#: The channel-binding type the -PLUS variants use (RFC 5929 section 4).
+CHANNEL_BINDING = "tls-server-end-point"
 
 #: Keyed per process, so fake salts for unknown users are stable but unguessable.
 _FAKE_KEY = secrets.token_bytes(32)
@@ -94,10 +98,14 @@ class _ScramExchange:
         except UnicodeDecodeError:
             raise SASLError() from None
         flag, self._authzid, self._user = parseClientFirst(text)
-        if flag.startswith("p="):
+        if self._mechanism.plus:
+            if flag != "p=" + CHANNEL_BINDING:
+                raise SASLError()
+        elif flag.startswith("p="):
             raise SASLError()  # channel binding is only for the -PLUS variants
         source = self._context.source
-        d = source.scramKeys(self._user, self._mechanism.name) if source else succeed(None)
+        base = self._mechanism.base
+        d = source.scramKeys(self._user, base) if source else succeed(None)
         return d.addCallback(self._serverFirst, text)
 
     def _serverFirst(self, keys: ScramKeys | None, clientFirst: str) -> Challenge:
@@ -105,8 +113,13 @@ class _ScramExchange:
         if keys is None:
             keys = self._mechanism.fakeKeys(self._user)
         auth = (keys.salt, keys.storedKey, keys.serverKey, keys.iterations)
+        # With the channel-binding data even the plain variant can tell a
+        # client that was fooled into thinking we offer no -PLUS ("y" flag).
+        cb = self._context.channelBinding
         self._server = self._mechanism.scram.make_server(
-            lambda _user: auth, s_nonce=self.serverNonce
+            lambda _user: auth,
+            channel_binding=(CHANNEL_BINDING, cb) if cb else None,
+            s_nonce=self.serverNonce,
         )
         try:
             self._server.set_client_first(clientFirst)
@@ -128,18 +141,21 @@ class _ScramExchange:
 
 @implementer(ISASLMechanism)
 class _Scram:
-    name = ""
+    base = ""
+    plus = False
     plaintext = False
     _digest = hashlib.sha256
 
     def __init__(self) -> None:
+        self.name = self.base + ("-PLUS" if self.plus else "")
         self.scram = scramp.ScramMechanism(self.name)
 
-    def available(self, source: ISecretSource | None) -> bool:
-        if source is None:
+    def available(self, context: SASLContext) -> bool:
+        source = context.source
+        if source is None or (self.plus and context.channelBinding is None):
             return False
         kinds = source.secretKinds()
-        return "plaintext" in kinds or self.name in kinds
+        return "plaintext" in kinds or self.base in kinds
 
     def exchange(self, context: SASLContext) -> ISASLExchange:
         return _ScramExchange(self, context)
@@ -150,10 +166,18 @@ class _Scram:
 
 
 class ScramSHA1(_Scram):
-    name = "SCRAM-SHA-1"
+    base = "SCRAM-SHA-1"
     _digest = hashlib.sha1
 
 
 class ScramSHA256(_Scram):
-    name = "SCRAM-SHA-256"
+    base = "SCRAM-SHA-256"
     _digest = hashlib.sha256
+
+
+class ScramSHA1Plus(ScramSHA1):
+    plus = True
+
+
+class ScramSHA256Plus(ScramSHA256):
+    plus = True

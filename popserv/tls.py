@@ -1,0 +1,304 @@
+"""
+TLS for POP3: the server context (STLS, RFC 2595, and implicit TLS, RFC
+8314), reloadable without dropping sessions; the plaintext-authentication
+policy; client-certificate identities for SASL EXTERNAL; channel-binding
+data for SCRAM-PLUS.
+
+Defaults: TLS 1.2 minimum, Twisted's secure cipher list with the server's
+preference, no compression, no session tickets; client certificates are
+asked for only when a client CA is configured, and optional.
+
+Run C{python -m popserv.tls selfsigned DIR} to write a self-signed
+certificate for localhost (cert.pem, key.pem) for trying things out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from zope.interface import implementer
+
+__all__ = [
+    "ServerTLS",
+    "TLSError",
+    "PlaintextPolicy",
+    "tlsConnection",
+    "serverEndPointBinding",
+    "certificateUser",
+    "selfSigned",
+    "DEFAULT_TRUSTED_NETWORKS",
+]
+
+_log = Logger()
+
+#: Where a password may cross the wire unencrypted by default: this host.
+DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+#: Ways to turn a verified client certificate into a user name.
+CERT_USER_FIELDS = ("cn", "email", "dns")
+
+
+class TLSError(ValueError):
+    """A certificate, key or CA file that cannot be used; the message says why."""
+
+
+def _loadCertificates(path: str) -> list[crypto.X509]:
+    try:
+        with open(path, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+    except OSError as e:
+        raise TLSError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise TLSError(f"{path}: not a PEM certificate file ({e})") from None
+    return [crypto.X509.from_cryptography(c) for c in certs]
+
+
+def _loadKey(path: str) -> crypto.PKey:
+    try:
+        with open(path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise TLSError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise TLSError(f"{path}: not an unencrypted PEM private key ({e})") from None
+    return crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The server's TLS settings, used for both STLS and implicit-TLS listeners.
+
+    L{reload} re-reads the files; connections made afterwards use the new
+    certificate, established ones keep theirs.
+
+    @param certFile: PEM file: the server certificate, then its chain.
+    @param keyFile: PEM private key (unencrypted); defaults to C{certFile}.
+    @param clientCAFile: PEM CA certificates that client certificates (for
+        SASL EXTERNAL) are verified against; None: no client certificates.
+    @param selfSignedHosts: instead of files, a throw-away self-signed
+        certificate for these names, made in memory (demos and tests only).
+    """
+
+    def __init__(
+        self,
+        certFile: str | None = None,
+        keyFile: str | None = None,
+        clientCAFile: str | None = None,
+        selfSignedHosts: Sequence[str] | None = None,
+    ) -> None:
+        if certFile is None and not selfSignedHosts:
+            raise TLSError("a certificate file is needed")
+        self.certFile = certFile
+        self.keyFile = keyFile or certFile
+        self.clientCAFile = clientCAFile
+        self.selfSignedHosts = tuple(selfSignedHosts or ())
+        self._options: CertificateOptions | None = None
+        self.reload()
+
+    @property
+    def verifiesClients(self) -> bool:
+        return self.clientCAFile is not None
+
+    def reload(self) -> None:
+        """Re-read certificate, key and CA; raise L{TLSError} and keep the old ones on error."""
+        if self.certFile is not None:
+            chain = _loadCertificates(self.certFile)
+            if not chain:
+                raise TLSError(f"{self.certFile}: no certificate in it")
+            assert self.keyFile is not None
+            key = _loadKey(self.keyFile)
+        else:
+            certPEM, keyPEM = selfSigned(self.selfSignedHosts)
+            chain = [crypto.load_certificate(crypto.FILETYPE_PEM, certPEM)]
+            key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
+        caCerts = _loadCertificates(self.clientCAFile) if self.clientCAFile else None
+        options = CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+            verify=caCerts is not None,
+            caCerts=caCerts,
+            requireCertificate=False,
+            enableSessionTickets=False,
+        )
+        try:
+            options.getContext()  # fail now, not at the first client, on a key mismatch
+        except SSL.Error as e:
+            raise TLSError(f"certificate and key do not match or are unusable: {e}") from None
+        self._options = options
+        _log.info(
+            "TLS certificate loaded: {subject}", subject=chain[0].get_subject().CN or "(no CN)"
+        )
+
+    def getContext(self) -> SSL.Context:
+        assert self._options is not None
+        return self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.getContext(), None)
+
+
+def tlsConnection(transport: Any) -> SSL.Connection | None:
+    """The pyOpenSSL connection under C{transport}, or None if it is not TLS."""
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return None
+    try:
+        handle = getHandle()
+    except Exception:
+        return None
+    return handle if isinstance(handle, SSL.Connection) else None
+
+
+def serverEndPointBinding(connection: SSL.Connection) -> bytes | None:
+    """
+    RFC 5929 tls-server-end-point channel binding: the hash of our own
+    certificate on this connection (SHA-256 where the certificate's signature
+    hash is MD5 or SHA-1).
+    """
+    own = connection.get_certificate()
+    if own is None:
+        return None
+    cert = own.to_cryptography()
+    algorithm = cert.signature_hash_algorithm
+    name = "sha256" if algorithm is None or algorithm.name in ("md5", "sha1") else algorithm.name
+    return hashlib.new(name, cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def certificateUser(connection: SSL.Connection, field: str) -> str | None:
+    """
+    The user a verified client certificate names: its subject CN, its first
+    e-mail address (SAN rfc822Name, else subject emailAddress) or its first
+    SAN DNS name. None without a verified certificate.
+    """
+    peer = connection.get_peer_certificate()
+    if peer is None:
+        return None  # with VERIFY_PEER, a certificate we have was verified
+    cert = peer.to_cryptography()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if field == "cn":
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
+    if field == "email":
+        emails = san.get_values_for_type(x509.RFC822Name) if san else []
+        if not emails:
+            emails = [
+                str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
+            ]
+        return emails[0] if emails else None
+    if field == "dns":
+        dns = san.get_values_for_type(x509.DNSName) if san else []
+        return dns[0] if dns else None
+    raise ValueError(f"unknown certificate user field {field!r}")
+
+
+class PlaintextPolicy:
+    """
+    Whether USER/PASS and SASL PLAIN/LOGIN may be used on a connection: always
+    over TLS; without TLS only from trusted networks (RFC 2595 section 2.2,
+    RFC 8314 section 5.4), unless the policy is switched off.
+    """
+
+    def __init__(
+        self, requireTLS: bool = True, trusted: Iterable[str] = DEFAULT_TRUSTED_NETWORKS
+    ) -> None:
+        self.requireTLS = requireTLS
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
+
+    def __call__(self, transport: Any) -> bool:
+        if not self.requireTLS or tlsConnection(transport) is not None:
+            return True
+        peer = transport.getPeer()
+        if isinstance(peer, UNIXAddress):
+            return True  # a local socket never crosses a network
+        if isinstance(peer, (IPv4Address, IPv6Address)):
+            try:
+                address = ipaddress.ip_address(peer.host.split("%", 1)[0])
+            except ValueError:
+                return False
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            return any(address in network for network in self.trusted)
+        return False
+
+
+def selfSigned(hosts: Sequence[str] = ("localhost",), days: int = 365) -> tuple[bytes, bytes]:
+    """A self-signed certificate and its key (PEM) for C{hosts}: for trying things out."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    if "localhost" in hosts:
+        names += [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """C{python -m popserv.tls selfsigned DIR [HOST...]}: write DIR/cert.pem and DIR/key.pem."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "selfsigned":
+        print("usage: python -m popserv.tls selfsigned DIR [HOST...]", file=sys.stderr)
+        return 2
+    directory, hosts = args[1], args[2:] or ["localhost"]
+    os.makedirs(directory, exist_ok=True)
+    certPEM, keyPEM = selfSigned(hosts)
+    keyPath = os.path.join(directory, "key.pem")
+    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyPEM)
+    with open(os.path.join(directory, "cert.pem"), "wb") as f:
+        f.write(certPEM)
+    print(f"wrote {directory}/cert.pem and {keyPath} for {', '.join(hosts)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
