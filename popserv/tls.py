@@ -26,10 +26,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -57,26 +56,32 @@ class TLSError(ValueError):
     """A certificate, key or CA file that cannot be used; the message says why."""
 
 
-def _loadCertificates(path: str) -> list[crypto.X509]:
+#: Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are all fine).
+_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+
+
+def _loadCertificates(path: str) -> list[x509.Certificate]:
     try:
         with open(path, "rb") as f:
-            certs = x509.load_pem_x509_certificates(f.read())
+            return x509.load_pem_x509_certificates(f.read())
     except OSError as e:
         raise TLSError(f"cannot read {path}: {e.strerror}") from None
     except ValueError as e:
         raise TLSError(f"{path}: not a PEM certificate file ({e})") from None
-    return [crypto.X509.from_cryptography(c) for c in certs]
 
 
-def _loadKey(path: str) -> crypto.PKey:
+def _loadKey(path: str) -> Any:
     try:
         with open(path, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
+            return serialization.load_pem_private_key(f.read(), password=None)
     except OSError as e:
         raise TLSError(f"cannot read {path}: {e.strerror}") from None
     except (ValueError, TypeError) as e:
         raise TLSError(f"{path}: not an unencrypted PEM private key ({e})") from None
-    return crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+
+
+def _verifyCallback(connection: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    return bool(ok)  # OpenSSL's own chain verification decides
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -108,7 +113,7 @@ class ServerTLS:
         self.keyFile = keyFile or certFile
         self.clientCAFile = clientCAFile
         self.selfSignedHosts = tuple(selfSignedHosts or ())
-        self._options: CertificateOptions | None = None
+        self._context: SSL.Context | None = None
         self.reload()
 
     @property
@@ -125,31 +130,37 @@ class ServerTLS:
             key = _loadKey(self.keyFile)
         else:
             certPEM, keyPEM = selfSigned(self.selfSignedHosts)
-            chain = [crypto.load_certificate(crypto.FILETYPE_PEM, certPEM)]
-            key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
-        caCerts = _loadCertificates(self.clientCAFile) if self.clientCAFile else None
-        options = CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
-            raiseMinimumTo=TLSVersion.TLSv1_2,
-            verify=caCerts is not None,
-            caCerts=caCerts,
-            requireCertificate=False,
-            enableSessionTickets=False,
-        )
+            chain = [x509.load_pem_x509_certificate(certPEM)]
+            key = serialization.load_pem_private_key(keyPEM, password=None)
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET)
+        ctx.set_cipher_list(_CIPHERS)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         try:
-            options.getContext()  # fail now, not at the first client, on a key mismatch
-        except SSL.Error as e:
+            ctx.use_certificate(chain[0])
+            for extra in chain[1:]:
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(key)
+            ctx.check_privatekey()
+        except (SSL.Error, TypeError, ValueError) as e:
             raise TLSError(f"certificate and key do not match or are unusable: {e}") from None
-        self._options = options
+        if self.clientCAFile:
+            _loadCertificates(self.clientCAFile)  # a clear error for a bad file
+            ctx.load_verify_locations(self.clientCAFile)
+            ctx.load_client_ca(self.clientCAFile.encode())
+            # Ask for a certificate and verify one if given, but do not require
+            # it: clients without one log in with a password as usual.
+            ctx.set_verify(SSL.VERIFY_PEER, _verifyCallback)
+        self._context = ctx
+        names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         _log.info(
-            "TLS certificate loaded: {subject}", subject=chain[0].get_subject().CN or "(no CN)"
+            "TLS certificate loaded: {subject}", subject=str(names[0].value) if names else "-"
         )
 
     def getContext(self) -> SSL.Context:
-        assert self._options is not None
-        return self._options.getContext()
+        assert self._context is not None
+        return self._context
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self.getContext(), None)
@@ -173,10 +184,9 @@ def serverEndPointBinding(connection: SSL.Connection) -> bytes | None:
     certificate on this connection (SHA-256 where the certificate's signature
     hash is MD5 or SHA-1).
     """
-    own = connection.get_certificate()
-    if own is None:
+    cert = connection.get_certificate(as_cryptography=True)
+    if cert is None:
         return None
-    cert = own.to_cryptography()
     algorithm = cert.signature_hash_algorithm
     name = "sha256" if algorithm is None or algorithm.name in ("md5", "sha1") else algorithm.name
     return hashlib.new(name, cert.public_bytes(serialization.Encoding.DER)).digest()
@@ -188,10 +198,9 @@ def certificateUser(connection: SSL.Connection, field: str) -> str | None:
     e-mail address (SAN rfc822Name, else subject emailAddress) or its first
     SAN DNS name. None without a verified certificate.
     """
-    peer = connection.get_peer_certificate()
-    if peer is None:
+    cert = connection.get_peer_certificate(as_cryptography=True)
+    if cert is None:
         return None  # with VERIFY_PEER, a certificate we have was verified
-    cert = peer.to_cryptography()
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
