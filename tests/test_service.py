@@ -6,6 +6,7 @@ import os
 import poplib
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import zipfile
@@ -126,22 +127,29 @@ def demo_copy(tmp_path: Path) -> Path:
     etc = tmp_path / "etc"
     shutil.copytree(REPO / "etc", etc)
     conf = etc / "popserv.conf"
-    conf.write_text(re.sub(r'^listen = .*$', 'listen = ["tcp:0:interface=127.0.0.1"]',
-                           conf.read_text(), flags=re.M))
+    text = re.sub(r"^listen = .*$", 'listen = ["tcp:0:interface=127.0.0.1"]',
+                  conf.read_text(), flags=re.M)
+    text = re.sub(r"^listen_tls = .*$", 'listen_tls = ["tcp:0:interface=127.0.0.1"]', text,
+                  flags=re.M)
+    conf.write_text(text)
     return etc
 
 
 def run_twistd(tmp_path, *argv):
+    """Start twistd; return it with its ports: {"plain": n, "tls": n} (as listening)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([*twistdCommand(), "-n", "--pidfile=", "--logfile=-", *argv],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
+    ports = {}
     for line in proc.stdout:
         lines.append(line)
-        m = re.search(r"POP3Factory starting on (\d+)", line)
+        m = re.search(r"POP3Factory (\(TLS\) )?starting on (\d+)", line)
         if m:
-            return proc, int(m.group(1))
+            ports["tls" if m.group(1) else "plain"] = int(m.group(2))
+        if "Main loop" in line or ("plain" in ports and "tls" in ports):
+            return proc, ports
     raise AssertionError("server did not start:\n" + "".join(lines))
 
 
@@ -153,7 +161,8 @@ def test_demo_configuration_serves_the_demo_maildir(tmp_path, how):
         argv = ["popserv", "--config", str(etc / "popserv.conf")]
     else:
         argv = ["-y", str(etc / "popserv.tac")]
-    proc, port = run_twistd(tmp_path, *argv)
+    proc, ports = run_twistd(tmp_path, *argv)
+    port = ports["plain"]
     try:
         pop = poplib.POP3("127.0.0.1", port, timeout=10)
         pop.user("demo")
@@ -167,6 +176,13 @@ def test_demo_configuration_serves_the_demo_maildir(tmp_path, how):
             out = subprocess.run(["curl", "-s", f"pop3://demo:demo@127.0.0.1:{port}/1"],
                                  capture_output=True, timeout=30)
             assert b"Subject: Welcome to popserv" in out.stdout
+        # POP3S with the demo's throw-away self-signed certificate
+        pop = poplib.POP3_SSL("127.0.0.1", ports["tls"], timeout=10,
+                              context=ssl._create_unverified_context())
+        pop.user("demo")
+        pop.pass_("demo")
+        assert pop.stat()[0] == 3
+        pop.quit()
     finally:
         proc.terminate()
         proc.wait(15)
