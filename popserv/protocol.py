@@ -238,7 +238,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         self.language = self.factory.language
         greeting = self._t("{implementation} ready.", implementation=self.factory.implementation)
-        if self.factory.apop:
+        if self.factory.offersAPOP():
             self._challenge = self.factory.makeChallenge()
             greeting += " " + self._challenge.decode("ascii")
         self.setTimeout(self.factory.timeout)
@@ -896,6 +896,12 @@ class POP3Factory(Factory):
         self.allowPlaintext = allowPlaintext
         self.tls = tls
         self.certUserField = certUserField
+
+    def offersAPOP(self) -> bool:
+        """APOP only if enabled and some account holds the shared secret it needs."""
+        if not self.apop:
+            return False
+        return self.secrets is None or "plaintext" in self.secrets.secretKinds()
 
     def makeChallenge(self) -> bytes:
         """A greeting timestamp unique to this connection (RFC 1939 section 7)."""

@@ -8,8 +8,8 @@ Defaults: TLS 1.2 minimum, Twisted's secure cipher list with the server's
 preference, no compression, no session tickets; client certificates are
 asked for only when a client CA is configured, and optional.
 
-Run C{python -m popserv.tls selfsigned DIR} to write a self-signed
-certificate for localhost (cert.pem, key.pem) for trying things out.
+C{popserv selfsigned DIR} writes a self-signed certificate for localhost
+(cert.pem, key.pem) for trying things out.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -288,26 +286,3 @@ def selfSigned(hosts: Sequence[str] = ("localhost",), days: int = 365) -> tuple[
             serialization.NoEncryption(),
         ),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """C{python -m popserv.tls selfsigned DIR [HOST...]}: write DIR/cert.pem and DIR/key.pem."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2 or args[0] != "selfsigned":
-        print("usage: python -m popserv.tls selfsigned DIR [HOST...]", file=sys.stderr)
-        return 2
-    directory, hosts = args[1], args[2:] or ["localhost"]
-    os.makedirs(directory, exist_ok=True)
-    certPEM, keyPEM = selfSigned(hosts)
-    keyPath = os.path.join(directory, "key.pem")
-    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(keyPEM)
-    with open(os.path.join(directory, "cert.pem"), "wb") as f:
-        f.write(certPEM)
-    print(f"wrote {directory}/cert.pem and {keyPath} for {', '.join(hosts)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

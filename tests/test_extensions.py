@@ -459,3 +459,17 @@ def test_response_codes_survive_translation(server):
     client.send(b"USER alice\r\n")
     client.output()
     assert reply(client, b"PASS nope")[0].startswith(b"-ERR [AUTH] ")
+
+
+def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path):
+    """APOP needs a shared secret: with only hashed passwords, no timestamp is offered."""
+    path = tmp_path / "passwd"
+    path.write_text("alice:{SHA512-CRYPT}$6$rounds=1000$salt$x\n")
+    checker = PasswdFileChecker(path, runInThread=synchronously)
+    factory = POP3Factory(Portal(MailboxRealm(MemoryStore()), [checker]), Clock())
+    assert b"<" not in connect(factory).greeting
+    path.write_text("alice:{SHA512-CRYPT}$6$rounds=1000$salt$x\nbob:{PLAIN}pw\n")
+    import os
+
+    os.utime(path, ns=(0, 10**9))  # a visibly changed file
+    assert b"<" in connect(factory).greeting

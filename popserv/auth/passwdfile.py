@@ -59,30 +59,38 @@ def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
     return settings, disabled
 
 
-def parsePasswdFile(text: str, source: str = "passwd-file") -> dict[str, PasswdEntry]:
-    """Parse passwd-file text into {user: entry}; bad lines are logged and skipped."""
+def parsePasswdFile(
+    text: str, source: str = "passwd-file", problems: list[str] | None = None
+) -> dict[str, PasswdEntry]:
+    """
+    Parse passwd-file text into {user: entry}. Bad lines are skipped and
+    reported: appended to C{problems} if given, logged otherwise.
+    """
     users: dict[str, PasswdEntry] = {}
+
+    def bad(lineno: int, why: str) -> None:
+        message = f"{source}:{lineno}: {why}; line ignored"
+        if problems is not None:
+            problems.append(message)
+        else:
+            _log.warn("{message}", message=message)
+
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split(":", 7)
         user = fields[0]
         if len(fields) < 2 or not user:
-            _log.warn(
-                "{source}:{lineno}: no user:password, line ignored", source=source, lineno=lineno
-            )
+            bad(lineno, "no user:password")
             continue
         try:
             scheme, secret = parseStoredPassword(fields[1])
             settings, disabled = _extraFields(fields[7] if len(fields) > 7 else "")
         except (UnknownScheme, ValueError) as e:
-            _log.warn(
-                "{source}:{lineno}: user {user}: {why}; line ignored",
-                source=source,
-                lineno=lineno,
-                user=user,
-                why=e,
-            )
+            bad(lineno, f"user {user}: {e}")
+            continue
+        if user in users:
+            bad(lineno, f"user {user} appears again")
             continue
         users[user] = PasswdEntry(scheme, secret, settings, disabled)
     return users

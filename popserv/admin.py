@@ -1,0 +1,423 @@
+"""
+C{popserv}: the administrator's command (also C{python -m popserv}).
+
+    popserv pw [--scheme ARGON2ID]            hash a password for the passwd-file
+    popserv user add|del|list ...             edit a passwd-file safely
+    popserv deliver USER < message            deliver into a Maildir (MDA)
+    popserv check-config --config FILE        report every problem, one a line
+    popserv uidl USER --config FILE           the UIDLs the server would serve
+    popserv selfsigned DIR [HOST...]          a self-signed certificate to try TLS
+
+Exit codes follow sysexits(3) where Postfix and scripts look at them:
+0 ok, 64 usage, 67 unknown user, 75 temporary failure (retry), 1 problems found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from itertools import count
+from typing import IO
+
+from popserv.auth.passwdfile import parsePasswdFile
+from popserv.auth.schemes import HASHING_SCHEMES, UnknownScheme, hashPassword
+from popserv.config import Config, ConfigError, loadConfig
+from popserv.location import MailLocation
+from popserv.wire import CRLFSizer
+
+__all__ = ["main", "deliver", "editPasswdFile"]
+
+EX_OK = 0
+EX_PROBLEMS = 1
+EX_USAGE = 64
+EX_NOUSER = 67
+EX_TEMPFAIL = 75
+
+_deliveries = count(1)
+
+
+class AdminError(Exception):
+    """A failure to report in one line, with the exit code to use."""
+
+    def __init__(self, message: str, code: int = EX_PROBLEMS) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- passwords -------------------------------------------------------------------
+
+
+def _readPassword(fromStdin: bool) -> str:
+    if fromStdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Retype password: ") != password:
+            raise AdminError("the passwords do not match", EX_USAGE)
+    if not password:
+        raise AdminError("an empty password is not allowed", EX_USAGE)
+    return password
+
+
+def cmdPw(args: argparse.Namespace) -> int:
+    try:
+        print(hashPassword(args.scheme, _readPassword(args.password_stdin)))
+    except (UnknownScheme, ValueError) as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    return EX_OK
+
+
+# -- passwd-file editing -----------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        config = loadConfig(args.config) if getattr(args, "config", None) else Config()
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    overrides = {}
+    if getattr(args, "passwd", None):
+        overrides["passwd"] = os.path.abspath(args.passwd)
+    if getattr(args, "mail_location", None):
+        overrides["mail_location"] = args.mail_location
+    return config.merged(**overrides)
+
+
+def _passwdPath(args: argparse.Namespace) -> str:
+    config = _config(args)
+    if not config.passwd:
+        raise AdminError("say which passwd-file: --passwd FILE or --config FILE", EX_USAGE)
+    return config.passwdPath
+
+
+def editPasswdFile(path: str, user: str, field: str | None) -> None:
+    """
+    Add (C{field} given) or delete (C{field} None) C{user}, rewriting the file
+    atomically: comments, order and file mode are kept; a reader never sees a
+    half-written file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        if field is None:
+            raise AdminError(f"{path} does not exist") from None
+        lines, mode = [], 0o640
+    owner = [i for i, line in enumerate(lines) if line.split(":", 1)[0] == user]
+    if field is None:
+        if not owner:
+            raise AdminError(f"no user {user} in {path}", EX_NOUSER)
+        del lines[owner[0]]
+    else:
+        if owner:
+            raise AdminError(f"user {user} already exists in {path}")
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(f"{user}:{field}\n")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".passwd.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _checkUserName(user: str) -> None:
+    if not user or ":" in user or any(c.isspace() or ord(c) < 0x20 for c in user):
+        raise AdminError(f"invalid user name {user!r}", EX_USAGE)
+
+
+def cmdUser(args: argparse.Namespace) -> int:
+    path = _passwdPath(args)
+    if args.action == "list":
+        try:
+            with open(path, encoding="utf-8") as f:
+                problems: list[str] = []
+                users = parsePasswdFile(f.read(), path, problems)
+        except OSError as e:
+            raise AdminError(f"cannot read {path}: {e.strerror}") from None
+        for name, entry in users.items():
+            flags = " (disabled)" if entry.disabled else ""
+            print(f"{name}\t{entry.scheme.name}{flags}")
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return EX_OK
+    _checkUserName(args.name)
+    if args.action == "add":
+        try:
+            field = hashPassword(args.scheme, _readPassword(args.password_stdin))
+        except (UnknownScheme, ValueError) as e:
+            raise AdminError(str(e), EX_USAGE) from None
+        editPasswdFile(path, args.name, field)
+        print(f"added {args.name} to {path}")
+    else:
+        editPasswdFile(path, args.name, None)
+        print(f"removed {args.name} from {path}")
+    return EX_OK
+
+
+# -- delivery ----------------------------------------------------------------------
+
+
+def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
+    """
+    Deliver a message into a Maildir the safe way: write it under a unique
+    name in tmp/, fsync, rename into new/ with its ,S= (size on disk) and ,W=
+    (CRLF size, what POP3 reports) fields, fsync the directory. Returns the
+    new file's path. Streams: the message is never held in memory whole.
+    """
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    unique = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_deliveries)}.{host}"
+    temporary = os.path.join(maildir, "tmp", unique)
+    sizer = CRLFSizer()
+    size = 0
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while data := source.read(chunk):
+                out.write(data)
+                sizer.feed(data)
+                size += len(data)
+            out.flush()
+            os.fsync(out.fileno())
+        final = os.path.join(maildir, "new", f"{unique},S={size},W={sizer.size}")
+        os.rename(temporary, final)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    directory = os.open(os.path.join(maildir, "new"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return final
+
+
+def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
+    if not config.mail_location:
+        raise AdminError("say where mail is: --mail-location or --config", EX_USAGE)
+    if config.passwd:
+        try:
+            with open(config.passwdPath, encoding="utf-8") as f:
+                known = parsePasswdFile(f.read(), config.passwdPath, [])
+        except OSError as e:
+            raise AdminError(
+                f"cannot read {config.passwdPath}: {e.strerror}", EX_TEMPFAIL
+            ) from None
+        if user not in known:
+            raise AdminError(f"no user {user}", EX_NOUSER)
+    try:
+        path = config.location.expand(user)
+    except Exception as e:
+        raise AdminError(f"user {user!r}: {e}", EX_NOUSER) from None
+    if mustExist and not os.path.isdir(path):
+        raise AdminError(f"{path}: no such maildir")
+    return path
+
+
+def cmdDeliver(args: argparse.Namespace) -> int:
+    maildir = _maildirOf(_config(args), args.user, mustExist=False)
+    try:
+        path = deliver(maildir, sys.stdin.buffer)
+    except OSError as e:
+        raise AdminError(f"delivery to {maildir} failed: {e}", EX_TEMPFAIL) from None
+    if args.verbose:
+        print(path)
+    return EX_OK
+
+
+# -- check-config ------------------------------------------------------------------
+
+
+def checkConfig(config: Config) -> list[str]:
+    """Every problem of a configuration, one line each (empty: all well)."""
+    from twisted.internet import endpoints, reactor
+
+    from popserv.tls import ServerTLS, TLSError
+
+    problems: list[str] = []
+    try:
+        config.validated()
+    except ConfigError as e:
+        return [str(e)]
+    for description in (*config.listen, *config.listen_tls):
+        try:
+            endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            problems.append(f"listen: bad endpoint {description!r}: {e}")
+    users: dict[str, object] = {}
+    try:
+        with open(config.passwdPath, encoding="utf-8") as f:
+            users = dict(parsePasswdFile(f.read(), config.passwdPath, problems))
+    except OSError as e:
+        problems.append(f"passwd: cannot read {config.passwdPath}: {e.strerror}")
+    if not users and not problems:
+        problems.append(f"passwd: {config.passwdPath} has no users")
+    location = config.location
+    for user in users:
+        try:
+            path = location.expand(user)
+        except Exception as e:
+            problems.append(f"user {user}: cannot name a maildrop ({e})")
+            continue
+        if os.path.isdir(path):
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                problems.append(f"user {user}: {path} is not readable and writable")
+        elif not config.create_maildirs:
+            problems.append(f"user {user}: {path} does not exist")
+    if config.tlsEnabled:
+        try:
+            ServerTLS(
+                config.path(config.tls_cert),
+                config.path(config.tls_key),
+                config.path(config.tls_client_ca),
+                selfSignedHosts=None if config.tls_cert else ["localhost"],
+            )
+        except TLSError as e:
+            problems.append(f"tls: {e}")
+    return problems
+
+
+def cmdCheckConfig(args: argparse.Namespace) -> int:
+    problems = checkConfig(_config(args))
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print("configuration OK")
+    return EX_PROBLEMS if problems else EX_OK
+
+
+# -- uidl --------------------------------------------------------------------------------
+
+
+def cmdUidl(args: argparse.Namespace) -> int:
+    from popserv.backends.maildir import MaildirMailbox, MaildirStore
+    from popserv.threads import synchronously
+
+    config = _config(args)
+    path = _maildirOf(config, args.user, mustExist=True)
+    store = MaildirStore(MailLocation("maildir", path), runInThread=synchronously)
+    # Read-only: a scan without taking the lock, so a live session is not disturbed.
+    mailbox = MaildirMailbox(path, -1, store)
+    results: list[object] = []
+    mailbox.listMessages().addBoth(results.append)
+    for number, info in enumerate(results[0], 1):  # type: ignore[arg-type]
+        print(f"{number} {info.uid}" + (f" {info.size}" if args.sizes else ""))
+    return EX_OK
+
+
+def cmdSelfSigned(args: argparse.Namespace) -> int:
+    from popserv.tls import selfSigned
+
+    os.makedirs(args.directory, exist_ok=True)
+    certPEM, keyPEM = selfSigned(args.hosts or ["localhost"])
+    keyPath = os.path.join(args.directory, "key.pem")
+    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyPEM)
+    certPath = os.path.join(args.directory, "cert.pem")
+    with open(certPath, "wb") as f:
+        f.write(certPEM)
+    print(f"wrote {certPath} and {keyPath}")
+    return EX_OK
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popserv", description="Administer a popserv POP3 server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def configOptions(p: argparse.ArgumentParser, mail: bool = False) -> None:
+        p.add_argument("--config", "-c", help="the server's TOML configuration file")
+        p.add_argument("--passwd", "-p", help="the passwd-file (overrides the configuration)")
+        if mail:
+            p.add_argument(
+                "--mail-location",
+                "-m",
+                help="e.g. maildir:/var/mail/%%d/%%n/Maildir (overrides the configuration)",
+            )
+
+    schemes = ", ".join(HASHING_SCHEMES)
+    pw = sub.add_parser("pw", aliases=["passwd"], help="hash a password for the passwd-file")
+    pw.add_argument("--scheme", "-s", default="ARGON2ID", help=f"one of {schemes}")
+    pw.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    pw.set_defaults(run=cmdPw)
+
+    user = sub.add_parser("user", help="add, delete or list passwd-file users")
+    user.add_argument("action", choices=["add", "del", "list"])
+    user.add_argument("name", nargs="?", default="")
+    user.add_argument("--scheme", "-s", default="ARGON2ID", help=f"one of {schemes}")
+    user.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    configOptions(user)
+    user.set_defaults(run=cmdUser)
+
+    deliverCmd = sub.add_parser(
+        "deliver", help="deliver a message from standard input (usable as an MDA)"
+    )
+    deliverCmd.add_argument("user")
+    deliverCmd.add_argument(
+        "--verbose", "-v", action="store_true", help="print the delivered file's path"
+    )
+    configOptions(deliverCmd, mail=True)
+    deliverCmd.set_defaults(run=cmdDeliver)
+
+    check = sub.add_parser("check-config", help="report every problem of a configuration")
+    configOptions(check, mail=True)
+    check.set_defaults(run=cmdCheckConfig)
+
+    uidl = sub.add_parser("uidl", help="print the UIDLs the server would serve a user")
+    uidl.add_argument("user")
+    uidl.add_argument("--sizes", action="store_true", help="also print each message's size")
+    configOptions(uidl, mail=True)
+    uidl.set_defaults(run=cmdUidl)
+
+    cert = sub.add_parser("selfsigned", help="write a self-signed cert.pem and key.pem")
+    cert.add_argument("directory")
+    cert.add_argument("hosts", nargs="*", help="host names [default: localhost]")
+    cert.set_defaults(run=cmdSelfSigned)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "user" and args.action != "list" and not args.name:
+        print("popserv user add|del: a user name is needed", file=sys.stderr)
+        return EX_USAGE
+    try:
+        return int(args.run(args))
+    except AdminError as e:
+        print(f"popserv {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return EX_TEMPFAIL
