@@ -1,0 +1,150 @@
+"""The administrator's command, end to end (subprocesses, like an admin runs it)."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from popserv.auth.schemes import HASHING_SCHEMES, parseStoredPassword
+from support import REPO, ServerProcess, makeTestPKI
+
+
+def popserv(*args, stdin: bytes = b"", cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "popserv", *args], input=stdin,
+                          capture_output=True, env=env, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def config(tmp_path):
+    (tmp_path / "passwd").write_text("# users\nalice:{PLAIN}wonderland\n\n# end\n")
+    os.chmod(tmp_path / "passwd", 0o640)
+    conf = tmp_path / "popserv.conf"
+    conf.write_text('listen = ["tcp:0:interface=127.0.0.1"]\npasswd = "passwd"\n'
+                    'mail_location = "maildir:mail/%d/%n/Maildir"\n')
+    return conf
+
+
+@pytest.mark.parametrize("scheme", list(HASHING_SCHEMES))
+def test_pw_hashes_in_every_scheme(scheme):
+    out = popserv("pw", "--scheme", scheme, "--password-stdin", stdin=b"s3cret pw\n")
+    assert out.returncode == 0, out.stderr
+    field = out.stdout.decode().strip()
+    parsed, secret = parseStoredPassword(field)
+    assert field.startswith("{" + scheme + "}")
+    assert parsed.verify(b"s3cret pw", secret) and not parsed.verify(b"other", secret)
+
+
+def test_pw_refuses_unknown_scheme_and_empty_password():
+    assert popserv("pw", "--scheme", "ROT13", "--password-stdin", stdin=b"x\n").returncode == 64
+    assert popserv("pw", "--password-stdin", stdin=b"\n").returncode == 64
+
+
+def test_user_add_list_del_keep_comments_and_mode(config, tmp_path):
+    passwd = tmp_path / "passwd"
+    out = popserv("user", "add", "bob@example.org", "--config", str(config),
+                  "--scheme", "SHA512-CRYPT", "--password-stdin", stdin=b"builder\n")
+    assert out.returncode == 0, out.stderr
+    text = passwd.read_text()
+    assert text.startswith("# users\nalice:{PLAIN}wonderland\n\n# end\nbob@example.org:{SHA512")
+    assert stat.S_IMODE(os.stat(passwd).st_mode) == 0o640
+    listing = popserv("user", "list", "--passwd", str(passwd)).stdout.decode()
+    assert listing == "alice\tPLAIN\nbob@example.org\tSHA512-CRYPT\n"
+    again = popserv("user", "add", "bob@example.org", "--passwd", str(passwd),
+                    "--password-stdin", stdin=b"x\n")
+    assert again.returncode == 1 and b"already exists" in again.stderr
+    assert popserv("user", "del", "alice", "--passwd", str(passwd)).returncode == 0
+    assert "alice" not in passwd.read_text() and "# end" in passwd.read_text()
+    assert popserv("user", "del", "nobody", "--passwd", str(passwd)).returncode == 67
+    assert popserv("user", "add", "bad:name", "--passwd", str(passwd),
+                   "--password-stdin", stdin=b"x\n").returncode == 64
+    assert not list(tmp_path.glob(".passwd.*"))  # no temporary files left behind
+
+
+def test_deliver_then_fetch_with_poplib(config, tmp_path):
+    """A message delivered with `popserv deliver` is served byte-exact, with its W= size."""
+    message = b"From: a@example.org\nSubject: delivered\n\n.dot\n" + b"line\n" * 600_000 + b"end"
+    out = popserv("deliver", "alice", "--config", str(config), "-v", stdin=message)
+    assert out.returncode == 0, out.stderr
+    path = out.stdout.decode().strip()
+    name = os.path.basename(path)
+    assert path.startswith(str(tmp_path / "mail" / "alice" / "Maildir" / "new"))
+    crlf = len(message) + message.count(b"\n") + 2  # CRLF line ends, and a final CRLF
+    assert f",S={len(message)},W={crlf}" in name
+    assert os.listdir(tmp_path / "mail" / "alice" / "Maildir" / "tmp") == []
+    server = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
+    server.mailRoot.rmdir()
+    os.symlink(tmp_path / "mail", server.mailRoot)
+    server.start()
+    try:
+        pop = poplib.POP3("127.0.0.1", server.port, timeout=10)
+        pop.user("alice")
+        pop.pass_("wonderland")
+        (size,) = [int(x) for x in pop.list(1).split()[2:]]
+        _, lines, _ = pop.retr(1)
+        assert b"\r\n".join(lines) + b"\r\n" == message.replace(b"\n", b"\r\n") + b"\r\n"
+        assert size == crlf
+        pop.quit()
+    finally:
+        server.stop()
+
+
+def test_deliver_to_unknown_user_is_ex_nouser(config):
+    out = popserv("deliver", "nobody", "--config", str(config), stdin=b"x\n")
+    assert out.returncode == 67 and b"no user nobody" in out.stderr
+
+
+def test_uidl_prints_what_the_server_serves(config, tmp_path):
+    for i in range(3):
+        popserv("deliver", "alice", "--config", str(config), stdin=b"m%d\n" % i)
+    out = popserv("uidl", "alice", "--config", str(config), "--sizes")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3"]
+    names = sorted(os.listdir(tmp_path / "mail" / "alice" / "Maildir" / "new"))
+    assert sorted(line.split()[1] for line in lines) == sorted(n.split(",")[0] for n in names)
+    assert all(line.split()[2] == "4" for line in lines)
+
+
+def test_check_config_good_and_broken(config, tmp_path):
+    good = popserv("check-config", "--config", str(config))
+    assert good.returncode == 0 and good.stdout == b"configuration OK\n"
+    pki = makeTestPKI(tmp_path / "pki", ())
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\nbroken line\nbob:{NOPE}y\n")
+    config.write_text(
+        'listen = ["nonsense:1"]\npasswd = "passwd"\nmail_location = "mail/%n"\n'
+        f'create_maildirs = false\ntls_cert = "{pki["cert"]}"\ntls_key = "{pki["ca"]}"\n')
+    bad = popserv("check-config", "--config", str(config))
+    assert bad.returncode == 1
+    lines = bad.stdout.decode().splitlines()
+    assert any(line.startswith("listen: bad endpoint 'nonsense:1'") for line in lines)
+    assert any(line.endswith(":2: no user:password; line ignored") for line in lines)
+    assert any("user bob: NOPE" in line for line in lines)
+    assert any(line.startswith("user alice:") and "does not exist" in line for line in lines)
+    assert any(line.startswith("tls: ") for line in lines)
+    assert len(lines) == 5
+
+
+def test_check_config_missing_file():
+    out = popserv("check-config", "--config", "/nonexistent.conf")
+    assert out.returncode == 64 and b"cannot read" in out.stderr
+
+
+def test_selfsigned_writes_a_private_key_only_the_owner_reads(tmp_path):
+    out = popserv("selfsigned", str(tmp_path / "tls"), "localhost", "mail.example.org")
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "tls" / "key.pem").st_mode) == 0o600
+    from popserv.tls import ServerTLS
+
+    ServerTLS(str(tmp_path / "tls" / "cert.pem"), str(tmp_path / "tls" / "key.pem"))
+
+
+def test_help_lists_every_subcommand():
+    out = popserv("--help").stdout.decode()
+    for command in ("pw", "user", "deliver", "check-config", "uidl", "selfsigned"):
+        assert command in out
