@@ -17,6 +17,7 @@ from typing import Any
 
 from popserv.i18n import LANGUAGES
 from popserv.location import MailLocation
+from popserv.logs import DEFAULT_LOGOUT_FORMAT, validateFormat
 from popserv.policy import parseExpire
 from popserv.protocol import DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
 from popserv.sasl import mechanismsByName
@@ -64,6 +65,9 @@ class Config:
         LOGIN) only over TLS or from C{trusted_networks}; C{"always"}: anywhere.
     @ivar trusted_networks: networks (CIDR) where plaintext passwords are allowed
         without TLS.
+    @ivar metrics: an endpoint to serve Prometheus metrics on (/metrics); off if None.
+    @ivar logout_format: the line logged when a session ends (see L{popserv.logs}).
+    @ivar shutdown_grace: seconds open sessions get to finish when the server stops.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -87,6 +91,9 @@ class Config:
     tls_cert_user: str = "cn"
     plaintext_auth: str = "tls"
     trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
+    metrics: str | None = None
+    logout_format: str = DEFAULT_LOGOUT_FORMAT
+    shutdown_grace: int = 30
     #: the directory relative paths are resolved against (the config file's)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
 
@@ -102,6 +109,12 @@ class Config:
             raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
         if self.tls_cert_user not in CERT_USER_FIELDS:
             raise ConfigError(f"tls_cert_user: one of {', '.join(CERT_USER_FIELDS)}")
+        try:
+            validateFormat(self.logout_format)
+        except ValueError as e:
+            raise ConfigError(f"logout_format: {e}") from None
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace: must be 0 or more seconds")
         if self.plaintext_auth not in ("tls", "always"):
             raise ConfigError("plaintext_auth: tls or always")
         for network in self.trusted_networks:
@@ -178,6 +191,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "tls_cert_user": str,
     "plaintext_auth": str,
     "trusted_networks": list,
+    "metrics": str,
+    "logout_format": str,
+    "shutdown_grace": int,
 }
 
 _LISTS = ("listen", "sasl_mechanisms", "master_users", "listen_tls", "trusted_networks")

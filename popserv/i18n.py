@@ -80,6 +80,7 @@ RUSSIAN = Language(
         "Mechanism list follows": "Список механизмов",
         "Some deleted messages not removed": "Некоторые сообщения не удалось удалить",
         "Disconnected for inactivity": "Отключение из-за бездействия",
+        "Server shutting down": "Сервер останавливается",
         "Too many bad commands, closing connection": "Слишком много ошибочных команд, соединение закрывается",
         # errors
         "Command failed": "Команда не выполнена",

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
@@ -32,14 +32,24 @@ from twisted.python.failure import Failure
 from popserv import wire
 from popserv._version import __version__
 from popserv.auth.credentials import APOPCredentials, UsernamePassword
-from popserv.errors import CommandError, PlaintextRefused, POP3Error, errorReply
+from popserv.errors import (
+    AuthenticationFailed,
+    CommandError,
+    LoginDelayed,
+    MaildropInUse,
+    PlaintextRefused,
+    POP3Error,
+    errorReply,
+)
 from popserv.i18n import DEFAULT_LANGUAGE, LANGUAGES, Language, negotiate
 from popserv.interfaces import IMailbox, MessageInfo
+from popserv.logs import DEFAULT_LOGOUT_FORMAT, SessionStats
+from popserv.metrics import Metrics
 from popserv.policy import SessionPolicy, UserSettings
 from popserv.sasl import ALL_MECHANISMS, Challenge, ISASLMechanism, ISecretSource, SASLContext
 from popserv.session import Transaction
 from popserv.streaming import LinesProducer, MessageProducer
-from popserv.tls import ServerTLS, certificateUser, serverEndPointBinding, tlsConnection
+from popserv.tls import ServerTLS, serverEndPointBinding, tlsConnection
 
 __all__ = ["State", "POP3Protocol", "POP3Factory", "DEFAULT_TIMEOUT"]
 
@@ -221,9 +231,14 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._badCommands = 0
         self._producer: MessageProducer | LinesProducer | None = None
         self._sasl: Any = None  # the SASL exchange in progress, if any
+        self._saslMechanism = ""
         self.language: Language = DEFAULT_LANGUAGE
         self.utf8 = False
         self.settings: UserSettings | None = None
+        self.stats = SessionStats()
+        self._updateDone = False
+        self._ended = False
+        self._lastStreamed = 0
 
     # -- connection events ---------------------------------------------------
 
@@ -232,6 +247,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return self.factory.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.stats.ip = getattr(peer, "host", None) or getattr(peer, "name", None) or "-"
+        self.stats.port = getattr(peer, "port", 0)
+        self.factory.sessionStarted(self)
         if ITCPTransport.providedBy(self.transport):
             # Responses are written whole; don't let Nagle hold the last
             # segment of one back until the client's delayed ACK.
@@ -252,6 +271,34 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if self.state is not State.UPDATE:
             # A session that ends without QUIT removes nothing (RFC 1939 s. 6).
             self._runLogout()
+            self._endSession()
+        elif self._updateDone:
+            self._endSession()
+        # else: UPDATE is still removing messages; it ends the session when done.
+
+    def _endSession(self) -> None:
+        """Log the logout line and account for the session, once."""
+        if self._ended:
+            return
+        self._ended = True
+        stats = self.stats
+        stats.tls = self.secure
+        if self.transaction is not None and not self._updateDone:
+            stats.left = len(self.transaction)
+        stats.log(self.factory.logoutFormat)
+        self.factory.sessionEnded(self)
+
+    def shutdown(self) -> None:
+        """The server is stopping: end this session now, but never in the middle of UPDATE."""
+        if self.state is State.UPDATE or self._disconnected:
+            return
+        self.stats.reason = "shutdown"
+        self._closing = True
+        self.transport.write(self._err("Server shutting down", "SYS/TEMP"))
+        if hasattr(self.transport, "abortConnection"):
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         _log.info(
@@ -259,6 +306,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             user=self.user,
             timeout=self.factory.timeout,
         )
+        self.stats.reason = "timeout"
         self.transport.write(self._err("Disconnected for inactivity"))
         if self._producer is not None and hasattr(self.transport, "abortConnection"):
             self.transport.abortConnection()  # the client is not reading
@@ -332,6 +380,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return
         cmd = wire.parseCommand(line)
         verb = _COMMANDS[self.state].get(cmd.verb)
+        self.stats.command(cmd.verb if cmd.verb in _ALL_VERBS else "UNKNOWN")
         if verb is None:
             if cmd.verb in _ALL_VERBS:
                 self._badCommand(CommandError("{verb} is not valid in this state", verb=cmd.verb))
@@ -374,9 +423,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def _badCommand(self, error: POP3Error) -> None:
         self._badCommands += 1
+        self.stats.bad_commands += 1
         self.transport.write(errorReply(error, self.language))
         if self._badCommands >= self.factory.maxBadCommands:
             _log.info("closing after {n} bad commands", n=self._badCommands)
+            self.stats.reason = "limit"
             self.transport.write(self._err("Too many bad commands, closing connection"))
             self._disconnectNow()
 
@@ -413,39 +464,56 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         user, self._pendingUser = self._pendingUser, None
         if user is None:
             raise CommandError("Send USER first")
-        return self._login(UsernamePassword(user, password))
+        return self._login(UsernamePassword(user, password), "USER")
 
     def do_APOP(self, name: str, digest: bytes) -> Deferred[bytes]:
         if self._challenge is None:
             raise CommandError("APOP is not available")
         self._pendingUser = None
-        return self._login(APOPCredentials(name, self._challenge, digest))
+        return self._login(APOPCredentials(name, self._challenge, digest), "APOP")
 
-    def _login(self, credentials: UsernamePassword | APOPCredentials) -> Deferred[bytes]:
+    def _login(self, credentials: Any, mechanism: str) -> Deferred[bytes]:
+        started = time.monotonic()
         d = self.factory.portal.login(credentials, None, IMailbox)
-        d.addCallback(self._loggedIn, credentials.username)
-        d.addErrback(self._loginFailed, credentials.username)
+        d.addCallback(self._loggedIn, credentials.username, mechanism, started)
+        d.addErrback(self._loginFailed, credentials.username, mechanism)
         return d
 
     def _loggedIn(
-        self, avatar: tuple[Any, IMailbox, Callable[[], None]], user: str
+        self,
+        avatar: tuple[Any, IMailbox, Callable[[], None]],
+        user: str,
+        mechanism: str,
+        started: float,
     ) -> Deferred[bytes] | bytes:
         _, mailbox, logout = avatar
         self._logout = logout
         if self._disconnected:
             self._runLogout()
             return b""
+        listed = time.monotonic()
         d = maybeDeferred(mailbox.listMessages)
-        d.addCallback(self._opened, mailbox, user)
+        d.addCallback(self._opened, mailbox, user, mechanism, listed)
         return d
 
-    def _opened(self, messages: list[MessageInfo], mailbox: IMailbox, user: str) -> bytes:
+    def _opened(
+        self,
+        messages: list[MessageInfo],
+        mailbox: IMailbox,
+        user: str,
+        mechanism: str,
+        listed: float,
+    ) -> bytes:
+        self.factory.observeBackend("list", listed)
         if self._disconnected:
             self._runLogout()
             return b""
         self.transaction = Transaction(mailbox, messages)
         self.state = State.TRANSACTION
         self.user = user
+        self.stats.user = user
+        self.stats.mechanism = mechanism
+        self.factory.loginResult("ok", mechanism)
         self.settings = self.factory.policy.settingsFor(user)
         count, size = self.transaction.stat()
         _log.info(
@@ -453,9 +521,18 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         )
         return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
 
-    def _loginFailed(self, failure: Failure, user: str) -> Failure:
+    def _loginFailed(self, failure: Failure, user: str, mechanism: str) -> Failure:
         # Whatever was taken (a lock) is given back; the state stays AUTHORIZATION.
         self._runLogout()
+        if failure.check(MaildropInUse):
+            result = "in_use"
+        elif failure.check(LoginDelayed):
+            result = "login_delay"
+        elif failure.check(POP3Error) and not failure.check(AuthenticationFailed):
+            result = "error"
+        else:
+            result = "failed"
+        self.factory.loginResult(result, mechanism)
         _log.info(
             "login failed for {user}: {why}",
             user=user,
@@ -515,6 +592,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def do_QUIT(self) -> Deferred[bytes] | None:
         implementation = self.factory.implementation
+        self.stats.reason = "quit"
         if self.state is State.AUTHORIZATION:
             self.transport.write(
                 self._ok("{implementation} signing off", implementation=implementation)
@@ -531,13 +609,21 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             expireRetrieved=self.settings.expire == 0,
             receivedBefore=self.factory.policy.expiryCutoff(self.settings),
         )
+        started = time.monotonic()
         d = session.commit(removals)
-        d.addCallbacks(self._updated, self._updateFailed, callbackArgs=(removals,))
+        d.addCallbacks(self._updated, self._updateFailed, callbackArgs=(removals, started))
         return d
 
-    def _updated(self, notRemoved: list[MessageInfo], removals: list[MessageInfo]) -> bytes:
+    def _updated(
+        self, notRemoved: list[MessageInfo], removals: list[MessageInfo], started: float
+    ) -> bytes:
+        if removals:
+            self.factory.observeBackend("remove", started)
         session = self._session()
         self._runLogout()
+        self.stats.removed = len(removals) - len(notRemoved)
+        self.stats.left = len(session) - self.stats.removed
+        self._updateDone = True
         if notRemoved:
             reply = self._err("Some deleted messages not removed", "SYS/TEMP")
         else:
@@ -557,14 +643,20 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if not self._disconnected:
             self.transport.write(reply)
             self.transport.loseConnection()
+        else:
+            self._endSession()
         return b""
 
     def _updateFailed(self, failure: Failure) -> bytes:
         _log.failure("UPDATE failed for {user}", failure, user=self.user)
         self._runLogout()
+        self._updateDone = True
+        self.stats.reason = "error"
         if not self._disconnected:
             self.transport.write(self._err("Some deleted messages not removed", "SYS/TEMP"))
             self.transport.loseConnection()
+        else:
+            self._endSession()
         return b""
 
     # -- SASL (RFC 5034) -------------------------------------------------------
@@ -580,8 +672,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if connection is None:
             return SASLContext(factory.secrets, factory.hostname)
         external = None
-        if factory.tls is not None and factory.tls.verifiesClients:
-            external = certificateUser(connection, factory.certUserField)
+        if factory.tls is not None:
+            external = factory.tls.clientUser(connection, factory.certUserField)
         return SASLContext(
             factory.secrets,
             factory.hostname,
@@ -616,6 +708,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             raise CommandError("Unsupported authentication mechanism")
         self._pendingUser = None
         self._sasl = chosen.exchange(context)
+        self._saslMechanism = chosen.name
         return self._saslStep(initial)
 
     def _saslResponse(self, line: bytes) -> None:
@@ -641,7 +734,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if isinstance(result, Challenge):
             return b"+ " + base64.b64encode(result.data) + b"\r\n"
         self._sasl = None
-        return self._login(result.credentials)
+        return self._login(result.credentials, self._saslMechanism)
 
     def _saslFailed(self, failure: Failure) -> Failure:
         self._sasl = None
@@ -722,14 +815,27 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         info = session.get(number)
         # The status line stays "<size> octets" in every language: clients parse it.
         d = self._streamMessage(info, wire.ok(f"{info.size} octets"), None)
-        return d.addCallback(lambda done: session.retrieved(number) or done)
+        return d.addCallback(self._retrieved, number)
+
+    def _retrieved(self, result: bytes, number: int) -> bytes:
+        self._session().retrieved(number)
+        self.stats.retr += 1
+        self.stats.retr_bytes += self._lastStreamed
+        return result
 
     def do_TOP(self, number: int, lines: int) -> Deferred[bytes]:
         info = self._session().get(number)
-        return self._streamMessage(info, self._ok("Top of message follows"), lines)
+        d = self._streamMessage(info, self._ok("Top of message follows"), lines)
+        return d.addCallback(self._topped)
+
+    def _topped(self, result: bytes) -> bytes:
+        self.stats.top += 1
+        self.stats.top_bytes += self._lastStreamed
+        return result
 
     def do_DELE(self, number: int) -> bytes:
         self._session().delete(number)
+        self.stats.dele += 1
         return self._ok("Message {number} deleted", number=number)
 
     def do_NOOP(self) -> bytes:
@@ -746,13 +852,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     def _streamMessage(
         self, info: MessageInfo, status: bytes, topLines: int | None
     ) -> Deferred[bytes]:
+        started = time.monotonic()
         d = maybeDeferred(self._session().mailbox.openMessage, info)
-        d.addCallback(self._startMessage, status, topLines)
+        d.addCallback(self._startMessage, status, topLines, started)
         return d
 
     def _startMessage(
-        self, reader: Any, status: bytes, topLines: int | None
+        self, reader: Any, status: bytes, topLines: int | None, started: float
     ) -> Deferred[bytes] | bytes:
+        self.factory.observeBackend("open", started)
         if self._disconnected:
             reader.close()
             return b""
@@ -773,11 +881,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return d
 
     def _producerDone(self, result: None | Failure) -> bytes:
+        assert self._producer is not None
+        self._lastStreamed = self._producer.written
+        self.stats.bytes_out += self._producer.written
         self._producer = None
         if isinstance(result, Failure) and not result.check(ConnectionLost):
             # The +OK line is out: a -ERR now would be read as message data.
             # Cut the connection so the client sees an incomplete response.
             _log.failure("storage failed while streaming to {user}", result, user=self.user)
+            self.stats.reason = "error"
             self._closing = True
             if hasattr(self.transport, "abortConnection"):
                 self.transport.abortConnection()
@@ -869,6 +981,8 @@ class POP3Factory(Factory):
         allowPlaintext: Callable[[Any], bool] = _alwaysAllowed,
         tls: ServerTLS | None = None,
         certUserField: str = "cn",
+        metrics: Metrics | None = None,
+        logoutFormat: str = DEFAULT_LOGOUT_FORMAT,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -896,6 +1010,59 @@ class POP3Factory(Factory):
         self.allowPlaintext = allowPlaintext
         self.tls = tls
         self.certUserField = certUserField
+        self.metrics = metrics
+        self.logoutFormat = logoutFormat
+        #: The connections open now (for graceful shutdown).
+        self.sessions: set[POP3Protocol] = set()
+        self._drained: Deferred[None] | None = None
+
+    # -- accounting ----------------------------------------------------------
+
+    def sessionStarted(self, protocol: POP3Protocol) -> None:
+        self.sessions.add(protocol)
+        if self.metrics is not None:
+            self.metrics.open.inc()
+            self.metrics.connections.labels("yes" if protocol.secure else "no").inc()
+
+    def sessionEnded(self, protocol: POP3Protocol) -> None:
+        self.sessions.discard(protocol)
+        if self.metrics is not None:
+            self.metrics.sessionEnded(protocol.stats, protocol.stats.fields()["duration"])
+        if self._drained is not None and not self.sessions:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def loginResult(self, result: str, mechanism: str) -> None:
+        if self.metrics is not None:
+            self.metrics.logins.labels(result, mechanism).inc()
+            if result == "in_use":
+                self.metrics.lockConflicts.inc()
+
+    def observeBackend(self, operation: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.backend.labels(operation).observe(time.monotonic() - started)
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Fire when every session has ended; after C{grace} seconds, end the
+        ones still open (never one that is applying its UPDATE).
+        """
+        if not self.sessions:
+            return succeed(None)
+        self._drained = Deferred()
+        timer = self.clock.callLater(grace, self._forceEnd)
+
+        def cancelTimer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return self._drained.addBoth(cancelTimer)
+
+    def _forceEnd(self) -> None:
+        _log.info("shutdown: ending {n} open sessions", n=len(self.sessions))
+        for protocol in list(self.sessions):
+            protocol.shutdown()
 
     def offersAPOP(self) -> bool:
         """APOP only if enabled and some account holds the shared secret it needs."""

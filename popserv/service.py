@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -24,6 +25,7 @@ from popserv.backends.maildir import MaildirStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import IMailStore
+from popserv.metrics import Metrics, metricsSite
 from popserv.policy import SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
 from popserv.sasl import mechanismsByName
@@ -97,6 +99,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         language=LANGUAGES[config.language],
         tls=tls,
         certUserField=config.tls_cert_user,
+        metrics=Metrics() if config.metrics else None,
+        logoutFormat=config.logout_format,
         allowPlaintext=PlaintextPolicy(
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),
@@ -128,8 +132,10 @@ def makeService(
     if portal is None:
         config = config.validated()
     factory = makeFactory(config, reactor, portal)
-    top = PopservService(factory, reactor)
-    listeners = [(d, factory) for d in config.listen]
+    top = PopservService(factory, reactor, config.shutdown_grace)
+    listeners: list[tuple[str, Any]] = [(d, factory) for d in config.listen]
+    if factory.metrics is not None and config.metrics:
+        listeners.append((config.metrics, metricsSite(factory.metrics)))
     if config.listen_tls:
         assert factory.tls is not None
         # Implicit TLS (RFC 8314): the same context as STLS, so both reload together.
@@ -150,14 +156,17 @@ class PopservService(MultiService):
     """
     All of popserv's listeners. C{SIGHUP} (or L{reload}) re-reads the TLS
     certificate and key without dropping sessions; the passwd-file is re-read
-    on change anyway.
+    on change anyway. Stopping stops accepting at once, then gives open
+    sessions C{grace} seconds to finish; a session applying its UPDATE is
+    always allowed to complete it.
     """
 
     name = "popserv"
 
-    def __init__(self, factory: POP3Factory, reactor: Any) -> None:
+    def __init__(self, factory: POP3Factory, reactor: Any, grace: float = 30) -> None:
         super().__init__()
         self.factory = factory
+        self.grace = grace
         self._reactor = reactor
         self._previousHandler: Any = None
 
@@ -180,4 +189,5 @@ class PopservService(MultiService):
         if self._previousHandler is not None:
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
-        return super().stopService()
+        d = maybeDeferred(super().stopService)
+        return d.addCallback(lambda _: self.factory.drain(self.grace))

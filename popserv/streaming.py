@@ -53,6 +53,8 @@ class _PushProducer:
         self._waiting = False
         self._pumping = False
         self._finished = False
+        #: Bytes written so far (the status line included).
+        self.written = 0
         self.done: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
@@ -114,6 +116,7 @@ class _PushProducer:
             piece = self._prefix + (piece or b"")
             self._prefix = b""
         if piece:
+            self.written += len(piece)
             self._consumer.write(piece)
         if end:
             self._end(None)

@@ -107,6 +107,28 @@ class Options(usage.Options):
             "--trusted-network; always: anywhere (labs only) [default: tls].",
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+            "tcp:9110:interface=127.0.0.1 [default: off].",
+        ],
+        [
+            "logout-format",
+            None,
+            None,
+            "The line logged when a session ends, a Python format string over: "
+            "user ip port tls mechanism reason duration retr retr_bytes top top_bytes dele "
+            "removed left bytes_out commands bad_commands.",
+        ],
+        [
+            "shutdown-grace",
+            None,
+            None,
+            "Seconds open sessions get to finish when the server stops [default: 30].",
+            int,
+        ],
+        [
             "sasl-mechanisms",
             None,
             None,
@@ -197,6 +219,9 @@ class Options(usage.Options):
                 tls_cert_user=self["tls-cert-user"],
                 plaintext_auth=self["plaintext-auth"],
                 trusted_networks=tuple(self["trusted-networks"]) or None,
+                metrics=self["metrics"],
+                logout_format=self["logout-format"],
+                shutdown_grace=self["shutdown-grace"],
             ).validated()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -78,10 +79,6 @@ def _loadKey(path: str) -> Any:
         raise TLSError(f"{path}: not an unencrypted PEM private key ({e})") from None
 
 
-def _verifyCallback(connection: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
-    return bool(ok)  # OpenSSL's own chain verification decides
-
-
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
@@ -112,6 +109,10 @@ class ServerTLS:
         self.clientCAFile = clientCAFile
         self.selfSignedHosts = tuple(selfSignedHosts or ())
         self._context: SSL.Context | None = None
+        # Connections whose client certificate failed verification. The
+        # handshake goes on (the client may still log in with a password);
+        # such a certificate just never names a user.
+        self._unverified: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
         self.reload()
 
     @property
@@ -149,12 +150,23 @@ class ServerTLS:
             ctx.load_client_ca(self.clientCAFile.encode())
             # Ask for a certificate and verify one if given, but do not require
             # it: clients without one log in with a password as usual.
-            ctx.set_verify(SSL.VERIFY_PEER, _verifyCallback)
+            ctx.set_verify(SSL.VERIFY_PEER, self._verified)
         self._context = ctx
         names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         _log.info(
             "TLS certificate loaded: {subject}", subject=str(names[0].value) if names else "-"
         )
+
+    def _verified(self, connection: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        if not ok:
+            self._unverified.add(connection)
+        return True
+
+    def clientUser(self, connection: SSL.Connection, field: str) -> str | None:
+        """The user a client certificate names, if a configured CA verified it."""
+        if not self.verifiesClients or connection in self._unverified:
+            return None
+        return certificateUser(connection, field)
 
     def getContext(self) -> SSL.Context:
         assert self._context is not None
@@ -192,13 +204,14 @@ def serverEndPointBinding(connection: SSL.Connection) -> bytes | None:
 
 def certificateUser(connection: SSL.Connection, field: str) -> str | None:
     """
-    The user a verified client certificate names: its subject CN, its first
-    e-mail address (SAN rfc822Name, else subject emailAddress) or its first
-    SAN DNS name. None without a verified certificate.
+    The user a client certificate names: its subject CN, its first e-mail
+    address (SAN rfc822Name, else subject emailAddress) or its first SAN DNS
+    name. None without a certificate. Whether it was verified is
+    L{ServerTLS.clientUser}'s business.
     """
     cert = connection.get_peer_certificate(as_cryptography=True)
     if cert is None:
-        return None  # with VERIFY_PEER, a certificate we have was verified
+        return None
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -52,6 +52,7 @@ class ServerProcess:
         extra: str = "",
         listen: str = "tcp:0:interface=127.0.0.1",
         listenTLS: str | None = None,
+        grace: int = 2,
     ) -> None:
         self.root = root
         self.mailRoot = root / "mail"
@@ -64,7 +65,8 @@ class ServerProcess:
             + (f'listen_tls = ["{listenTLS}"]\n' if listenTLS else "")
             + 'passwd = "passwd"\n'
             'mail_location = "maildir:mail/%d/%n/Maildir"\n'
-            'hostname = "test.invalid"\n' + extra
+            'hostname = "test.invalid"\n'
+            f"shutdown_grace = {grace}\n" + extra
         )
         self.listenTLS = listenTLS
         self.proc: subprocess.Popen[str] | None = None

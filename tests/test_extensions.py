@@ -133,7 +133,7 @@ def test_auth_empty_initial_response(server):
     """RFC 5034: '=' is an empty initial response (PLAIN then fails: no credentials)."""
     factory, _ = server
     client = connect(factory)
-    assert reply(client, b"AUTH PLAIN =") == [b"-ERR Authentication failed"]
+    assert reply(client, b"AUTH PLAIN =") == [b"-ERR [AUTH] Authentication failed"]
     assert client.protocol.state is State.AUTHORIZATION
 
 

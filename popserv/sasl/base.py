@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from popserv.errors import CommandError
+from popserv.errors import CommandError, ResponseCode
 
 __all__ = [
     "SASLError",
@@ -23,8 +23,9 @@ __all__ = [
 
 
 class SASLError(CommandError):
-    """The client's SASL data is malformed or out of sequence."""
+    """The client's SASL data is malformed or out of sequence: the login failed."""
 
+    code = ResponseCode.AUTH
     text = "Authentication failed"
 
 

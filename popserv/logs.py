@@ -1,0 +1,105 @@
+"""
+What a session did, and the one log line an administrator greps for when it
+ends (compare Dovecot's C{pop3_logout_format}).
+
+The line is a C{twisted.logger} event: its text comes from a configurable
+template, and every field is also in the event itself, so the JSON observer
+(C{twistd --logger popserv.logs.json ...}) ships them structured. Passwords
+and AUTH payloads are never part of any event.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+
+__all__ = ["SessionStats", "DEFAULT_LOGOUT_FORMAT", "LOGOUT_FIELDS", "json", "validateFormat"]
+
+_log = Logger(namespace="popserv.session")
+
+#: The logout line; every name in L{LOGOUT_FIELDS} may be used.
+DEFAULT_LOGOUT_FORMAT = (
+    "session end: user={user} ip={ip} tls={tls} mechanism={mechanism} reason={reason} "
+    "duration={duration:.3f}s retr={retr}/{retr_bytes} top={top}/{top_bytes} "
+    "dele={dele} removed={removed} left={left} bytes_out={bytes_out}"
+)
+
+LOGOUT_FIELDS = (
+    "user",
+    "ip",
+    "port",
+    "tls",
+    "mechanism",
+    "reason",
+    "duration",
+    "retr",
+    "retr_bytes",
+    "top",
+    "top_bytes",
+    "dele",
+    "removed",
+    "left",
+    "bytes_out",
+    "commands",
+    "bad_commands",
+)
+
+
+@dataclass
+class SessionStats:
+    """Counters of one connection, kept by the protocol."""
+
+    ip: str = "-"
+    port: int = 0
+    started: float = field(default_factory=time.monotonic)
+    user: str = "-"
+    mechanism: str = "-"
+    tls: bool = False
+    reason: str = "disconnect"
+    retr: int = 0
+    retr_bytes: int = 0
+    top: int = 0
+    top_bytes: int = 0
+    dele: int = 0
+    removed: int = 0
+    left: int = 0
+    bytes_out: int = 0
+    commands: int = 0
+    bad_commands: int = 0
+    perCommand: dict[str, int] = field(default_factory=dict)
+
+    def command(self, verb: str) -> None:
+        self.commands += 1
+        self.perCommand[verb] = self.perCommand.get(verb, 0) + 1
+
+    def fields(self) -> dict[str, Any]:
+        values = asdict(self)
+        del values["perCommand"], values["started"]
+        values["tls"] = "yes" if self.tls else "no"
+        values["duration"] = time.monotonic() - self.started
+        return values
+
+    def log(self, template: str) -> None:
+        """Emit the logout line: one event, all fields in it."""
+        _log.info(template, **self.fields())
+
+
+def validateFormat(template: str) -> None:
+    """Raise ValueError unless C{template} formats with the logout fields."""
+    sample = SessionStats().fields()
+    try:
+        template.format(**sample)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"bad logout format ({e}); fields: {', '.join(LOGOUT_FIELDS)}") from None
+
+
+def json() -> ILogObserver:
+    """
+    A log observer writing one JSON object a line to standard output, for log
+    shippers: C{twistd --logger popserv.logs.json -n popserv ...}.
+    """
+    return jsonFileLogObserver(sys.stdout)
