@@ -262,8 +262,8 @@ def checkConfig(config: Config) -> list[str]:
     for description in (*config.listen, *config.listen_tls):
         try:
             endpoints.serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            problems.append(f"listen: bad endpoint {description!r}: {e}")
+        except Exception as e:  # endpoint parsers raise all sorts
+            problems.append(f"listen: bad endpoint {description!r}: {e!r}")
     users: dict[str, object] = {}
     try:
         with open(config.passwdPath, encoding="utf-8") as f:

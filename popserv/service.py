@@ -144,8 +144,8 @@ def makeService(
     for description, serving in listeners:
         try:
             endpoint = endpoints.serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"listen: bad endpoint {description!r}: {e}") from None
+        except Exception as e:  # endpoint parsers raise all sorts
+            raise ConfigError(f"listen: bad endpoint {description!r}: {e!r}") from None
         service = StreamServerEndpointService(endpoint, serving)
         service._raiseSynchronously = True  # fail twistd start-up on a busy port
         service.setServiceParent(top)

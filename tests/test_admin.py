@@ -16,8 +16,14 @@ from support import REPO, ServerProcess, makeTestPKI
 
 def popserv(*args, stdin: bytes = b"", cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "popserv", *args], input=stdin,
-                          capture_output=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "popserv", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -25,8 +31,10 @@ def config(tmp_path):
     (tmp_path / "passwd").write_text("# users\nalice:{PLAIN}wonderland\n\n# end\n")
     os.chmod(tmp_path / "passwd", 0o640)
     conf = tmp_path / "popserv.conf"
-    conf.write_text('listen = ["tcp:0:interface=127.0.0.1"]\npasswd = "passwd"\n'
-                    'mail_location = "maildir:mail/%d/%n/Maildir"\n')
+    conf.write_text(
+        'listen = ["tcp:0:interface=127.0.0.1"]\npasswd = "passwd"\n'
+        'mail_location = "maildir:mail/%d/%n/Maildir"\n'
+    )
     return conf
 
 
@@ -47,22 +55,36 @@ def test_pw_refuses_unknown_scheme_and_empty_password():
 
 def test_user_add_list_del_keep_comments_and_mode(config, tmp_path):
     passwd = tmp_path / "passwd"
-    out = popserv("user", "add", "bob@example.org", "--config", str(config),
-                  "--scheme", "SHA512-CRYPT", "--password-stdin", stdin=b"builder\n")
+    out = popserv(
+        "user",
+        "add",
+        "bob@example.org",
+        "--config",
+        str(config),
+        "--scheme",
+        "SHA512-CRYPT",
+        "--password-stdin",
+        stdin=b"builder\n",
+    )
     assert out.returncode == 0, out.stderr
     text = passwd.read_text()
     assert text.startswith("# users\nalice:{PLAIN}wonderland\n\n# end\nbob@example.org:{SHA512")
     assert stat.S_IMODE(os.stat(passwd).st_mode) == 0o640
     listing = popserv("user", "list", "--passwd", str(passwd)).stdout.decode()
     assert listing == "alice\tPLAIN\nbob@example.org\tSHA512-CRYPT\n"
-    again = popserv("user", "add", "bob@example.org", "--passwd", str(passwd),
-                    "--password-stdin", stdin=b"x\n")
+    again = popserv(
+        "user", "add", "bob@example.org", "--passwd", str(passwd), "--password-stdin", stdin=b"x\n"
+    )
     assert again.returncode == 1 and b"already exists" in again.stderr
     assert popserv("user", "del", "alice", "--passwd", str(passwd)).returncode == 0
     assert "alice" not in passwd.read_text() and "# end" in passwd.read_text()
     assert popserv("user", "del", "nobody", "--passwd", str(passwd)).returncode == 67
-    assert popserv("user", "add", "bad:name", "--passwd", str(passwd),
-                   "--password-stdin", stdin=b"x\n").returncode == 64
+    assert (
+        popserv(
+            "user", "add", "bad:name", "--passwd", str(passwd), "--password-stdin", stdin=b"x\n"
+        ).returncode
+        == 64
+    )
     assert not list(tmp_path.glob(".passwd.*"))  # no temporary files left behind
 
 
@@ -118,7 +140,8 @@ def test_check_config_good_and_broken(config, tmp_path):
     (tmp_path / "passwd").write_text("alice:{PLAIN}x\nbroken line\nbob:{NOPE}y\n")
     config.write_text(
         'listen = ["nonsense:1"]\npasswd = "passwd"\nmail_location = "mail/%n"\n'
-        f'create_maildirs = false\ntls_cert = "{pki["cert"]}"\ntls_key = "{pki["ca"]}"\n')
+        f'create_maildirs = false\ntls_cert = "{pki["cert"]}"\ntls_key = "{pki["ca"]}"\n'
+    )
     bad = popserv("check-config", "--config", str(config))
     assert bad.returncode == 1
     lines = bad.stdout.decode().splitlines()

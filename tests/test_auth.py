@@ -104,8 +104,7 @@ def test_apop_only_for_plaintext_secrets(checker):
 
 def test_passwd_file_reloads_when_changed(checker, passwd):
     """Adding a user needs no restart."""
-    assert outcome(checker.requestAvatarId(UsernamePassword("new", b"n"))).check(
-        UnauthorizedLogin)
+    assert outcome(checker.requestAvatarId(UsernamePassword("new", b"n"))).check(UnauthorizedLogin)
     with open(passwd, "a") as f:
         f.write("new:{PLAIN}n\n")
     st = os.stat(passwd)
@@ -127,7 +126,7 @@ def test_unknown_schemes():
     for field in ("{NOPE}x", "{PLAIN", "justtext"):
         with pytest.raises(UnknownScheme):
             parseStoredPassword(field)
-    assert parsePasswdFile("a:{NOPE}x\nb:{PLAIN}y\n") .keys() == {"b"}
+    assert parsePasswdFile("a:{NOPE}x\nb:{PLAIN}y\n").keys() == {"b"}
 
 
 def test_malformed_hash_never_matches():

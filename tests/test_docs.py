@@ -28,9 +28,12 @@ def readme_example() -> str:
 def test_readme_embedding_example_serves_mail(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(readme_example())
-    proc = subprocess.Popen([sys.executable, str(script), "tcp:0:interface=127.0.0.1"],
-                            stdout=subprocess.PIPE, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "tcp:0:interface=127.0.0.1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     try:
         m = re.match(r"listening on (\d+)", proc.stdout.readline())
         assert m, "example did not start"
@@ -57,6 +60,10 @@ def test_ruff_clean():
     ruff = str(beside) if beside.exists() else shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed")
-    result = subprocess.run([ruff, "check", "--no-cache", "popserv", "twisted", "tests",
-                             "etc/popserv.tac"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [ruff, "check", "--no-cache", "popserv", "twisted", "tests", "etc/popserv.tac"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -69,8 +69,10 @@ def test_dele_quit_removes_and_virtual_user(server):
 def test_retr_large_message_byte_exact(server):
     """A message larger than the read chunk arrives intact (streamed, stuffed)."""
     body = b"".join(
-        (b"." if i % 23 == 0 else b"") + hashlib.sha256(str(i).encode()).hexdigest().encode()
-        + b"\n" for i in range(60000)
+        (b"." if i % 23 == 0 else b"")
+        + hashlib.sha256(str(i).encode()).hexdigest().encode()
+        + b"\n"
+        for i in range(60000)
     )
     message = b"Subject: big\n\n" + body
     server.deliver("alice", message)

@@ -23,8 +23,12 @@ def login(server, user="alice", password="wonderland"):
 
 def names(server, user="alice"):
     box = server.maildir(user)
-    return sorted(p.name for sub in ("new", "cur") for p in (box / sub).iterdir()
-                  if not p.name.startswith("."))
+    return sorted(
+        p.name
+        for sub in ("new", "cur")
+        for p in (box / sub).iterdir()
+        if not p.name.startswith(".")
+    )
 
 
 def test_dropped_connection_after_dele_removes_nothing(server):

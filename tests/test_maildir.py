@@ -56,13 +56,16 @@ def test_interfaces_are_provided(store, box):
     assert verifyObject(IMessageReader, mailbox.openMessage(info))
 
 
-@pytest.mark.parametrize("name,unique", [
-    ("1700000000.M1P2.host", "1700000000.M1P2.host"),
-    ("1700000000.M1P2.host:2,S", "1700000000.M1P2.host"),
-    ("1700000000.M1P2.host,S=1234:2,RS", "1700000000.M1P2.host"),
-    ("1700000000.M1P2.host,S=1234,W=1260:2,", "1700000000.M1P2.host"),
-    ("1700000000.M1P2.host,X=7,S=1:2,", "1700000000.M1P2.host,X=7"),
-])
+@pytest.mark.parametrize(
+    "name,unique",
+    [
+        ("1700000000.M1P2.host", "1700000000.M1P2.host"),
+        ("1700000000.M1P2.host:2,S", "1700000000.M1P2.host"),
+        ("1700000000.M1P2.host,S=1234:2,RS", "1700000000.M1P2.host"),
+        ("1700000000.M1P2.host,S=1234,W=1260:2,", "1700000000.M1P2.host"),
+        ("1700000000.M1P2.host,X=7,S=1:2,", "1700000000.M1P2.host,X=7"),
+    ],
+)
 def test_unique_part(name, unique):
     assert uniquePart(name) == unique
 
@@ -91,9 +94,9 @@ def test_uidl_survives_flag_changes_and_the_move_to_cur(store, box):
 
 
 def test_sizes_are_crlf_octets(store, box):
-    deliver(box, b"a\nb\n", name="1.A.h")           # LF: 4 bytes -> 6
-    deliver(box, b"a\r\nb\r\n", name="2.B.h")       # CRLF stays 6
-    deliver(box, b"a\r\nb", name="3.C.h")           # no final newline: +2
+    deliver(box, b"a\nb\n", name="1.A.h")  # LF: 4 bytes -> 6
+    deliver(box, b"a\r\nb\r\n", name="2.B.h")  # CRLF stays 6
+    deliver(box, b"a\r\nb", name="3.C.h")  # no final newline: +2
     deliver(box, b"", name="4.D.h")
     sizes = [i.size for i in result(open_(store).listMessages())]
     assert sizes == [6, 6, 6, 0]
@@ -128,7 +131,10 @@ def test_order_is_delivery_order(store, box):
     for t in (300, 100, 200):
         deliver(box, b"%d\n" % t, name=f"{t}.M.h")
     assert [i.uid for i in result(open_(store).listMessages())] == [
-        "100.M.h", "200.M.h", "300.M.h"]
+        "100.M.h",
+        "200.M.h",
+        "300.M.h",
+    ]
 
 
 def test_duplicate_unique_names_are_listed_once(store, box):
@@ -211,13 +217,18 @@ def test_lock_held_by_a_dead_process_is_free(store, box):
     """A lock the kernel releases: SIGKILL of the holder leaves no stale lock."""
     box.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(box / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('locked', flush=True)\n"
-         "time.sleep(60)\n"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(box / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(MaildropInUse):
@@ -232,9 +243,12 @@ def test_missing_maildir_is_created_or_refused(tmp_path):
     store = MaildirStore(f"{tmp_path}/%d/%n", runInThread=synchronously)
     open_(store, "joe@example.org").close()
     assert sorted(os.listdir(tmp_path / "example.org" / "joe")) == [
-        ".popserv.lock", "cur", "new", "tmp"]
-    strict = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously,
-                          createMissing=False)
+        ".popserv.lock",
+        "cur",
+        "new",
+        "tmp",
+    ]
+    strict = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously, createMissing=False)
     with pytest.raises(PermanentFailure):
         open_(strict, "nobody")
 
@@ -251,13 +265,21 @@ def test_protocol_over_maildir_end_to_end(tmp_path):
     box = tmp_path / "alice"
     deliver(box, b"Subject: 1\n\n.one\n", name=f"{int(time.time())}.A.h")
     deliver(box, b"Subject: 2\n\ntwo\n", name=f"{int(time.time()) + 1}.B.h")
-    factory = POP3Factory(Portal(MailboxRealm(store), [PlaintextChecker({"alice": "pw"})]),
-                          Clock())
+    factory = POP3Factory(
+        Portal(MailboxRealm(store), [PlaintextChecker({"alice": "pw"})]), Clock()
+    )
     client = connect(factory)
     client.send(b"USER alice\r\nPASS pw\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
     assert client.lines() == [
-        b"+OK Send your password", b"+OK Logged in, 2 messages (39 octets)",
-        b"+OK 20 octets", b"Subject: 1", b"", b"..one", b".",
-        b"+OK Message 2 deleted", b"+OK popserv 0.1.0 signing off (1 message left)"]
+        b"+OK Send your password",
+        b"+OK Logged in, 2 messages (39 octets)",
+        b"+OK 20 octets",
+        b"Subject: 1",
+        b"",
+        b"..one",
+        b".",
+        b"+OK Message 2 deleted",
+        b"+OK popserv 0.1.0 signing off (1 message left)",
+    ]
     assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["A"]
     open_(store).close()  # the lock was released

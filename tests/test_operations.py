@@ -353,3 +353,60 @@ def test_json_log_lines_for_log_shippers(tmp_path):
         proc.terminate()
         proc.wait(15)
     assert sys.executable
+
+
+def test_production_example_configuration_is_valid():
+    from popserv.config import loadConfig
+
+    config = loadConfig(REPO / "etc" / "production.conf").validated()
+    assert config.listen == ("tcp:110",) and config.listen_tls == ("tcp:995",)
+    assert config.mail_location == "maildir:/var/mail/%d/%n/Maildir"
+
+
+def test_systemd_socket_activation(tmp_path):
+    """The systemd unit's way: an inherited listening socket, LISTEN_FDS/LISTEN_PID."""
+    srv = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    env = dict(os.environ, PYTHONPATH=str(REPO), LISTEN_FDS="1", LISTEN_FDNAMES="pop3")
+    argv = " ".join(
+        [
+            *twistdCommand(),
+            "-n",
+            "--pidfile=",
+            "--logfile=-",
+            "popserv",
+            "--config",
+            str(srv.config),
+            "--listen",
+            "systemd:domain=INET:index=0",
+        ]
+    )
+    # systemd hands sockets over from fd 3 up; subprocess closes unlisted fds after
+    # preexec_fn runs, so fd 3 itself must be listed.
+    proc = subprocess.Popen(
+        ["sh", "-c", f"LISTEN_PID=$$ exec {argv}"],
+        env=env,
+        cwd=srv.root,
+        pass_fds=(3,),
+        preexec_fn=lambda: os.dup2(fd, 3),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    listener.close()
+    deliver(srv.maildir("alice"), b"Subject: s\n\nsocket\n")
+    try:
+        pop = poplib.POP3("127.0.0.1", port, timeout=20)
+        pop.user("alice")
+        pop.pass_("wonderland")
+        count = pop.stat()[0]
+        pop.quit()
+    except OSError as e:
+        count = e
+    proc.terminate()
+    out = proc.communicate(timeout=15)[0]
+    assert count == 1, out

@@ -52,8 +52,9 @@ def reply(client, line: bytes) -> list[bytes]:
 def test_greeting_has_a_fresh_apop_timestamp(pop):
     """RFC 1939 section 7: the timestamp differs on every connection."""
     factory, _ = pop
-    stamps = {re.search(rb"<[^>]+@pop\.example>", connect(factory).greeting).group()
-              for _ in range(20)}
+    stamps = {
+        re.search(rb"<[^>]+@pop\.example>", connect(factory).greeting).group() for _ in range(20)
+    }
     assert len(stamps) == 20
 
 
@@ -109,9 +110,11 @@ def test_unknown_user_and_wrong_password_read_the_same(pop):
     a.send(b"USER alice\r\n")
     b.send(b"USER nobody\r\n")
     a.output(), b.output()
-    assert reply(a, b"PASS wrong") == reply(b, b"PASS secret") == [
-        b"-ERR [AUTH] Authentication failed"
-    ]
+    assert (
+        reply(a, b"PASS wrong")
+        == reply(b, b"PASS secret")
+        == [b"-ERR [AUTH] Authentication failed"]
+    )
     assert a.protocol.state is State.AUTHORIZATION
 
 
@@ -136,8 +139,15 @@ def test_password_with_spaces(pop):
 def test_bad_user_arguments(pop):
     factory, _ = pop
     client = connect(factory)
-    for line in (b"USER", b"USER ", b"USER \xff\xfe", b"USER a\x01b", b"APOP alice",
-                 b"APOP alice zz", b"PASS"):
+    for line in (
+        b"USER",
+        b"USER ",
+        b"USER \xff\xfe",
+        b"USER a\x01b",
+        b"APOP alice",
+        b"APOP alice zz",
+        b"PASS",
+    ):
         assert reply(client, line)[0].startswith(b"-ERR"), line
     assert client.protocol.state is State.AUTHORIZATION
 
@@ -145,11 +155,8 @@ def test_bad_user_arguments(pop):
 def test_transaction_commands_refused_before_login(pop):
     factory, _ = pop
     client = connect(factory)
-    for verb in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"UIDL", b"TOP 1 1", b"RSET",
-                 b"NOOP"):
-        assert reply(client, verb) == [
-            b"-ERR " + verb.split()[0] + b" is not valid in this state"
-        ]
+    for verb in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"UIDL", b"TOP 1 1", b"RSET", b"NOOP"):
+        assert reply(client, verb) == [b"-ERR " + verb.split()[0] + b" is not valid in this state"]
 
 
 def test_quit_in_authorization_closes_without_update(pop):
@@ -168,11 +175,21 @@ def test_stat_list_uidl_formats(pop):
     factory, _ = pop
     client = login(factory)
     assert reply(client, b"STAT") == [b"+OK 3 78"]
-    assert reply(client, b"LIST") == [b"+OK 3 messages (78 octets)", b"1 23", b"2 30",
-                                      b"3 25", b"."]
+    assert reply(client, b"LIST") == [
+        b"+OK 3 messages (78 octets)",
+        b"1 23",
+        b"2 30",
+        b"3 25",
+        b".",
+    ]
     assert reply(client, b"LIST 2") == [b"+OK 2 30"]
-    assert reply(client, b"UIDL") == [b"+OK Unique-ID listing follows", b"1 mem00000001",
-                                      b"2 mem00000002", b"3 mem00000003", b"."]
+    assert reply(client, b"UIDL") == [
+        b"+OK Unique-ID listing follows",
+        b"1 mem00000001",
+        b"2 mem00000002",
+        b"3 mem00000003",
+        b".",
+    ]
     assert reply(client, b"UIDL 3") == [b"+OK 3 mem00000003"]
 
 
@@ -191,8 +208,7 @@ def test_retr_stuffs_and_terminates(pop):
     factory, _ = pop
     client = login(factory)
     client.send(b"RETR 2\r\n")
-    assert client.output() == (b"+OK 30 octets\r\nSubject: two\r\n\r\n..dot\r\nsecond\r\n"
-                               b".\r\n")
+    assert client.output() == (b"+OK 30 octets\r\nSubject: two\r\n\r\n..dot\r\nsecond\r\n.\r\n")
     client.send(b"RETR 3\r\n")
     assert client.output() == b"+OK 25 octets\r\nSubject: three\r\n\r\nthird\r\n.\r\n"
 
@@ -214,13 +230,39 @@ def test_top(pop):
     assert reply(client, b"TOP 2 100")[1:] == reply(client, b"RETR 2")[1:]
 
 
-@pytest.mark.parametrize("line", [
-    b"RETR", b"RETR 0", b"RETR -1", b"RETR +1", b"RETR abc", b"RETR 4", b"RETR 1 2",
-    b"RETR 99999999999999999999", b"RETR 1.0", b"RETR \xff", b"RETR 0x1", b"LIST 0",
-    b"LIST 4", b"LIST 1 1", b"UIDL 0", b"UIDL x", b"DELE", b"DELE 4", b"TOP 1",
-    b"TOP 1 -1", b"TOP 0 1", b"TOP 1 x", b"TOP", b"TOP 1 1 1", b"STAT 1", b"NOOP x",
-    b"RSET 1", b"QUIT now",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"RETR",
+        b"RETR 0",
+        b"RETR -1",
+        b"RETR +1",
+        b"RETR abc",
+        b"RETR 4",
+        b"RETR 1 2",
+        b"RETR 99999999999999999999",
+        b"RETR 1.0",
+        b"RETR \xff",
+        b"RETR 0x1",
+        b"LIST 0",
+        b"LIST 4",
+        b"LIST 1 1",
+        b"UIDL 0",
+        b"UIDL x",
+        b"DELE",
+        b"DELE 4",
+        b"TOP 1",
+        b"TOP 1 -1",
+        b"TOP 0 1",
+        b"TOP 1 x",
+        b"TOP",
+        b"TOP 1 1 1",
+        b"STAT 1",
+        b"NOOP x",
+        b"RSET 1",
+        b"QUIT now",
+    ],
+)
 def test_bad_arguments_are_err_and_session_continues(pop, line):
     """Message numbers: digits only, in range; anything else is -ERR, never a crash."""
     factory, _ = pop
@@ -295,8 +337,11 @@ def test_mail_delivered_during_session_waits_for_next_session(pop):
     client.send(b"DELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n")
     assert list(store.maildrop("alice").messages) == [new_uid]
     client = login(factory)
-    assert reply(client, b"UIDL") == [b"+OK Unique-ID listing follows",
-                                      b"1 " + new_uid.encode(), b"."]
+    assert reply(client, b"UIDL") == [
+        b"+OK Unique-ID listing follows",
+        b"1 " + new_uid.encode(),
+        b".",
+    ]
 
 
 def test_second_login_gets_in_use(pop):
@@ -306,9 +351,7 @@ def test_second_login_gets_in_use(pop):
     second = connect(factory)
     second.send(b"USER alice\r\n")
     second.output()
-    assert reply(second, b"PASS secret") == [
-        b"-ERR [IN-USE] Mailbox is locked by another session"
-    ]
+    assert reply(second, b"PASS secret") == [b"-ERR [IN-USE] Mailbox is locked by another session"]
     assert second.protocol.state is State.AUTHORIZATION
     first.send(b"QUIT\r\n")
     second.send(b"USER alice\r\n")
@@ -336,10 +379,15 @@ def test_pipelined_commands_in_one_segment(pop):
     factory, _ = pop
     client = connect(factory)
     client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST 1\r\nUIDL 2\r\nNOOP\r\nQUIT\r\n")
-    assert client.lines() == [b"+OK Send your password",
-                              b"+OK Logged in, 3 messages (78 octets)", b"+OK 3 78",
-                              b"+OK 1 23", b"+OK 2 mem00000002", b"+OK",
-                              b"+OK popserv 0.1.0 signing off (3 messages left)"]
+    assert client.lines() == [
+        b"+OK Send your password",
+        b"+OK Logged in, 3 messages (78 octets)",
+        b"+OK 3 78",
+        b"+OK 1 23",
+        b"+OK 2 mem00000002",
+        b"+OK",
+        b"+OK popserv 0.1.0 signing off (3 messages left)",
+    ]
 
 
 def test_commands_split_byte_by_byte_and_bare_lf(pop):
@@ -422,11 +470,17 @@ def test_async_mailbox_operations():
     while gates:
         d, value = gates.pop(0)
         d.callback(value)
-    assert client.lines() == [b"+OK Send your password",
-                              b"+OK Logged in, 1 message (23 octets)",
-                              b"+OK 23 octets", b"Subject: one", b"", b"first", b".",
-                              b"+OK Message 1 deleted",
-                              b"+OK popserv 0.1.0 signing off (0 messages left)"]
+    assert client.lines() == [
+        b"+OK Send your password",
+        b"+OK Logged in, 1 message (23 octets)",
+        b"+OK 23 octets",
+        b"Subject: one",
+        b"",
+        b"first",
+        b".",
+        b"+OK Message 1 deleted",
+        b"+OK popserv 0.1.0 signing off (0 messages left)",
+    ]
     assert store.maildrop("alice").messages == {}
 
 

@@ -266,12 +266,25 @@ def test_mechanisms_are_offered_only_where_they_can_succeed(tmp_path):
     assert {m.name for m in ALL_MECHANISMS if m.available(hashed_only)} == {"PLAIN", "LOGIN"}
     plain = context(PlaintextChecker({}))
     assert {m.name for m in ALL_MECHANISMS if m.available(plain)} == {
-        "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
-    tls = SASLContext(PlaintextChecker({}), "h", tls=True, channelBinding=b"x" * 32,
-                      externalUser="alice")
+        "PLAIN",
+        "LOGIN",
+        "CRAM-MD5",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-256",
+    }
+    tls = SASLContext(
+        PlaintextChecker({}), "h", tls=True, channelBinding=b"x" * 32, externalUser="alice"
+    )
     assert {m.name for m in ALL_MECHANISMS if m.available(tls)} == {
-        "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS",
-        "SCRAM-SHA-256-PLUS", "EXTERNAL"}
+        "PLAIN",
+        "LOGIN",
+        "CRAM-MD5",
+        "SCRAM-SHA-1",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-1-PLUS",
+        "SCRAM-SHA-256-PLUS",
+        "EXTERNAL",
+    }
 
 
 def test_mechanisms_by_name():

@@ -37,9 +37,16 @@ def parse(*argv):
 
 def test_options_contract(files):
     """The option names other tools drive the server with."""
-    o = parse("--listen", "tcp:110", "--listen", "tcp:1110:interface=127.0.0.1",
-              "--passwd", str(files / "passwd"),
-              "--mail-location", "maildir:/var/mail/%d/%n/Maildir")
+    o = parse(
+        "--listen",
+        "tcp:110",
+        "--listen",
+        "tcp:1110:interface=127.0.0.1",
+        "--passwd",
+        str(files / "passwd"),
+        "--mail-location",
+        "maildir:/var/mail/%d/%n/Maildir",
+    )
     assert o.config.listen == ("tcp:110", "tcp:1110:interface=127.0.0.1")
     assert o.config.location.template == "/var/mail/%d/%n/Maildir"
     assert o.config.timeout == 600
@@ -47,19 +54,31 @@ def test_options_contract(files):
 
 def test_help_documents_every_option():
     text = str(Options())
-    for option in ("--config", "--listen", "--passwd", "--mail-location", "--timeout",
-                   "--hostname", "--max-bad-commands", "--no-apop", "--no-create-maildirs"):
+    for option in (
+        "--config",
+        "--listen",
+        "--passwd",
+        "--mail-location",
+        "--timeout",
+        "--hostname",
+        "--max-bad-commands",
+        "--no-apop",
+        "--no-create-maildirs",
+    ):
         assert option in text, option
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "passwd"),
-    (["--passwd", "x"], "mail_location"),
-    (["--passwd", "x", "--mail-location", "imap:/x"], "unsupported mail storage"),
-    (["--passwd", "x", "--mail-location", "/m/%q"], "unknown variable"),
-    (["--passwd", "x", "--mail-location", "/m/%u", "--timeout", "0"], "timeout"),
-    (["--config", "/nonexistent/popserv.conf"], "cannot read"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "passwd"),
+        (["--passwd", "x"], "mail_location"),
+        (["--passwd", "x", "--mail-location", "imap:/x"], "unsupported mail storage"),
+        (["--passwd", "x", "--mail-location", "/m/%q"], "unknown variable"),
+        (["--passwd", "x", "--mail-location", "/m/%u", "--timeout", "0"], "timeout"),
+        (["--config", "/nonexistent/popserv.conf"], "cannot read"),
+    ],
+)
 def test_bad_options_are_usage_errors(argv, message):
     with pytest.raises(usage.UsageError, match=message):
         parse(*argv)
@@ -67,8 +86,9 @@ def test_bad_options_are_usage_errors(argv, message):
 
 def test_config_file_with_overrides_and_relative_paths(files):
     conf = files / "popserv.conf"
-    conf.write_text('listen = "tcp:1110"\npasswd = "passwd"\nmail_location = "mail/%n"\n'
-                    "timeout = 900\n")
+    conf.write_text(
+        'listen = "tcp:1110"\npasswd = "passwd"\nmail_location = "mail/%n"\ntimeout = 900\n'
+    )
     o = parse("--config", str(conf), "--timeout", "1200")
     assert o.config.listen == ("tcp:1110",)
     assert o.config.timeout == 1200
@@ -76,12 +96,15 @@ def test_config_file_with_overrides_and_relative_paths(files):
     assert o.config.location.template == str(files / "mail/%n")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("lisen = []\n", "unknown setting 'lisen'"),
-    ("timeout = 'soon'\n", "timeout has the wrong type"),
-    ("listen = [1]\n", "listen must be a list"),
-    ("= broken", "popserv.conf"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lisen = []\n", "unknown setting 'lisen'"),
+        ("timeout = 'soon'\n", "timeout has the wrong type"),
+        ("listen = [1]\n", "listen must be a list"),
+        ("= broken", "popserv.conf"),
+    ],
+)
 def test_bad_config_files(files, text, message):
     conf = files / "popserv.conf"
     conf.write_text(text)
@@ -90,9 +113,11 @@ def test_bad_config_files(files, text, message):
 
 
 def test_make_service_builds_one_listener_per_endpoint(files):
-    service = popserv.makeService(listen=["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"],
-                                  passwd=str(files / "passwd"),
-                                  mail_location=str(files / "mail/%n"))
+    service = popserv.makeService(
+        listen=["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"],
+        passwd=str(files / "passwd"),
+        mail_location=str(files / "mail/%n"),
+    )
     assert IService.providedBy(service)
     children = list(service)
     assert len(children) == 2
@@ -102,14 +127,21 @@ def test_make_service_builds_one_listener_per_endpoint(files):
 
 def test_make_service_rejects_bad_endpoint_before_listening(files):
     with pytest.raises(ConfigError, match="bad endpoint"):
-        popserv.makeService(listen=["nonsense:1"], passwd=str(files / "passwd"),
-                            mail_location=str(files / "%n"))
+        popserv.makeService(
+            listen=["nonsense:1"], passwd=str(files / "passwd"), mail_location=str(files / "%n")
+        )
 
 
 def test_twistd_lists_and_documents_the_plugin(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([*twistdCommand(), "popserv", "--help"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*twistdCommand(), "popserv", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for option in ("--listen", "--passwd", "--mail-location", "--config"):
         assert option in out.stdout
@@ -127,10 +159,12 @@ def demo_copy(tmp_path: Path) -> Path:
     etc = tmp_path / "etc"
     shutil.copytree(REPO / "etc", etc)
     conf = etc / "popserv.conf"
-    text = re.sub(r"^listen = .*$", 'listen = ["tcp:0:interface=127.0.0.1"]',
-                  conf.read_text(), flags=re.M)
-    text = re.sub(r"^listen_tls = .*$", 'listen_tls = ["tcp:0:interface=127.0.0.1"]', text,
-                  flags=re.M)
+    text = re.sub(
+        r"^listen = .*$", 'listen = ["tcp:0:interface=127.0.0.1"]', conf.read_text(), flags=re.M
+    )
+    text = re.sub(
+        r"^listen_tls = .*$", 'listen_tls = ["tcp:0:interface=127.0.0.1"]', text, flags=re.M
+    )
     conf.write_text(text)
     return etc
 
@@ -138,9 +172,15 @@ def demo_copy(tmp_path: Path) -> Path:
 def run_twistd(tmp_path, *argv):
     """Start twistd; return it with its ports: {"plain": n, "tls": n} (as listening)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([*twistdCommand(), "-n", "--pidfile=", "--logfile=-", *argv],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*twistdCommand(), "-n", "--pidfile=", "--logfile=-", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     ports = {}
     for line in proc.stdout:
@@ -173,12 +213,16 @@ def test_demo_configuration_serves_the_demo_maildir(tmp_path, how):
         assert b"Subject: Welcome to popserv" in lines
         pop.quit()
         if shutil.which("curl"):
-            out = subprocess.run(["curl", "-s", f"pop3://demo:demo@127.0.0.1:{port}/1"],
-                                 capture_output=True, timeout=30)
+            out = subprocess.run(
+                ["curl", "-s", f"pop3://demo:demo@127.0.0.1:{port}/1"],
+                capture_output=True,
+                timeout=30,
+            )
             assert b"Subject: Welcome to popserv" in out.stdout
         # POP3S with the demo's throw-away self-signed certificate
-        pop = poplib.POP3_SSL("127.0.0.1", ports["tls"], timeout=10,
-                              context=ssl._create_unverified_context())
+        pop = poplib.POP3_SSL(
+            "127.0.0.1", ports["tls"], timeout=10, context=ssl._create_unverified_context()
+        )
         pop.user("demo")
         pop.pass_("demo")
         assert pop.stat()[0] == 3
@@ -190,8 +234,14 @@ def test_demo_configuration_serves_the_demo_maildir(tmp_path, how):
 
 def installed_python_check(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_installed_plugin_is_discoverable(tmp_path):
@@ -201,7 +251,9 @@ def test_installed_plugin_is_discoverable(tmp_path):
         "from twisted.plugin import getPlugins\n"
         "from twisted.application.service import IServiceMaker\n"
         "print(popserv.__file__)\n"
-        "print(sorted({p.tapname for p in getPlugins(IServiceMaker)}))\n", tmp_path)
+        "print(sorted({p.tapname for p in getPlugins(IServiceMaker)}))\n",
+        tmp_path,
+    )
     assert found.returncode == 0, found.stderr
     where, names = found.stdout.splitlines()
     if Path(where).resolve().is_relative_to(REPO / "popserv"):
@@ -213,12 +265,28 @@ def test_wheel_contents(tmp_path):
     """The wheel ships the plugin shim but no twisted/__init__.py, dropin.cache or tests."""
     pytest.importorskip("setuptools")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("popserv-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/popserv_plugins.py" in names
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "popserv").rglob("*.py")}
+    assert sources <= set(names), sources - set(names)  # no subpackage left out
     assert "popserv/py.typed" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
