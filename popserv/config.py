@@ -19,7 +19,7 @@ from popserv.i18n import LANGUAGES
 from popserv.location import MailLocation
 from popserv.logs import DEFAULT_LOGOUT_FORMAT, validateFormat
 from popserv.policy import parseExpire
-from popserv.protocol import DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
+from popserv.protocol import DEFAULT_LOGIN_TIMEOUT, DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
 from popserv.sasl import mechanismsByName
 from popserv.tls import CERT_USER_FIELDS, DEFAULT_TRUSTED_NETWORKS
 
@@ -68,6 +68,11 @@ class Config:
     @ivar metrics: an endpoint to serve Prometheus metrics on (/metrics); off if None.
     @ivar logout_format: the line logged when a session ends (see L{popserv.logs}).
     @ivar shutdown_grace: seconds open sessions get to finish when the server stops.
+    @ivar login_timeout: idle seconds allowed before a login.
+    @ivar max_connections: connections open at once (0: no limit).
+    @ivar max_connections_per_ip: connections open at once from one address.
+    @ivar auth_penalty: the longest delay, in seconds, for answering failed
+        logins from an address (1 s, 2 s, 4 s ... doubling); 0 turns it off.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -94,6 +99,10 @@ class Config:
     metrics: str | None = None
     logout_format: str = DEFAULT_LOGOUT_FORMAT
     shutdown_grace: int = 30
+    login_timeout: int = DEFAULT_LOGIN_TIMEOUT
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    auth_penalty: int = 15
     #: the directory relative paths are resolved against (the config file's)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
 
@@ -113,6 +122,11 @@ class Config:
             validateFormat(self.logout_format)
         except ValueError as e:
             raise ConfigError(f"logout_format: {e}") from None
+        for name in ("login_timeout", "max_connections", "max_connections_per_ip", "auth_penalty"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be 0 or more")
+        if self.login_timeout == 0:
+            raise ConfigError("login_timeout: must be positive")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace: must be 0 or more seconds")
         if self.plaintext_auth not in ("tls", "always"):
@@ -194,6 +208,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "metrics": str,
     "logout_format": str,
     "shutdown_grace": int,
+    "login_timeout": int,
+    "max_connections": int,
+    "max_connections_per_ip": int,
+    "auth_penalty": int,
 }
 
 _LISTS = ("listen", "sasl_mechanisms", "master_users", "listen_tls", "trusted_networks")

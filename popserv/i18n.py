@@ -81,6 +81,7 @@ RUSSIAN = Language(
         "Some deleted messages not removed": "Некоторые сообщения не удалось удалить",
         "Disconnected for inactivity": "Отключение из-за бездействия",
         "Server shutting down": "Сервер останавливается",
+        "Too many connections, try again later": "Слишком много соединений, повторите позже",
         "Too many bad commands, closing connection": "Слишком много ошибочных команд, соединение закрывается",
         # errors
         "Command failed": "Команда не выполнена",

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -43,6 +44,7 @@ from popserv.errors import (
 )
 from popserv.i18n import DEFAULT_LANGUAGE, LANGUAGES, Language, negotiate
 from popserv.interfaces import IMailbox, MessageInfo
+from popserv.limits import AuthPenalty, ConnectionLimits
 from popserv.logs import DEFAULT_LOGOUT_FORMAT, SessionStats
 from popserv.metrics import Metrics
 from popserv.policy import SessionPolicy, UserSettings
@@ -57,6 +59,10 @@ _log = Logger()
 
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 DEFAULT_TIMEOUT = 600
+
+#: Idle seconds allowed before a login: plenty for a person typing, short
+#: enough that idle unauthenticated connections do not pile up.
+DEFAULT_LOGIN_TIMEOUT = 120
 
 #: Unknown commands and bad arguments tolerated before the connection is
 #: closed: enough for any confused client, few enough to stop a garbage flood.
@@ -250,7 +256,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         peer = self.transport.getPeer()
         self.stats.ip = getattr(peer, "host", None) or getattr(peer, "name", None) or "-"
         self.stats.port = getattr(peer, "port", 0)
-        self.factory.sessionStarted(self)
+        if not self.factory.sessionStarted(self):
+            self._closing = True
+            self._ended = True  # never counted, nothing to account for
+            self.transport.write(wire.err("Too many connections, try again later", "SYS/TEMP"))
+            self.transport.loseConnection()
+            return
         if ITCPTransport.providedBy(self.transport):
             # Responses are written whole; don't let Nagle hold the last
             # segment of one back until the client's delayed ACK.
@@ -260,7 +271,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if self.factory.offersAPOP():
             self._challenge = self.factory.makeChallenge()
             greeting += " " + self._challenge.decode("ascii")
-        self.setTimeout(self.factory.timeout)
+        # Before login a shorter timer: an idle unauthenticated connection
+        # costs a slot and gives nothing back.
+        self.setTimeout(min(self.factory.loginTimeout, self.factory.timeout))
         self.transport.write(wire.ok(greeting))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -514,6 +527,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.stats.user = user
         self.stats.mechanism = mechanism
         self.factory.loginResult("ok", mechanism)
+        self.factory.penalty.succeeded(self.stats.ip)
+        self.setTimeout(self.factory.timeout)
         self.settings = self.factory.policy.settingsFor(user)
         count, size = self.transaction.stat()
         _log.info(
@@ -521,7 +536,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         )
         return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
 
-    def _loginFailed(self, failure: Failure, user: str, mechanism: str) -> Failure:
+    def _loginFailed(
+        self, failure: Failure, user: str, mechanism: str
+    ) -> Failure | Deferred[bytes]:
         # Whatever was taken (a lock) is given back; the state stays AUTHORIZATION.
         self._runLogout()
         if failure.check(MaildropInUse):
@@ -538,7 +555,16 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             user=user,
             why=failure.getErrorMessage() or failure.type.__name__,
         )
-        return failure
+        return self._penalize(failure) if result == "failed" else failure
+
+    def _penalize(self, failure: Failure) -> Failure | Deferred[bytes]:
+        """Answer a failed login late, the later the more failures came from this address."""
+        delay = self.factory.penalty.failed(self.stats.ip)
+        if delay <= 0:
+            return failure
+        if self.factory.metrics is not None:
+            self.factory.metrics.authPenalties.inc()
+        return deferLater(self.factory.clock, delay, lambda: failure)
 
     def _runLogout(self) -> None:
         logout, self._logout = self._logout, None
@@ -726,8 +752,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def _saslStep(self, data: bytes | None) -> Deferred[bytes]:
         d = maybeDeferred(self._sasl.step, data)
-        d.addCallback(self._saslNext)
-        d.addErrback(self._saslFailed)
+        # The errback sees failures of the exchange itself; a failed login at
+        # its end is _loginFailed's, like any other.
+        d.addCallbacks(self._saslNext, self._saslFailed)
         return d
 
     def _saslNext(self, result: Any) -> bytes | Deferred[bytes]:
@@ -736,9 +763,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._sasl = None
         return self._login(result.credentials, self._saslMechanism)
 
-    def _saslFailed(self, failure: Failure) -> Failure:
+    def _saslFailed(self, failure: Failure) -> Failure | Deferred[bytes]:
         self._sasl = None
-        return failure
+        self.factory.loginResult("failed", self._saslMechanism)
+        return self._penalize(failure)
 
     # -- RFC 2595: STLS ----------------------------------------------------------
 
@@ -983,6 +1011,9 @@ class POP3Factory(Factory):
         certUserField: str = "cn",
         metrics: Metrics | None = None,
         logoutFormat: str = DEFAULT_LOGOUT_FORMAT,
+        loginTimeout: int = DEFAULT_LOGIN_TIMEOUT,
+        limits: ConnectionLimits | None = None,
+        penalty: AuthPenalty | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -1012,20 +1043,29 @@ class POP3Factory(Factory):
         self.certUserField = certUserField
         self.metrics = metrics
         self.logoutFormat = logoutFormat
+        self.loginTimeout = loginTimeout
+        self.limits = limits or ConnectionLimits()
+        self.penalty = penalty or AuthPenalty(clock)
         #: The connections open now (for graceful shutdown).
         self.sessions: set[POP3Protocol] = set()
         self._drained: Deferred[None] | None = None
 
     # -- accounting ----------------------------------------------------------
 
-    def sessionStarted(self, protocol: POP3Protocol) -> None:
+    def sessionStarted(self, protocol: POP3Protocol) -> bool:
+        """Admit a new connection (False: over a connection limit)."""
+        if not self.limits.admit(protocol.stats.ip):
+            _log.info("refused a connection from {ip}: connection limit", ip=protocol.stats.ip)
+            return False
         self.sessions.add(protocol)
         if self.metrics is not None:
             self.metrics.open.inc()
             self.metrics.connections.labels("yes" if protocol.secure else "no").inc()
+        return True
 
     def sessionEnded(self, protocol: POP3Protocol) -> None:
         self.sessions.discard(protocol)
+        self.limits.release(protocol.stats.ip)
         if self.metrics is not None:
             self.metrics.sessionEnded(protocol.stats, protocol.stats.fields()["duration"])
         if self._drained is not None and not self.sessions:

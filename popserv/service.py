@@ -25,6 +25,7 @@ from popserv.backends.maildir import MaildirStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import IMailStore
+from popserv.limits import AuthPenalty, ConnectionLimits
 from popserv.metrics import Metrics, metricsSite
 from popserv.policy import SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
@@ -101,6 +102,9 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         certUserField=config.tls_cert_user,
         metrics=Metrics() if config.metrics else None,
         logoutFormat=config.logout_format,
+        loginTimeout=config.login_timeout,
+        limits=ConnectionLimits(config.max_connections, config.max_connections_per_ip),
+        penalty=AuthPenalty(reactor, cap=config.auth_penalty),
         allowPlaintext=PlaintextPolicy(
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),

@@ -129,6 +129,35 @@ class Options(usage.Options):
             int,
         ],
         [
+            "login-timeout",
+            None,
+            None,
+            "Idle seconds allowed before a login [default: 120].",
+            int,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Connections open at once, server-wide; 0 for no limit [default: 1000].",
+            int,
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            None,
+            "Connections open at once from one client address; 0 for no limit [default: 50].",
+            int,
+        ],
+        [
+            "auth-penalty",
+            None,
+            None,
+            "Failed logins from an address are answered after 1, 2, 4 ... seconds, up to "
+            "this many; 0 turns the penalty off [default: 15].",
+            int,
+        ],
+        [
             "sasl-mechanisms",
             None,
             None,
@@ -222,6 +251,10 @@ class Options(usage.Options):
                 metrics=self["metrics"],
                 logout_format=self["logout-format"],
                 shutdown_grace=self["shutdown-grace"],
+                login_timeout=self["login-timeout"],
+                max_connections=self["max-connections"],
+                max_connections_per_ip=self["max-connections-per-ip"],
+                auth_penalty=self["auth-penalty"],
             ).validated()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

@@ -29,6 +29,7 @@ from popserv.auth.credentials import IVerifiedCredentials
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
 from popserv.interfaces import IMailStore
+from popserv.limits import AuthPenalty
 from popserv.policy import SessionPolicy
 from popserv.protocol import POP3Factory, POP3Protocol
 from popserv.sasl.base import ISecretSource, ScramKeys
@@ -82,6 +83,9 @@ def memoryServer(
     if store is None:
         store = MemoryStore()
     clock = factoryArgs.setdefault("clock", Clock())
+    # Failed logins answered at once (a production factory delays them):
+    # pass penalty=AuthPenalty(clock) to test the penalty itself.
+    factoryArgs.setdefault("penalty", AuthPenalty(clock, cap=0))
     if policy is None:
         policy = SessionPolicy(clock)
     portal = Portal(MailboxRealm(store, policy), [PlaintextChecker(users)])

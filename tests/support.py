@@ -53,6 +53,7 @@ class ServerProcess:
         listen: str = "tcp:0:interface=127.0.0.1",
         listenTLS: str | None = None,
         grace: int = 2,
+        penalty: int = 0,
     ) -> None:
         self.root = root
         self.mailRoot = root / "mail"
@@ -66,7 +67,9 @@ class ServerProcess:
             + 'passwd = "passwd"\n'
             'mail_location = "maildir:mail/%d/%n/Maildir"\n'
             'hostname = "test.invalid"\n'
-            f"shutdown_grace = {grace}\n" + extra
+            f"shutdown_grace = {grace}\n"
+            # failed logins answered at once unless a test is about the penalty
+            f"auth_penalty = {penalty}\n" + extra
         )
         self.listenTLS = listenTLS
         self.proc: subprocess.Popen[str] | None = None

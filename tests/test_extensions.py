@@ -22,12 +22,14 @@ from zope.interface import implementer
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryMailbox, MemoryStore
+from popserv.limits import AuthPenalty
 from popserv.policy import SessionPolicy, UserSettings
 from popserv.protocol import MAX_SASL_LINE, POP3Factory, State
 from popserv.testing import connect, memoryServer
 from popserv.threads import synchronously
 
 DAY = 86400
+NO_PENALTY = AuthPenalty(Clock(), cap=0)
 
 
 def b64(data: bytes) -> bytes:
@@ -258,7 +260,7 @@ def test_master_user_may_act_for_another_user_and_others_may_not(tmp_path):
     checker = PasswdFileChecker(path, runInThread=synchronously, masterUsers={"admin"})
     store = MemoryStore()
     store.maildrop("alice").deliver(b"for alice\r\n")
-    factory = POP3Factory(Portal(MailboxRealm(store), [checker]), Clock())
+    factory = POP3Factory(Portal(MailboxRealm(store), [checker]), Clock(), penalty=NO_PENALTY)
     client = connect(factory)
     assert reply(client, b"AUTH PLAIN " + b64(b"alice\0bob\0b")) == [
         b"-ERR [AUTH] Authentication failed"
@@ -279,7 +281,9 @@ def test_disabled_account_is_sys_perm_only_with_the_right_password(tmp_path):
     path = tmp_path / "passwd"
     path.write_text("alice:{PLAIN}pw::::::nologin\n")
     checker = PasswdFileChecker(path)
-    factory = POP3Factory(Portal(MailboxRealm(MemoryStore()), [checker]), Clock())
+    factory = POP3Factory(
+        Portal(MailboxRealm(MemoryStore()), [checker]), Clock(), penalty=NO_PENALTY
+    )
     client = connect(factory)
     client.send(b"USER alice\r\n")
     client.output()

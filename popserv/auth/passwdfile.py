@@ -132,6 +132,7 @@ class PasswdFileChecker:
         self._kinds: frozenset[str] = frozenset()
         self._overridden: frozenset[str] = frozenset()
         self._derived: dict[tuple[str, str, str], ScramKeys] = {}
+        self._decoy: PasswdEntry | None = None
         self._load()
 
     def _load(self) -> None:
@@ -161,6 +162,8 @@ class PasswdFileChecker:
                 kinds.add(entry.scheme.scram)
         self._kinds = frozenset(kinds)
         self._overridden = frozenset(k for e in self._users.values() for k in e.settings)
+        # An account whose hash an unknown user name is checked against.
+        self._decoy = next((e for e in self._users.values() if e.scheme.slow), None)
         self._derived.clear()
         self._stamp = stamp
 
@@ -178,7 +181,7 @@ class PasswdFileChecker:
             return self._impersonate(credentials)
         entry = self._users.get(credentials.username)
         if entry is None:
-            return fail(UnauthorizedLogin())
+            return self._unknownUser(credentials)
         scheme, secret = entry.scheme, entry.secret
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
@@ -193,6 +196,17 @@ class PasswdFileChecker:
         else:
             return fail(UnauthorizedLogin())
         return d.addCallback(self._verdict, credentials.username)
+
+    def _unknownUser(self, credentials: Any) -> Deferred[str]:
+        """
+        Fail, but only after the work a real account's check would cost: a
+        quick refusal would tell a guesser which user names exist.
+        """
+        decoy = self._decoy
+        if decoy is None or not IUsernamePassword.providedBy(credentials):
+            return fail(UnauthorizedLogin())
+        d = self._runInThread(decoy.scheme.verify, credentials.password, decoy.secret)
+        return d.addCallback(lambda _: self._verdict(False, credentials.username))
 
     def _verdict(self, matched: bool, username: str) -> str:
         if not matched:
