@@ -1,0 +1,219 @@
+"""
+Bad days over the wire: a client that stops reading mid-RETR, hostile message
+contents, password guessing, and logs that must never hold a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import socket
+import time
+
+import scramp
+
+from support import ServerProcess, deliver
+
+PASSWORD = "s3cr3t-Horse-battery"
+USERS = {"alice": "{PLAIN}" + PASSWORD}
+
+
+def rss_kib(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def read_line(sock) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def login(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    read_line(sock)
+    sock.sendall(f"USER alice\r\nPASS {PASSWORD}\r\n".encode())
+    read_line(sock)
+    assert read_line(sock).startswith(b"+OK Logged in")
+    return sock
+
+
+def test_stalled_reader_costs_bounded_memory_and_times_out(tmp_path):
+    """
+    A client that sends RETR of a 50 MiB message and reads nothing: the server
+    stops reading the file when the socket is full (back-pressure), its memory
+    stays flat, and the session times out without touching the maildrop.
+    """
+    srv = ServerProcess(tmp_path, USERS, extra="timeout = 3\n")
+    body = (b"x" * 99 + b"\n") * (50 * 1024 * 1024 // 100)
+    deliver(srv.maildir("alice"), b"Subject: big\n\n" + body, name="1.big.h")
+    srv.start()
+    try:
+        sock = login(srv.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        before = rss_kib(srv.proc.pid)
+        sock.sendall(b"RETR 1\r\n")
+        time.sleep(1.0)
+        during = rss_kib(srv.proc.pid)
+        assert during - before < 8 * 1024, (before, during)  # not the 50 MiB message
+        deadline = time.time() + 15
+        while "reason=timeout" not in srv.log:
+            assert time.time() < deadline, srv.log
+            time.sleep(0.1)
+        sock.close()
+        assert os.listdir(srv.maildir("alice") / "new") == ["1.big.h"]
+        print(f"\nRSS before RETR {before} KiB, while stalled {during} KiB")
+    finally:
+        srv.stop()
+
+
+HOSTILE = {
+    "nul": b"Subject: nul\n\nbefore\x00after\n\x00\n",
+    "long-line": b"Subject: long\n\n" + b"y" * 1_000_000 + b"\n",
+    "lone-dot": b"Subject: dot\n\n.\n..\n.\r\n. \nend\n",
+    "no-headers": b".starts with a dot\nno header at all",
+    "cr-only": b"Subject: cr\r\rbody\rmore\r",
+    "empty": b"",
+}
+
+
+def test_hostile_messages_are_served_exactly(tmp_path):
+    srv = ServerProcess(tmp_path, USERS)
+    for i, (name, content) in enumerate(HOSTILE.items()):
+        deliver(srv.maildir("alice"), content, name=f"{i}.{name}.h")
+    srv.start()
+    try:
+        sock = login(srv.port)
+        f = sock.makefile("rb")
+        for n, content in enumerate(HOSTILE.values(), 1):
+            sock.sendall(b"LIST %d\r\nRETR %d\r\n" % (n, n))
+            size = int(f.readline().split()[2])
+            status = f.readline()
+            assert status == b"+OK %d octets\r\n" % size
+            lines = []
+            while (line := f.readline()) != b".\r\n":
+                assert line.endswith(b"\r\n")
+                lines.append(line[1:] if line.startswith(b".") else line)
+            received = b"".join(lines)
+            expected = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if expected and not expected.endswith(b"\r\n"):
+                expected += b"\r\n"
+            assert received == expected, n
+            assert len(received) == size
+        sock.sendall(b"QUIT\r\n")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log
+
+
+def test_password_guessing_is_slowed_per_address(tmp_path):
+    """Delays double for one address (1, 2, 4 s ...) while another is served at once."""
+    srv = ServerProcess(tmp_path, USERS, penalty=15).start()
+    try:
+        guesser = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        read_line(guesser)
+        delays = []
+        for guess in range(3):
+            guesser.sendall(b"USER alice\r\nPASS guess%d\r\n" % guess)
+            read_line(guesser)
+            started = time.monotonic()
+            assert read_line(guesser) == b"-ERR [AUTH] Authentication failed\r\n"
+            delays.append(time.monotonic() - started)
+        assert [round(d) for d in delays] == [1, 2, 4], delays
+        guesser.sendall(b"USER alice\r\nPASS guess3\r\n")
+        read_line(guesser)
+        other = socket.create_connection(
+            ("127.0.0.1", srv.port), timeout=10, source_address=("127.0.0.2", 0)
+        )
+        started = time.monotonic()
+        read_line(other)
+        other.sendall(f"USER alice\r\nPASS {PASSWORD}\r\n".encode())
+        read_line(other)
+        assert read_line(other).startswith(b"+OK Logged in")
+        assert time.monotonic() - started < 1  # not held up by the 8 s penalty next door
+        print(f"\nobserved delays for repeated bad passwords: {[f'{d:.2f}' for d in delays]}")
+    finally:
+        srv.stop()
+
+
+def test_logs_never_contain_passwords_or_auth_payloads(tmp_path):
+    srv = ServerProcess(tmp_path, USERS).start()
+    payloads = []
+    try:
+
+        def session(lines):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            f = sock.makefile("rb")
+            greeting = f.readline()
+            for line in lines(greeting, f):
+                if line is None:
+                    break
+                sock.sendall(line + b"\r\n")
+            sock.close()
+
+        def plain(greeting, f):
+            data = base64.b64encode(b"\0alice\0" + PASSWORD.encode())
+            payloads.append(data)
+            yield b"AUTH PLAIN " + data
+            f.readline()
+            wrong = base64.b64encode(b"\0alice\0wrong-" + PASSWORD.encode())
+            payloads.append(wrong)
+            yield b"QUIT"
+
+        def login_mech(greeting, f):
+            yield b"AUTH LOGIN"
+            f.readline()
+            yield base64.b64encode(b"alice")
+            f.readline()
+            data = base64.b64encode(PASSWORD.encode())
+            payloads.append(data)
+            yield data
+            f.readline()
+            yield b"QUIT"
+
+        def user_pass(greeting, f):
+            yield b"USER alice"
+            f.readline()
+            yield b"PASS " + PASSWORD.encode()
+            f.readline()
+            yield b"QUIT"
+
+        def cram(greeting, f):
+            yield b"AUTH CRAM-MD5"
+            challenge = base64.b64decode(f.readline()[2:].strip())
+            digest = hmac.new(PASSWORD.encode(), challenge, hashlib.md5).hexdigest()
+            data = base64.b64encode(b"alice " + digest.encode())
+            payloads.append(data)
+            yield data
+            f.readline()
+            yield b"QUIT"
+
+        def scram(greeting, f):
+            client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", PASSWORD)
+            yield b"AUTH SCRAM-SHA-256 " + base64.b64encode(client.get_client_first().encode())
+            client.set_server_first(base64.b64decode(f.readline()[2:].strip()).decode())
+            final = base64.b64encode(client.get_client_final().encode())
+            payloads.append(final)
+            yield final
+            f.readline()
+            yield b""
+            f.readline()
+            yield b"QUIT"
+
+        for script in (plain, login_mech, user_pass, cram, scram):
+            session(script)
+        time.sleep(0.3)
+    finally:
+        srv.stop()
+    log = srv.log
+    assert log.count("session end: user=alice") == 5, log
+    assert PASSWORD not in log
+    for data in payloads:
+        assert data.decode() not in log
