@@ -5,12 +5,14 @@ served on their own endpoint when C{--metrics} is given; off otherwise.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from popserv.logs import SessionStats
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
 
 __all__ = ["Metrics", "metricsSite"]
 
@@ -78,6 +80,12 @@ class Metrics:
 
 def metricsSite(metrics: Metrics) -> Site:
     """A web site serving the metrics at C{/metrics}."""
+    # Imported here: prometheus_client.twisted installs the global reactor on
+    # import, which importing popserv must never do.
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     return Site(root)

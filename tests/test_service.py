@@ -291,3 +291,21 @@ def test_wheel_contents(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert not any("dropin.cache" in n or n.startswith("tests/") for n in names)
+
+
+def test_importing_popserv_installs_no_reactor(tmp_path):
+    """Embedders choose their reactor after importing popserv."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, popserv, popserv.tap, popserv.admin, popserv.testing, popserv.metrics\n"
+            "print('twisted.internet.reactor' in sys.modules)",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "False", out.stderr
