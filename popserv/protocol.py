@@ -14,7 +14,7 @@ import binascii
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -826,7 +826,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         count, size = session.stat()
         return self._streamLines(
             self._ok("{messages} ({octets})", **self._counts(count, size)),
-            (b"%d %d\r\n" % (n, info.size) for n, info in session.listing()),
+            session.listingChunks(sizes=True),
         )
 
     def do_UIDL(self, number: int | None) -> bytes | Deferred[bytes]:
@@ -834,8 +834,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if number is not None:
             return wire.ok(f"{number} {session.get(number).uid}")
         return self._streamLines(
-            self._ok("Unique-ID listing follows"),
-            (b"%d %s\r\n" % (n, info.uid.encode("ascii")) for n, info in session.listing()),
+            self._ok("Unique-ID listing follows"), session.listingChunks(sizes=False)
         )
 
     def do_RETR(self, number: int) -> Deferred[bytes]:
@@ -897,9 +896,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         )
         return self._runProducer(producer)
 
-    def _streamLines(self, status: bytes, lines: Iterator[bytes]) -> Deferred[bytes]:
+    def _streamLines(self, status: bytes, lines: Iterable[bytes]) -> Deferred[bytes]:
+        """A multi-line response from lines (or from chunks of whole lines)."""
         return self._runProducer(
-            LinesProducer(self.transport, lines, status, onProgress=self.resetTimeout)
+            LinesProducer(self.transport, iter(lines), status, onProgress=self.resetTimeout)
         )
 
     def _runProducer(self, producer: MessageProducer | LinesProducer) -> Deferred[bytes]:

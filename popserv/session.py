@@ -48,12 +48,22 @@ class Transaction:
             self._totalSize - self._deletedSize,
         )
 
-    def listing(self) -> Iterator[tuple[int, MessageInfo]]:
-        """(number, info) for each message not marked deleted, in order."""
-        deleted = self._deleted
-        for number, info in enumerate(self._messages, 1):
-            if number not in deleted:
-                yield number, info
+    def listingChunks(self, sizes: bool, batch: int = 4096) -> Iterator[bytes]:
+        """
+        The lines of LIST (C{sizes}) or UIDL for every message not marked
+        deleted, in chunks of up to C{batch} lines, each made in one go.
+        """
+        messages, deleted = self._messages, self._deleted
+        for start in range(0, len(messages), batch):
+            part = enumerate(messages[start : start + batch], start + 1)
+            if sizes:
+                lines = [b"%d %d\r\n" % (n, m.size) for n, m in part if n not in deleted]
+            else:
+                lines = [
+                    b"%d %s\r\n" % (n, m.uid.encode("ascii")) for n, m in part if n not in deleted
+                ]
+            if lines:
+                yield b"".join(lines)
 
     def retrieved(self, number: int) -> None:
         """Note that RETR sent this message (EXPIRE 0 removes it at UPDATE)."""

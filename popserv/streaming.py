@@ -177,7 +177,11 @@ class MessageProducer(_PushProducer):
 
 
 class LinesProducer(_PushProducer):
-    """Stream pre-formatted lines in batches, then the terminating "."."""
+    """
+    Stream pre-formatted CRLF-terminated text, then the terminating ".". The
+    iterator may yield single lines or chunks of many lines: each item is
+    written as it comes, so a long listing goes out in a few large writes.
+    """
 
     def __init__(
         self,
@@ -185,21 +189,16 @@ class LinesProducer(_PushProducer):
         lines: Iterator[bytes],
         prefix: bytes = b"",
         onProgress: Callable[[], object] | None = None,
-        batch: int = 2048,
     ) -> None:
         super().__init__(consumer, prefix, onProgress)
         self._lines = lines
-        self._batch = batch
         self._eof = False
 
     def _next(self) -> bytes | None:
         if self._eof:
             return None
-        chunk = []
-        for line in self._lines:
-            chunk.append(line)
-            if len(chunk) >= self._batch:
-                return b"".join(chunk)
-        self._eof = True
-        chunk.append(b".\r\n")
-        return b"".join(chunk)
+        piece = next(self._lines, None)
+        if piece is None:
+            self._eof = True
+            return b".\r\n"
+        return piece

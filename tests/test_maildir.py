@@ -283,3 +283,92 @@ def test_protocol_over_maildir_end_to_end(tmp_path):
     ]
     assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["A"]
     open_(store).close()  # the lock was released
+
+
+def age_directories(box, seconds=60):
+    """Directory mtimes as of a while ago: a listing made now can be trusted."""
+    past = time.time() - seconds
+    for sub in ("cur", "new"):
+        os.utime(box / sub, (past, past))
+
+
+def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypatch):
+    """A second store (another process, a restart) reads sizes from .popserv.index."""
+    deliver(box, b"a\nb\n", name="1.A.h")
+    deliver(box, b"ccc\n", name="2.B.h:2,S", sub="cur")
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    mailbox = open_(store)
+    first = [i.size for i in result(mailbox.listMessages())]
+    mailbox.close()
+    lines = (box / md.INDEX_FILE).read_text().splitlines()
+    assert lines[0] == "popserv-index 1" and sorted(lines[1:]) == ["1.A.h\t6", "2.B.h\t5"]
+    monkeypatch.setattr(md, "_countSize", lambda fd: pytest.fail("file read again"))
+    fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    assert [i.size for i in result(open_(fresh).listMessages())] == first
+
+
+@pytest.mark.parametrize("damage", [b"garbage", b"popserv-index 1\nx\tnotanumber\n", b""])
+def test_damaged_index_is_rebuilt(tmp_path, box, damage):
+    deliver(box, b"a\nb\n", name="1.A.h")
+    box.joinpath(md.INDEX_FILE).write_bytes(damage)
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    assert [i.size for i in result(open_(store).listMessages())] == [6]
+    assert (box / md.INDEX_FILE).read_text() == "popserv-index 1\n1.A.h\t6\n"
+
+
+def test_index_write_failure_costs_nothing_but_a_warning(tmp_path, box):
+    deliver(box, b"a\n", name="1.A.h")
+    (box / md.INDEX_FILE).mkdir()  # cannot be replaced by a file
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    assert [i.size for i in result(open_(store).listMessages())] == [3]
+
+
+def test_listing_reused_until_the_maildrop_changes(tmp_path, box, monkeypatch):
+    deliver(box, b"a\n", name="1.A.h")
+    age_directories(box)
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    mailbox = open_(store)
+    first = result(mailbox.listMessages())
+    scans = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: scans.append(p) or real(p))
+    assert result(mailbox.listMessages()) == first and scans == []
+    deliver(box, b"b\n", name="2.B.h")  # changes new/'s mtime
+    assert [i.uid for i in result(mailbox.listMessages())] == ["1.A.h", "2.B.h"]
+    assert len(scans) == 2
+
+
+def test_fresh_directories_are_not_trusted(tmp_path, box, monkeypatch):
+    """A directory changed within the timestamp tick may change again unseen: rescan."""
+    deliver(box, b"a\n", name="1.A.h")
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    mailbox = open_(store)
+    result(mailbox.listMessages())
+    scans = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: scans.append(p) or real(p))
+    result(mailbox.listMessages())
+    assert len(scans) == 2
+
+
+def test_expire_days_uses_the_delivery_time_in_the_name(tmp_path):
+    """EXPIRE n removes messages older than n days (by the Maildir name's timestamp)."""
+    from popserv.policy import SessionPolicy, UserSettings
+
+    now = time.time()
+    store = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously)
+    box = tmp_path / "alice"
+    deliver(box, b"old\n", name=f"{int(now - 40 * 86400)}.OLD.h")
+    deliver(box, b"new\n", name=f"{int(now - 86400)}.NEW.h")
+    clock = Clock()
+    clock.advance(now)
+    policy = SessionPolicy(clock, UserSettings(expire=30))
+    factory = POP3Factory(
+        Portal(MailboxRealm(store, policy), [PlaintextChecker({"alice": "pw"})]),
+        clock,
+        policy=policy,
+    )
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\nQUIT\r\n")
+    assert client.lines()[-1].endswith(b"(1 message left)")
+    assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["NEW"]

@@ -109,11 +109,18 @@ def test_disconnect_mid_stream_closes_the_reader_once():
     assert len(consumer.data) == 1
 
 
-def test_lines_producer_batches():
+def test_lines_producer_writes_chunk_by_chunk_and_waits_when_paused():
     consumer = PausingConsumer()
-    lines = (b"%d 100\r\n" % i for i in range(1, 10001))
-    producer = LinesProducer(consumer, lines, b"+OK\r\n", batch=1000)
+    pulled = []
+
+    def chunks():
+        for i in range(10):
+            pulled.append(i)
+            yield b"".join(b"%d 100\r\n" % (i * 1000 + j) for j in range(1, 1001))
+
+    producer = LinesProducer(consumer, chunks(), b"+OK\r\n")
     done = producer.start()
+    assert pulled == [0]  # paused after the first write: nothing more is built
     while not done.called:
         producer.resumeProducing()
     assert len(consumer.data) == 11

@@ -8,8 +8,10 @@ Maildir storage (cr.yp.to/proto/maildir.html), as Dovecot and Postfix lay it out
   move from C{new/} to C{cur/} and restarts. Names outside the RFC 1939 UIDL
   alphabet or over 70 characters are mapped to a digest of the name.
 - Sizes: a C{,W=} field is the CRLF size and is trusted; otherwise the file is
-  read once to count its bare LFs, and the result is cached in process by
-  (device, inode, size, mtime).
+  read once to count its bare LFs. Sizes are kept by base name (a delivered
+  Maildir file never changes) in memory and in C{.popserv.index} in the
+  maildrop, written atomically and shared by every process; the listing is
+  reused while the directories' mtimes say nothing changed.
 - The maildrop is locked with C{flock} on C{.popserv.lock}: exclusive between
   sessions (in this and other processes) and released by the kernel if the
   process dies, so a crash never leaves a stale lock.
@@ -24,8 +26,9 @@ import hashlib
 import os
 import re
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -37,7 +40,15 @@ from popserv.location import MailLocation
 from popserv.threads import RunInThread, reactorThreads
 from popserv.wire import CRLFSizer
 
-__all__ = ["MaildirStore", "MaildirMailbox", "uniquePart", "uidFor", "LOCK_FILE"]
+__all__ = [
+    "MaildirStore",
+    "MaildirMailbox",
+    "MaildropCache",
+    "uniquePart",
+    "uidFor",
+    "LOCK_FILE",
+    "INDEX_FILE",
+]
 
 _log = Logger()
 
@@ -82,30 +93,70 @@ def _sizeHints(name: str) -> dict[str, int]:
     return hints
 
 
-class SizeCache:
-    """Exact CRLF sizes by file identity, shared by all sessions of a store."""
+INDEX_FILE = ".popserv.index"
+_INDEX_HEADER = "popserv-index 1\n"
 
-    def __init__(self, limit: int = 500_000) -> None:
-        self._sizes: dict[tuple[int, int, int, int], int] = {}
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def get(self, st: os.stat_result) -> int | None:
-        return self._sizes.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-
-    def put(self, st: os.stat_result, size: int) -> None:
-        with self._lock:
-            if len(self._sizes) >= self._limit:
-                self._sizes.clear()
-            self._sizes[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = size
+#: A directory whose mtime is this recent may still change within the same
+#: timestamp tick: its listing is not trusted from the cache (nanoseconds).
+_RACY_NS = 2_000_000_000
 
 
-@dataclass
-class _Location:
-    """Where one message's file is now; updated if another program renames it."""
+class MaildropCache:
+    """
+    What is known about one maildrop without reading it again: the exact
+    CRLF size of each message by its base name (Maildir files never change
+    once delivered), persisted in C{.popserv.index} so that other processes
+    and later starts share it, and the last listing with the directory
+    stamps it was made under.
+    """
 
-    base: str  # the name before ":" (stable across flag changes)
-    path: str
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sizes: dict[str, int] = {}
+        self.loaded = False
+        self.listing: tuple[tuple[int, ...], list[MessageInfo]] | None = None
+
+    def load(self) -> None:
+        """Read the index file; a missing or damaged one is simply rebuilt."""
+        self.loaded = True
+        try:
+            with open(
+                os.path.join(self.path, INDEX_FILE), encoding="utf-8", errors="surrogateescape"
+            ) as f:
+                if f.readline() != _INDEX_HEADER:
+                    return
+                sizes = {}
+                for line in f:
+                    base, sep, size = line.rstrip("\n").rpartition("\t")
+                    if not sep or not size.isdigit():
+                        return  # damaged: ignore it all
+                    sizes[base] = int(size)
+        except (OSError, ValueError):
+            return
+        sizes.update(self.sizes)
+        self.sizes = sizes
+
+    def save(self, live: set[str]) -> None:
+        """
+        Write the sizes of the messages still present, atomically (a reader
+        sees the old file or the new one, never a mix). Failure (disk full,
+        read-only maildrop) only costs recounting later.
+        """
+        self.sizes = {base: size for base, size in self.sizes.items() if base in live}
+        temporary = os.path.join(self.path, f"{INDEX_FILE}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(_INDEX_HEADER)
+                f.writelines(f"{base}\t{size}\n" for base, size in self.sizes.items())
+            os.replace(temporary, os.path.join(self.path, INDEX_FILE))
+        except OSError as e:
+            _log.warn(
+                "{maildir}: cannot write the size index: {error}", maildir=self.path, error=e
+            )
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
 
 
 def _countSize(fd: int) -> int:
@@ -131,22 +182,51 @@ class _FileReader:
             os.close(fd)
 
 
+def _base(path: str) -> str:
+    return os.path.basename(path).split(":", 1)[0]
+
+
 @implementer(IMailbox)
 class MaildirMailbox:
-    """One locked Maildir for one session."""
+    """
+    One locked Maildir for one session. A message's C{key} is the path of its
+    file at listing time; if another program renames it (a flag change, the
+    move from new/ to cur/), the new path is found by its base name.
+    """
 
     def __init__(self, path: str, lockFD: int, store: MaildirStore) -> None:
         self.path = path
         self._lockFD: int | None = lockFD
         self._store = store
+        self._moved: dict[str, str] = {}
 
     def listMessages(self) -> Deferred[list[MessageInfo]]:
         return self._store.runInThread(self._scan)
 
+    def _stamps(self) -> tuple[int, ...] | None:
+        stamps: list[int] = []
+        for sub in _SUBDIRS:
+            try:
+                st = os.stat(os.path.join(self.path, sub))
+            except FileNotFoundError:
+                stamps += [0, 0]
+                continue
+            stamps += [st.st_ino, st.st_mtime_ns]
+        if time.time_ns() - max(stamps[1::2]) < _RACY_NS:
+            return None  # too fresh to vouch for
+        return tuple(stamps)
+
     def _scan(self) -> list[MessageInfo]:
+        cache = self._store.cacheFor(self.path)
+        stamps = self._stamps()
+        if stamps is not None and cache.listing is not None and cache.listing[0] == stamps:
+            return cache.listing[1]  # nothing was added, removed or renamed
+        if not cache.loaded:
+            cache.load()
+        sizes = cache.sizes
+        counted = 0
         found: list[tuple[tuple[int, str], MessageInfo]] = []
         seen: set[str] = set()
-        cache = self._store.sizes
         for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             try:
@@ -155,8 +235,9 @@ class MaildirMailbox:
                 continue
             for entry in entries:
                 name = entry.name
-                if name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                if name[0] == "." or not entry.is_file(follow_symlinks=False):
                     continue
+                base = name.split(":", 1)[0]
                 unique = uniquePart(name)
                 uid = uidFor(unique)
                 if uid in seen:
@@ -167,42 +248,41 @@ class MaildirMailbox:
                         unique=unique,
                     )
                     continue
-                hints = _sizeHints(name)
+                size = sizes.get(base)
+                if size is None and ",W=" in base:
+                    size = _sizeHints(name).get("W")
                 leading = _LEADING_DIGITS.match(unique)
-                if "W" in hints and leading:
-                    # Everything is in the name: no stat, no read.
-                    size, order = hints["W"], int(leading.group())
-                else:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                        size = hints.get("W")
-                        if size is None:
-                            size = self._countCached(entry.path, st, cache)
-                    except FileNotFoundError:
-                        continue  # moved or removed by another program meanwhile
-                    order = int(leading.group()) if leading else int(st.st_mtime)
+                try:
+                    if size is None:
+                        fd = os.open(entry.path, _OPEN_FLAGS)
+                        try:
+                            size = _countSize(fd)
+                        finally:
+                            os.close(fd)
+                        sizes[base] = size
+                        counted += 1
+                    if leading:
+                        order = int(leading.group())
+                    else:
+                        order = int(entry.stat(follow_symlinks=False).st_mtime)
+                except FileNotFoundError:
+                    continue  # moved or removed by another program meanwhile
                 seen.add(uid)
-                base = name.split(":", 1)[0]
-                found.append(
-                    ((order, unique), MessageInfo(uid, size, key=_Location(base, entry.path)))
-                )
-        found.sort(key=lambda pair: pair[0])
-        return [info for _, info in found]
+                found.append(((order, unique), MessageInfo(uid, size, entry.path, order)))
+        found.sort()
+        infos = [info for _, info in found]
+        if counted or len(sizes) > len(found) + 1024:
+            cache.save({_base(info.key) for info in infos})
+        if stamps is not None and stamps == self._stamps():
+            cache.listing = (stamps, infos)
+        return infos
 
-    @staticmethod
-    def _countCached(path: str, st: os.stat_result, cache: SizeCache) -> int:
-        size = cache.get(st)
-        if size is None:
-            fd = os.open(path, _OPEN_FLAGS)
-            try:
-                size = _countSize(fd)
-            finally:
-                os.close(fd)
-            cache.put(st, size)
-        return size
+    def _current(self, info: MessageInfo) -> str:
+        return self._moved.get(_base(info.key), info.key)
 
-    def _relocate(self, where: _Location) -> bool:
+    def _relocate(self, info: MessageInfo) -> str | None:
         """Find a message another program renamed (flags, new/ to cur/)."""
+        base = _base(info.key)
         for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
             try:
@@ -210,19 +290,21 @@ class MaildirMailbox:
             except FileNotFoundError:
                 continue
             for name in names:
-                if name.split(":", 1)[0] == where.base:
-                    where.path = os.path.join(directory, name)
-                    return True
-        return False
+                if name.split(":", 1)[0] == base:
+                    path = os.path.join(directory, name)
+                    self._moved[base] = path
+                    return path
+        return None
 
     def openMessage(self, info: MessageInfo) -> IMessageReader:
-        where: _Location = info.key
+        path: str | None = self._current(info)
         for _attempt in range(2):
+            if path is None:
+                break
             try:
-                return _FileReader(os.open(where.path, _OPEN_FLAGS))
+                return _FileReader(os.open(path, _OPEN_FLAGS))
             except FileNotFoundError:
-                if not self._relocate(where):
-                    raise MessageVanished() from None
+                path = self._relocate(info)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise PermanentFailure("Message is not a regular file") from None
@@ -235,19 +317,20 @@ class MaildirMailbox:
     def _remove(self, infos: list[MessageInfo]) -> list[MessageInfo]:
         failed = []
         for info in infos:
-            where: _Location = info.key
+            path = self._current(info)
             try:
                 try:
-                    os.unlink(where.path)
+                    os.unlink(path)
                 except FileNotFoundError:
-                    if self._relocate(where):
-                        os.unlink(where.path)
+                    moved = self._relocate(info)
+                    if moved is not None:
+                        os.unlink(moved)
                     # else: already gone, which is what was asked
             except OSError as e:
                 _log.error(
                     "{maildir}: cannot remove {path}: {error}",
                     maildir=self.path,
-                    path=where.path,
+                    path=path,
                     error=e,
                 )
                 failed.append(info)
@@ -289,13 +372,16 @@ class MaildirStore:
         location: MailLocation | str,
         runInThread: RunInThread | None = None,
         createMissing: bool = True,
+        maxCachedMaildrops: int = 1024,
     ) -> None:
         if isinstance(location, str):
             location = MailLocation.parse(location)
         self.location = location
         self.runInThread = runInThread or reactorThreads()
         self.createMissing = createMissing
-        self.sizes = SizeCache()
+        self._caches: OrderedDict[str, MaildropCache] = OrderedDict()
+        self._cachesLock = threading.Lock()
+        self.maxCachedMaildrops = maxCachedMaildrops
         # Paths locked by this process. flock already excludes other
         # descriptors, but on NFS Linux emulates it with per-process POSIX
         # locks, which would let two sessions of one process in.
@@ -339,6 +425,18 @@ class MaildirStore:
             self._release(path)
             raise
         return MaildirMailbox(path, fd, self)
+
+    def cacheFor(self, path: str) -> MaildropCache:
+        """The cache of one maildrop (the least recently used are dropped)."""
+        with self._cachesLock:
+            cache = self._caches.get(path)
+            if cache is None:
+                cache = self._caches[path] = MaildropCache(path)
+                while len(self._caches) > self.maxCachedMaildrops:
+                    self._caches.popitem(last=False)
+            else:
+                self._caches.move_to_end(path)
+            return cache
 
     def _release(self, path: str) -> None:
         with self._heldLock:
