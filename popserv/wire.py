@@ -8,6 +8,7 @@ tested (and fuzzed) on bytes alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = [
@@ -17,8 +18,6 @@ __all__ = [
     "parseCommand",
     "ok",
     "err",
-    "LineEndingNormalizer",
-    "DotStuffer",
     "TopLimiter",
     "MessageEncoder",
     "crlfSize",
@@ -92,66 +91,12 @@ def err(text: str | bytes = "", code: str | None = None) -> bytes:
     return _status(b"-ERR", text, code)
 
 
-class LineEndingNormalizer:
-    """
-    Turn bare LF line endings into CRLF, chunk by chunk.
-
-    CRLF stays CRLF and a lone CR stays as it is. A CR at the end of a chunk is
-    held back until the next chunk shows whether an LF follows it, so that the
-    output never depends on how the input was split.
-    """
-
-    __slots__ = ("_heldCR",)
-
-    def __init__(self) -> None:
-        self._heldCR = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._heldCR:
-            chunk = b"\r" + chunk
-            self._heldCR = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._heldCR = True
-        if b"\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        return chunk
-
-    def finish(self) -> bytes:
-        held, self._heldCR = self._heldCR, False
-        return b"\r" if held else b""
-
-
-class DotStuffer:
-    """
-    Byte-stuff CRLF-normalized data (RFC 1939 section 3) and terminate it.
-
-    Every line that starts with "." gets one more, the first line included,
-    wherever the chunk boundaries fall. L{finish} adds the CRLF a message
-    without a final line ending lacks, then the terminating ".".
-    """
-
-    __slots__ = ("_atLineStart",)
-
-    def __init__(self) -> None:
-        self._atLineStart = True
-
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        out = data.replace(b"\r\n.", b"\r\n..")
-        if self._atLineStart and data[0] == 0x2E:
-            out = b"." + out
-        self._atLineStart = data[-1] == 0x0A
-        return out
-
-    def finish(self) -> bytes:
-        return TERMINATOR if self._atLineStart else CRLF + TERMINATOR
+_STUFF = re.compile(rb"\n\.")  # re's literal search beats bytes.replace here
 
 
 class TopLimiter:
     """
-    Pass CRLF-normalized message data through up to the end of the header, the
+    Pass LF-normalized message data through up to the end of the header, the
     blank line, and then C{bodyLines} lines of the body (RFC 1939 TOP).
 
     A message without a blank line is all header and passes through whole.
@@ -171,20 +116,20 @@ class TopLimiter:
             return b""
         pos = 0
         if self._inHeader:
-            if self._atLineStart and data.startswith(CRLF):
-                pos = 2
+            if self._atLineStart and data[0] == 0x0A:
+                pos = 1
             else:
-                blank = data.find(b"\r\n\r\n")
+                blank = data.find(b"\n\n")
                 if blank < 0:
                     self._atLineStart = data[-1] == 0x0A
                     return data
-                pos = blank + 4
+                pos = blank + 2
             self._inHeader = False
         while self._left > 0:
-            eol = data.find(CRLF, pos)
+            eol = data.find(b"\n", pos)
             if eol < 0:
                 return data
-            pos = eol + 2
+            pos = eol + 1
             self._left -= 1
         self.done = True
         return data[:pos]
@@ -193,15 +138,20 @@ class TopLimiter:
 class MessageEncoder:
     """
     The whole pipeline from stored message bytes to the wire: line endings to
-    CRLF, optionally cut for TOP, byte-stuffed, terminated.
+    CRLF (a lone CR stays data), optionally cut for TOP, byte-stuffed (RFC 1939
+    section 3, the first line included), terminated, whatever the chunking.
+
+    Internally the data is brought to bare LF first, so that stuffing and TOP
+    look for one-byte line ends, and turned into CRLF last: three bulk passes
+    over each chunk, never a loop over lines.
     """
 
-    __slots__ = ("_normalizer", "_limiter", "_stuffer")
+    __slots__ = ("_heldCR", "_atLineStart", "_limiter")
 
     def __init__(self, topLines: int | None = None) -> None:
-        self._normalizer = LineEndingNormalizer()
+        self._heldCR = False
+        self._atLineStart = True
         self._limiter = TopLimiter(topLines) if topLines is not None else None
-        self._stuffer = DotStuffer()
 
     @property
     def done(self) -> bool:
@@ -209,16 +159,36 @@ class MessageEncoder:
         return self._limiter is not None and self._limiter.done
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._normalizer.feed(chunk)
+        if self._heldCR:
+            chunk = b"\r" + chunk
+            self._heldCR = False
+        if chunk[-1:] == b"\r":
+            # A CR at the end may be half of a CRLF: decide with the next chunk.
+            chunk = chunk[:-1]
+            self._heldCR = True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        return self._emit(chunk)
+
+    def _emit(self, data: bytes) -> bytes:
         if self._limiter is not None:
             data = self._limiter.feed(data)
-        return self._stuffer.feed(data)
+        if not data:
+            return b""
+        stuffed = _STUFF.sub(b"\n..", data)
+        if self._atLineStart and data[0] == 0x2E:
+            stuffed = b"." + stuffed
+        self._atLineStart = data[-1] == 0x0A
+        return stuffed.replace(b"\n", b"\r\n")
 
     def finish(self) -> bytes:
-        data = self._normalizer.finish()
-        if self._limiter is not None:
-            data = self._limiter.feed(data)
-        return self._stuffer.feed(data) + self._stuffer.finish()
+        out = b""
+        if self._heldCR:
+            self._heldCR = False
+            out = self._emit(b"\r")
+        if self._atLineStart:
+            return out + TERMINATOR
+        return out + CRLF + TERMINATOR
 
 
 class CRLFSizer:
@@ -227,8 +197,8 @@ class CRLFSizer:
     its stored bytes, without building the converted copy.
 
     This is the size that STAT, LIST and the RETR status line report: CRLF line
-    endings, plus the CRLF that L{DotStuffer.finish} adds to a non-empty message
-    that does not end in a line ending.
+    endings, plus the CRLF that L{MessageEncoder.finish} adds to a non-empty
+    message that does not end in a line ending.
     """
 
     __slots__ = ("_size", "_heldCR", "_last")
