@@ -49,7 +49,7 @@ LOGOUT_FIELDS = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionStats:
     """Counters of one connection, kept by the protocol."""
 
@@ -70,10 +70,12 @@ class SessionStats:
     bytes_out: int = 0
     commands: int = 0
     bad_commands: int = 0
-    perCommand: dict[str, int] = field(default_factory=dict)
+    perCommand: dict[str, int] | None = None
 
     def command(self, verb: str) -> None:
         self.commands += 1
+        if self.perCommand is None:
+            self.perCommand = {}
         self.perCommand[verb] = self.perCommand.get(verb, 0) + 1
 
     def fields(self) -> dict[str, Any]:

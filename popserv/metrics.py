@@ -68,7 +68,7 @@ class Metrics:
         """Fold a finished connection's counters in."""
         self.open.dec()
         self.sessions.labels(stats.reason).observe(duration)
-        for verb, n in stats.perCommand.items():
+        for verb, n in (stats.perCommand or {}).items():
             self.commands.labels(verb).inc(n)
         if stats.retr_bytes:
             self.bytesSent.labels("RETR").inc(stats.retr_bytes)

@@ -17,15 +17,27 @@ from popserv.interfaces import IMailbox, MessageInfo
 
 __all__ = ["Transaction"]
 
+_NONE: frozenset[int] = frozenset()
+
 
 class Transaction:
     """The per-login view of one maildrop."""
 
+    __slots__ = (
+        "mailbox",
+        "_messages",
+        "_deleted",
+        "_retrieved",
+        "_deletedSize",
+        "_totalSize",
+    )
+
     def __init__(self, mailbox: IMailbox, messages: Sequence[MessageInfo]) -> None:
         self.mailbox = mailbox
-        self._messages = tuple(messages)
-        self._deleted: set[int] = set()
-        self._retrieved: set[int] = set()
+        self._messages = tuple(messages)  # no copy if the backend gave a tuple
+        # Most sessions never mark anything: the sets are made on first use.
+        self._deleted: set[int] | frozenset[int] = _NONE
+        self._retrieved: set[int] | frozenset[int] = _NONE
         self._deletedSize = 0
         self._totalSize = sum(m.size for m in self._messages)
 
@@ -67,17 +79,21 @@ class Transaction:
 
     def retrieved(self, number: int) -> None:
         """Note that RETR sent this message (EXPIRE 0 removes it at UPDATE)."""
-        self._retrieved.add(number)
+        if self._retrieved is _NONE:
+            self._retrieved = set()
+        self._retrieved.add(number)  # type: ignore[union-attr]
 
     def delete(self, number: int) -> None:
         """Mark a message deleted (DELE); nothing is removed until UPDATE."""
         info = self.get(number)
-        self._deleted.add(number)
+        if self._deleted is _NONE:
+            self._deleted = set()
+        self._deleted.add(number)  # type: ignore[union-attr]
         self._deletedSize += info.size
 
     def reset(self) -> None:
         """Unmark every message (RSET)."""
-        self._deleted.clear()
+        self._deleted = _NONE
         self._deletedSize = 0
 
     @property

@@ -190,7 +190,7 @@ def test_failed_removal_is_reported(store, box, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    assert result(mailbox.removeMessages(infos)) == infos[:1]
+    assert result(mailbox.removeMessages(infos)) == list(infos[:1])
     assert os.listdir(box / "new") == ["1.A.h"]
 
 

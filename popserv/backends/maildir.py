@@ -114,7 +114,7 @@ class MaildropCache:
         self.path = path
         self.sizes: dict[str, int] = {}
         self.loaded = False
-        self.listing: tuple[tuple[int, ...], list[MessageInfo]] | None = None
+        self.listing: tuple[tuple[int, ...], tuple[MessageInfo, ...]] | None = None
 
     def load(self) -> None:
         """Read the index file; a missing or damaged one is simply rebuilt."""
@@ -194,13 +194,15 @@ class MaildirMailbox:
     move from new/ to cur/), the new path is found by its base name.
     """
 
+    __slots__ = ("path", "_lockFD", "_store", "_moved")
+
     def __init__(self, path: str, lockFD: int, store: MaildirStore) -> None:
         self.path = path
         self._lockFD: int | None = lockFD
         self._store = store
-        self._moved: dict[str, str] = {}
+        self._moved: dict[str, str] | None = None  # made when a file is found renamed
 
-    def listMessages(self) -> Deferred[list[MessageInfo]]:
+    def listMessages(self) -> Deferred[tuple[MessageInfo, ...]]:
         return self._store.runInThread(self._scan)
 
     def _stamps(self) -> tuple[int, ...] | None:
@@ -216,7 +218,7 @@ class MaildirMailbox:
             return None  # too fresh to vouch for
         return tuple(stamps)
 
-    def _scan(self) -> list[MessageInfo]:
+    def _scan(self) -> tuple[MessageInfo, ...]:
         cache = self._store.cacheFor(self.path)
         stamps = self._stamps()
         if stamps is not None and cache.listing is not None and cache.listing[0] == stamps:
@@ -270,7 +272,7 @@ class MaildirMailbox:
                 seen.add(uid)
                 found.append(((order, unique), MessageInfo(uid, size, entry.path, order)))
         found.sort()
-        infos = [info for _, info in found]
+        infos = tuple(info for _, info in found)  # shared by sessions, never copied
         if counted or len(sizes) > len(found) + 1024:
             cache.save({_base(info.key) for info in infos})
         if stamps is not None and stamps == self._stamps():
@@ -278,6 +280,8 @@ class MaildirMailbox:
         return infos
 
     def _current(self, info: MessageInfo) -> str:
+        if self._moved is None:
+            return info.key
         return self._moved.get(_base(info.key), info.key)
 
     def _relocate(self, info: MessageInfo) -> str | None:
@@ -292,6 +296,8 @@ class MaildirMailbox:
             for name in names:
                 if name.split(":", 1)[0] == base:
                     path = os.path.join(directory, name)
+                    if self._moved is None:
+                        self._moved = {}
                     self._moved[base] = path
                     return path
         return None
