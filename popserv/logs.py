@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
@@ -79,8 +79,8 @@ class SessionStats:
         self.perCommand[verb] = self.perCommand.get(verb, 0) + 1
 
     def fields(self) -> dict[str, Any]:
-        values = asdict(self)
-        del values["perCommand"], values["started"]
+        """The values the logout line may name (L{LOGOUT_FIELDS})."""
+        values = {name: getattr(self, name) for name in _PLAIN_FIELDS}
         values["tls"] = "yes" if self.tls else "no"
         values["duration"] = time.monotonic() - self.started
         return values
@@ -105,3 +105,6 @@ def json() -> ILogObserver:
     shippers: C{twistd --logger popserv.logs.json -n popserv ...}.
     """
     return jsonFileLogObserver(sys.stdout)
+
+
+_PLAIN_FIELDS = tuple(name for name in LOGOUT_FIELDS if name not in ("tls", "duration"))

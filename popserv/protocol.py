@@ -531,9 +531,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.setTimeout(self.factory.timeout)
         self.settings = self.factory.policy.settingsFor(user)
         count, size = self.transaction.stat()
-        _log.info(
-            "login {user}: {count} messages, {size} octets", user=user, count=count, size=size
-        )
+        # No log line here: the session's one line is written when it ends.
         return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
 
     def _loginFailed(
@@ -659,13 +657,13 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
                 implementation=self.factory.implementation,
                 messages=self.language.count(left, "message"),
             )
-        _log.info(
-            "logout {user}: {removed} removed ({marked} marked), {failed} not removed",
-            user=self.user,
-            removed=len(removals) - len(notRemoved),
-            marked=len(session.marked),
-            failed=len(notRemoved),
-        )
+        if notRemoved:
+            _log.warn(
+                "{user}: {failed} of {marked} deleted messages could not be removed",
+                user=self.user,
+                marked=len(removals),
+                failed=len(notRemoved),
+            )
         if not self._disconnected:
             self.transport.write(reply)
             self.transport.loseConnection()

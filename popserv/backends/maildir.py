@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -203,7 +203,21 @@ class MaildirMailbox:
         self._moved: dict[str, str] | None = None  # made when a file is found renamed
 
     def listMessages(self) -> Deferred[tuple[MessageInfo, ...]]:
+        # Two stat calls tell whether the cached listing still holds; only a
+        # real scan (which may read many files) goes to a thread.
+        cached = self._cachedListing()
+        if cached is not None:
+            return succeed(cached)
         return self._store.runInThread(self._scan)
+
+    def _cachedListing(self) -> tuple[MessageInfo, ...] | None:
+        cache = self._store.cacheFor(self.path)
+        if cache.listing is None:
+            return None
+        stamps = self._stamps()
+        if stamps is not None and cache.listing[0] == stamps:
+            return cache.listing[1]
+        return None
 
     def _stamps(self) -> tuple[int, ...] | None:
         stamps: list[int] = []
@@ -399,14 +413,15 @@ class MaildirStore:
         return f"maildir:{self.location.template}"
 
     def openMailbox(self, user: str) -> Deferred[MaildirMailbox]:
+        # A few local syscalls (stat, open, a non-blocking flock): cheaper on
+        # the calling thread than a trip through the thread pool.
         d = maybeDeferred(self.location.expand, user)
-        return d.addCallback(lambda path: self.runInThread(self._open, path))
+        return d.addCallback(self._open)
 
     def _open(self, path: str) -> MaildirMailbox:
-        if not os.path.isdir(path):
+        if not os.path.isdir(os.path.join(path, "cur")):
             if not self.createMissing:
                 raise PermanentFailure("Mailbox does not exist")
-        if self.createMissing:
             for sub in ("cur", "new", "tmp"):
                 os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         with self._heldLock:
