@@ -130,6 +130,15 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.output)
 
+    def waitForLog(self, text: str, timeout: float = 10) -> str:
+        """The log once it contains C{text} (log lines trail the events they report)."""
+        deadline = time.time() + timeout
+        while text not in self.log:
+            if time.time() > deadline:
+                raise AssertionError(f"{text!r} not logged:\n{self.log}")
+            time.sleep(0.02)
+        return self.log
+
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, as in a crash."""
         if self.proc and self.proc.poll() is None:

@@ -258,7 +258,7 @@ def test_mpop_sasl_mechanism_retrieves_byte_exact(spawn, tmp_path, auth):
         final = log.split("<-- + ")[-1].split("\n", 1)[0]
         assert base64.b64decode(final).startswith(b"v="), log
     assert mpop_delivered(tmp_path) == [local(MESSAGE)]
-    assert "login alice: 1 messages" in srv.log
+    srv.waitForLog(f"session end: user=alice ip=127.0.0.1 tls=no mechanism={auth.upper()} ")
     assert on_server(srv, "alice") == {"1700000001.M1P1.sasl": MESSAGE}
 
 
@@ -583,7 +583,7 @@ def test_login_delay_over_the_wire(spawn):
     pop.user("bob@example.org")
     assert pop.pass_("builder").startswith(b"+OK Logged in")
     pop.quit()
-    assert srv.log.count("login alice:") == 1
+    assert srv.waitForLog("session end: user=bob@example.org").count("user=alice ") == 1
 
 
 def test_expire_zero_removes_retrieved_at_quit(spawn):

@@ -997,7 +997,7 @@ def test_sasl_external_email_identity(spawn, pki):
         pop.quit()
     finally:
         pop.close()
-    assert "login alice@example.org" in srv.log, srv.log
+    srv.waitForLog("session end: user=alice@example.org ip=127.0.0.1 tls=yes mechanism=EXTERNAL")
 
 
 # -- 10. certificate reload ------------------------------------------------------------------
