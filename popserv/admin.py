@@ -6,6 +6,7 @@ C{popserv}: the administrator's command (also C{python -m popserv}).
     popserv deliver USER < message            deliver into a Maildir (MDA)
     popserv check-config --config FILE        report every problem, one a line
     popserv uidl USER --config FILE           the UIDLs the server would serve
+    popserv serve --workers N --config FILE   N worker processes on shared sockets
     popserv selfsigned DIR [HOST...]          a self-signed certificate to try TLS
 
 Exit codes follow sysexits(3) where Postfix and scripts look at them:
@@ -325,6 +326,18 @@ def cmdUidl(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmdServe(args: argparse.Namespace) -> int:
+    from popserv.workers import Supervisor
+
+    config = _config(args)
+    try:
+        config.validated()
+        supervisor = Supervisor(args.config, config, args.workers)
+    except (ConfigError, ValueError, OSError) as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    return supervisor.run()
+
+
 def cmdSelfSigned(args: argparse.Namespace) -> int:
     from popserv.tls import selfSigned
 
@@ -401,6 +414,19 @@ def _parser() -> argparse.ArgumentParser:
     uidl.add_argument("--sizes", action="store_true", help="also print each message's size")
     configOptions(uidl, mail=True)
     uidl.set_defaults(run=cmdUidl)
+
+    serve = sub.add_parser(
+        "serve", help="run N worker processes sharing the listening sockets (all cores)"
+    )
+    serve.add_argument("--config", "-c", required=True, help="the TOML configuration file")
+    serve.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes [default: one per core]",
+    )
+    serve.set_defaults(run=cmdServe)
 
     cert = sub.add_parser("selfsigned", help="write a self-signed cert.pem and key.pem")
     cert.add_argument("directory")

@@ -1,0 +1,183 @@
+"""
+Several worker processes on one machine's cores, sharing the listening
+sockets: C{popserv serve --workers N --config FILE}.
+
+The supervisor (this module, no reactor) binds every TCP listener of the
+configuration once, then starts N ordinary C{twistd popserv} workers that
+adopt those sockets the way systemd socket activation hands them over
+(C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints). The kernel
+spreads connections over the workers. Maildrop locks are C{flock}s, so they
+hold across processes; a worker that dies is started again; SIGTERM and
+SIGHUP are passed on to every worker.
+
+What is per process: LOGIN-DELAY memory, the failed-login penalty, connection
+limits (each worker applies the configured ones), and metrics (worker I serves
+them on the configured port + I).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from popserv.config import Config
+
+__all__ = ["Listener", "bindListeners", "Supervisor", "workerArgv"]
+
+_TCP = re.compile(r"^(tcp6?):(\d+)((?::[a-zA-Z]+=[^:]*)*)$")
+
+#: A worker that dies sooner than this after its start is restarted only
+#: after a pause, so a broken configuration does not spin.
+_RESTART_PAUSE = 1.0
+
+
+@dataclass
+class Listener:
+    """One bound listening socket and where it goes in the worker's options."""
+
+    option: str  # "--listen" or "--listen-tls"
+    sock: socket.socket
+    family: str  # "INET" or "INET6"
+
+
+def _parseTCP(description: str) -> tuple[int, int, str, int]:
+    m = _TCP.match(description)
+    if m is None:
+        raise ValueError(
+            f"{description!r}: workers share tcp:/tcp6: listeners only "
+            "(use systemd socket activation for others)"
+        )
+    family = socket.AF_INET6 if m.group(1) == "tcp6" else socket.AF_INET
+    options = dict(part.split("=", 1) for part in m.group(3).split(":")[1:])
+    interface = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
+    return family, int(m.group(2)), interface, int(options.get("backlog", "128"))
+
+
+def bindListeners(config: Config) -> list[Listener]:
+    """Bind every listener of C{config} once, for the workers to share."""
+    listeners = []
+    for option, descriptions in (("--listen", config.listen), ("--listen-tls", config.listen_tls)):
+        for description in descriptions:
+            family, port, interface, backlog = _parseTCP(description)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((interface, port))
+            sock.listen(backlog)
+            sock.set_inheritable(True)
+            host, bound = sock.getsockname()[:2]
+            print(f"popserv: {option[2:]} on {host}:{bound}", flush=True)
+            name = "INET6" if family == socket.AF_INET6 else "INET"
+            listeners.append(Listener(option, sock, name))
+    return listeners
+
+
+def _metricsFor(index: int, metrics: str | None) -> list[str]:
+    if not metrics:
+        return []
+    m = _TCP.match(metrics)
+    if m is None:
+        return ["--metrics", metrics] if index == 0 else []
+    return ["--metrics", f"{m.group(1)}:{int(m.group(2)) + index}{m.group(3)}"]
+
+
+def workerArgv(
+    configPath: str, listeners: Sequence[Listener], index: int, config: Config
+) -> list[str]:
+    """The twistd command line of worker C{index}."""
+    argv = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "--nodaemon",
+        "--pidfile=",
+        "popserv",
+        "--config",
+        configPath,
+    ]
+    for i, listener in enumerate(listeners):
+        argv += [listener.option, f"systemd:domain={listener.family}:index={i}"]
+    return argv + _metricsFor(index, config.metrics)
+
+
+def _execWorker(fds: list[int], argv: list[str]) -> None:
+    """In the child: put the sockets at fd 3, 4, ... and announce them, as systemd does."""
+    # Out of the way first, so that moving one never overwrites another.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
+    for target, fd in enumerate(high, 3):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ["LISTEN_FDS"] = str(len(fds))
+    os.environ["LISTEN_FDNAMES"] = ":".join("pop3" for _ in fds)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.execv(argv[0], argv)
+
+
+class Supervisor:
+    """Start, watch and stop the workers."""
+
+    def __init__(self, configPath: str, config: Config, workers: int) -> None:
+        self.configPath = os.path.abspath(configPath)
+        self.config = config
+        self.count = workers
+        self.listeners = bindListeners(config)
+        self.workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self.stopping = False
+
+    def start(self, index: int) -> None:
+        argv = workerArgv(self.configPath, self.listeners, index, self.config)
+        fds = [listener.sock.fileno() for listener in self.listeners]
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from popserv.workers import _child; _child()",
+                ",".join(map(str, fds)),
+                *argv,
+            ],
+            pass_fds=fds,
+        )
+        self.workers[index] = (proc, time.monotonic())
+        print(f"popserv: worker {index} started, pid {proc.pid}", flush=True)
+
+    def signal(self, signum: int) -> None:
+        for proc, _ in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.signal(signal.SIGHUP))
+        for index in range(self.count):
+            self.start(index)
+        while True:
+            if self.stopping:
+                for proc, _ in self.workers.values():
+                    proc.wait()
+                return 0
+            for index, (proc, started) in list(self.workers.items()):
+                status = proc.poll()
+                if status is None or self.stopping:
+                    continue
+                print(f"popserv: worker {index} (pid {proc.pid}) exited with {status}", flush=True)
+                if time.monotonic() - started < _RESTART_PAUSE:
+                    time.sleep(_RESTART_PAUSE)
+                self.start(index)
+            time.sleep(0.2)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self.signal(signal.SIGTERM)
+
+
+def _child() -> None:
+    fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
+    _execWorker(fds, sys.argv[2:])

@@ -1,0 +1,167 @@
+"""`popserv serve --workers N`: several processes on shared sockets, locks across them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from support import REPO, ServerProcess, deliver
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class Workers:
+    def __init__(self, tmp_path, users, count=2):
+        self.server = ServerProcess(tmp_path, users)  # for its config and maildirs
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "popserv",
+                "serve",
+                "--workers",
+                str(count),
+                "--config",
+                str(self.server.config),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.pids: dict[int, int] = {}
+        self.port = None
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if m := re.match(r"popserv: listen on [\d.]+:(\d+)", line):
+                    self.port = int(m.group(1))
+                if m := re.match(r"popserv: worker (\d+) started, pid (\d+)", line):
+                    self.pids[int(m.group(1))] = int(m.group(2))
+                if self.port and sum("POP3Factory starting" in x for x in self.lines) >= count:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert ready.wait(30), "".join(self.lines)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    users = {f"u{i}": "{PLAIN}pw" for i in range(40)}
+    w = Workers(tmp_path, users)
+    yield w
+    w.stop()
+
+
+def login(port, user):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(f"USER {user}\r\nPASS pw\r\n".encode())
+    f.readline()
+    return s, f, f.readline()
+
+
+def test_lock_holds_across_worker_processes(workers):
+    """Many simultaneous logins to one maildrop: exactly one wins, whichever worker."""
+    results = []
+    sockets = []
+    threads = [
+        threading.Thread(target=lambda: results.append(login(workers.port, "u0")))
+        for _ in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    replies = [reply for _s, _f, reply in results]
+    sockets = [s for s, _f, _reply in results]
+    assert sum(r.startswith(b"+OK Logged in") for r in replies) == 1, replies
+    assert all(r.startswith((b"+OK Logged in", b"-ERR [IN-USE]")) for r in replies), replies
+    for s in sockets:
+        s.close()
+
+
+def test_all_workers_serve(workers):
+    before = {i: cpu_ticks(pid) for i, pid in workers.pids.items()}
+    held = [login(workers.port, f"u{i}") for i in range(40)]
+    assert all(reply.startswith(b"+OK Logged in") for _s, _f, reply in held)
+    for _ in range(10):  # a little work on every connection
+        for s, _f, _reply in held:
+            s.sendall(b"STAT\r\nLIST\r\nUIDL\r\n")
+        for _s, f, _reply in held:
+            f.readline()
+            for _ in range(2):
+                f.readline()
+                while f.readline() != b".\r\n":
+                    pass
+    for s, _f, _reply in held:
+        s.close()
+    used = {i: cpu_ticks(pid) - before[i] for i, pid in workers.pids.items()}
+    assert all(ticks > 0 for ticks in used.values()), used
+
+
+def test_a_dead_worker_is_replaced(workers, tmp_path):
+    deliver(workers.server.maildir("u1"), b"Subject: x\n\nkept\n")
+    victim = workers.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 20
+    while workers.pids[0] == victim:
+        assert time.time() < deadline, "".join(workers.lines)
+        time.sleep(0.1)
+    s, _f, reply = login(workers.port, "u1")
+    assert reply == b"+OK Logged in, 1 message (20 octets)\r\n"
+    s.close()
+
+
+def test_sigterm_stops_every_worker(tmp_path):
+    w = Workers(tmp_path, {"u": "{PLAIN}pw"})
+    pids = list(w.pids.values())
+    w.stop()
+    assert w.proc.returncode == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_non_tcp_listeners_are_refused(tmp_path):
+    server = ServerProcess(tmp_path, {"u": "{PLAIN}pw"}, listen="unix:/tmp/popserv-x.sock")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "popserv",
+            "serve",
+            "--workers",
+            "2",
+            "--config",
+            str(server.config),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 64 and "tcp:/tcp6: listeners only" in out.stderr
