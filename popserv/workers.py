@@ -3,12 +3,13 @@ Several worker processes on one machine's cores, sharing the listening
 sockets: C{popserv serve --workers N --config FILE}.
 
 The supervisor (this module, no reactor) binds every TCP listener of the
-configuration once, then starts N ordinary C{twistd popserv} workers that
-adopt those sockets the way systemd socket activation hands them over
-(C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints). The kernel
-spreads connections over the workers. Maildrop locks are C{flock}s, so they
-hold across processes; a worker that dies is started again; SIGTERM and
-SIGHUP are passed on to every worker.
+configuration, one socket per worker with C{SO_REUSEPORT} so that the kernel
+spreads connections evenly, then starts N ordinary C{twistd popserv} workers
+that adopt their sockets the way systemd socket activation hands them over
+(C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints). The supervisor
+keeps every socket open, so a worker's queue survives its restart. Maildrop
+locks are C{flock}s, so they hold across processes; a worker that dies is
+started again; SIGTERM and SIGHUP are passed on to every worker.
 
 What is per process: LOGIN-DELAY memory, the failed-login penalty, connection
 limits (each worker applies the configured ones), and metrics (worker I serves
@@ -61,22 +62,24 @@ def _parseTCP(description: str) -> tuple[int, int, str, int]:
     return family, int(m.group(2)), interface, int(options.get("backlog", "128"))
 
 
-def bindListeners(config: Config) -> list[Listener]:
-    """Bind every listener of C{config} once, for the workers to share."""
-    listeners = []
+def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
+    """Bind every listener of C{config}: one socket per worker, all on one port."""
+    perWorker: list[list[Listener]] = [[] for _ in range(workers)]
     for option, descriptions in (("--listen", config.listen), ("--listen-tls", config.listen_tls)):
         for description in descriptions:
             family, port, interface, backlog = _parseTCP(description)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((interface, port))
-            sock.listen(backlog)
-            sock.set_inheritable(True)
-            host, bound = sock.getsockname()[:2]
-            print(f"popserv: {option[2:]} on {host}:{bound}", flush=True)
             name = "INET6" if family == socket.AF_INET6 else "INET"
-            listeners.append(Listener(option, sock, name))
-    return listeners
+            for sockets in perWorker:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((interface, port))
+                sock.listen(backlog)
+                sock.set_inheritable(True)
+                port = sock.getsockname()[1]  # port 0: the others join the one chosen
+                sockets.append(Listener(option, sock, name))
+            print(f"popserv: {option[2:]} on {interface}:{port}", flush=True)
+    return perWorker
 
 
 def _metricsFor(index: int, metrics: str | None) -> list[str]:
@@ -127,13 +130,13 @@ class Supervisor:
         self.configPath = os.path.abspath(configPath)
         self.config = config
         self.count = workers
-        self.listeners = bindListeners(config)
+        self.listeners = bindListeners(config, workers)
         self.workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
 
     def start(self, index: int) -> None:
-        argv = workerArgv(self.configPath, self.listeners, index, self.config)
-        fds = [listener.sock.fileno() for listener in self.listeners]
+        argv = workerArgv(self.configPath, self.listeners[index], index, self.config)
+        fds = [listener.sock.fileno() for listener in self.listeners[index]]
         proc = subprocess.Popen(
             [
                 sys.executable,
