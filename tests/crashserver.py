@@ -22,8 +22,8 @@ C{python crashserver.py zygote ROOT}
 
 C{python crashserver.py deliver MAILDIR LOG LOCK SEED INTERVAL CAP}
     A deliverer: every INTERVAL seconds writes a message the Maildir way
-    (tmp/, then rename into new/) and appends C{UNIQUE SHA256 SIZE CRLFSIZE SERIAL} to LOG
-    right after the rename. Every few deliveries it also acts like a mail
+    (tmp/, then rename into new/) and appends C{UNIQUE SHA256 SIZE CRLFSIZE
+    SERIAL} to LOG right after the rename. Every few deliveries it also acts like a mail
     client that moves a message from new/ to cur/ (adding C{:2,S}) or
     changes the flags of one in cur/. Delivery, log line and moves happen
     under an exclusive flock on LOCK, which the test takes while it compares
@@ -39,7 +39,6 @@ import os
 import random
 import sys
 import time
-import types
 
 HOSTNAME = "crash.invalid"
 USER = "alice"
@@ -51,24 +50,12 @@ PASSWORD = "crash-secret"
 
 def _importPopserv() -> bool:
     """
-    Import everything a server child needs, without installing a reactor.
+    Import everything a server child needs, so that a fork has nothing left to load.
 
-    popserv.metrics imports C{prometheus_client.twisted}, whose module body
-    runs C{from twisted.internet import reactor}: a plain C{import popserv}
-    installs the default reactor. The metrics endpoint is not used by these
-    servers, so a stand-in for that one module is put in place first.
-    Returns whether a reactor got installed anyway (then each child drops
-    it and installs a fresh one, see L{_freshReactor}).
+    Returns whether that installed the global reactor. It must not: each
+    child installs its own. (popserv before commit c79079b did, through
+    C{prometheus_client.twisted}.)
     """
-    stub = types.ModuleType("prometheus_client.twisted")
-
-    class MetricsResource:  # pragma: no cover - never used by these servers
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            raise RuntimeError("metrics are not available in the crash-test server")
-
-    stub.MetricsResource = MetricsResource  # type: ignore[attr-defined]
-    sys.modules.setdefault("prometheus_client.twisted", stub)
-
     import twisted.application.internet  # noqa: F401
     import twisted.internet.endpoints  # noqa: F401
     import twisted.internet.epollreactor  # noqa: F401
@@ -86,21 +73,11 @@ def _importPopserv() -> bool:
     return "twisted.internet.reactor" in sys.modules
 
 
-def _freshReactor() -> None:
-    """In a child: install a new reactor (dropping one inherited from the zygote, if any)."""
-    import twisted.internet
-    from twisted.internet import epollreactor
-
-    if "twisted.internet.reactor" in sys.modules:
-        del sys.modules["twisted.internet.reactor"]
-        if hasattr(twisted.internet, "reactor"):
-            delattr(twisted.internet, "reactor")
-    epollreactor.install()
-
-
 def _serve(root: str, port: int) -> None:
     """The child: run popserv on 127.0.0.1:PORT until killed."""
-    _freshReactor()
+    from twisted.internet import epollreactor
+
+    epollreactor.install()  # this child's own reactor, created after the fork
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -122,6 +122,8 @@ class Zygote:
         self.hello = self.expect("hello", 60)
         if "threads=1" not in self.hello.split():
             raise RuntimeError(f"the zygote must not run threads before forking: {self.hello}")
+        if "reactor_installed_by_import=0" not in self.hello.split():
+            raise RuntimeError(f"importing popserv installed the reactor: {self.hello}")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -227,8 +229,9 @@ class Stats:
 class Model:
     """What must be in the Maildir: delivered minus what QUIT sessions may have removed."""
 
-    def __init__(self, logPath: Path) -> None:
+    def __init__(self, logPath: Path, lockFD: int) -> None:
         self.logPath = logPath
+        self.lockFD = lockFD  # the deliverer's lock (see check())
         self._offset = 0
         self._partial = b""
         self.delivered: dict[str, Delivered] = {}
@@ -260,6 +263,14 @@ class Model:
     def lookup(self, unique: str) -> Delivered | None:
         if unique not in self.delivered:
             self.refresh()
+        if unique not in self.delivered:
+            # Renamed into new/ but not logged yet: the deliverer does both under
+            # the lock, so once we hold it the line is written.
+            fcntl.flock(self.lockFD, fcntl.LOCK_EX)
+            try:
+                self.refresh()
+            finally:
+                fcntl.flock(self.lockFD, fcntl.LOCK_UN)
         return self.delivered.get(unique)
 
 
@@ -383,7 +394,7 @@ class CrashTest:
         self.model = model
         self.rng = rng
         self.stats = Stats()
-        self.lockFD = os.open(root / "maildir.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self.lockFD = model.lockFD
 
     # -- one kill point: restart, check, run sessions until the kill ------------
 
@@ -758,12 +769,13 @@ def crashRoot(tmp_path):
 def test_sigkill_at_random_points_loses_nothing(crashRoot):
     rng = random.Random(SEED)
     root = crashRoot
-    zygote = deliverer = None
+    zygote = deliverer = lockFD = None
     started = time.monotonic()
     try:
         zygote = Zygote(root, freePort())
         deliverer = startDeliverer(root, root / "mail" / crashserver.USER / "Maildir", SEED)
-        test = CrashTest(root, zygote, Model(root / "delivered.log"), rng)
+        lockFD = os.open(root / "maildir.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        test = CrashTest(root, zygote, Model(root / "delivered.log", lockFD), rng)
         time.sleep(0.05)  # a few messages to begin with
         for _ in range(KILLS):
             test.cycle()
@@ -775,13 +787,14 @@ def test_sigkill_at_random_points_loses_nothing(crashRoot):
         test.check()  # after the last kill
         os.kill(pid, signal.SIGKILL)
         zygote.reap(pid)
-        os.close(test.lockFD)
     finally:
         if deliverer is not None:
             deliverer.kill()
             deliverer.wait(10)
         if zygote is not None:
             zygote.close()
+        if lockFD is not None:
+            os.close(lockFD)
     summary = test.summary(time.monotonic() - started)
     print("\n" + summary + f"\nzygote: {zygote.hello}")
     assert not test.model.violations, (
