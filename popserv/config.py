@@ -73,6 +73,8 @@ class Config:
     @ivar max_connections_per_ip: connections open at once from one address.
     @ivar auth_penalty: the longest delay, in seconds, for answering failed
         logins from an address (1 s, 2 s, 4 s ... doubling); 0 turns it off.
+    @ivar auth_cache_ttl: seconds a successful check of a slow password hash
+        (argon2, bcrypt, crypt) is remembered; 0 checks every login.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -103,6 +105,7 @@ class Config:
     max_connections: int = 1000
     max_connections_per_ip: int = 50
     auth_penalty: int = 15
+    auth_cache_ttl: int = 600
     #: the directory relative paths are resolved against (the config file's)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
 
@@ -122,7 +125,13 @@ class Config:
             validateFormat(self.logout_format)
         except ValueError as e:
             raise ConfigError(f"logout_format: {e}") from None
-        for name in ("login_timeout", "max_connections", "max_connections_per_ip", "auth_penalty"):
+        for name in (
+            "login_timeout",
+            "max_connections",
+            "max_connections_per_ip",
+            "auth_penalty",
+            "auth_cache_ttl",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be 0 or more")
         if self.login_timeout == 0:
@@ -212,6 +221,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_connections": int,
     "max_connections_per_ip": int,
     "auth_penalty": int,
+    "auth_cache_ttl": int,
 }
 
 _LISTS = ("listen", "sasl_mechanisms", "master_users", "listen_tls", "trusted_networks")

@@ -584,32 +584,35 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         """
         RFC 2449 capabilities for the current state and connection: only what
         works here and now (a mechanism no account can use is not listed).
+        Every capability the IANA registry announces in "both" states is
+        listed after login too; STLS only while it can be used (RFC 2595).
+        After login, LOGIN-DELAY and EXPIRE give the user's own values.
         """
         factory = self.factory
         policy = factory.policy
         caps = ["TOP", "UIDL", "RESP-CODES", "PIPELINING"]
-        if self.state is State.AUTHORIZATION:
-            if factory.tls is not None and not self.secure:
-                caps.append("STLS")
-            if factory.allowPlaintext(self.transport):
-                caps.append("USER")
-            mechanisms = self._mechanisms()
-            if mechanisms:
-                caps.append("SASL " + " ".join(mechanisms))
-            caps.append("AUTH-RESP-CODE")
-            perUser = " USER"
-            settings = policy.defaults
-            if policy.enforcesLoginDelay:
-                varies = perUser if policy.variesPerUser("loginDelay") else ""
-                caps.append(f"LOGIN-DELAY {settings.loginDelay}{varies}")
-            varies = perUser if policy.variesPerUser("expire") else ""
-            caps.append(f"EXPIRE {settings.expireText()}{varies}")
-            caps.append("UTF8 USER")
-        else:
+        loggedIn = self.state is not State.AUTHORIZATION
+        if not loggedIn and factory.tls is not None and not self.secure:
+            caps.append("STLS")
+        if factory.allowPlaintext(self.transport):
+            caps.append("USER")
+        mechanisms = self._mechanisms()
+        if mechanisms:
+            caps.append("SASL " + " ".join(mechanisms))
+        caps.append("AUTH-RESP-CODE")
+        if loggedIn:
             assert self.settings is not None
             if policy.enforcesLoginDelay:
                 caps.append(f"LOGIN-DELAY {self.settings.loginDelay}")
             caps.append(f"EXPIRE {self.settings.expireText()}")
+        else:
+            settings = policy.defaults
+            if policy.enforcesLoginDelay:
+                varies = " USER" if policy.variesPerUser("loginDelay") else ""
+                caps.append(f"LOGIN-DELAY {settings.loginDelay}{varies}")
+            varies = " USER" if policy.variesPerUser("expire") else ""
+            caps.append(f"EXPIRE {settings.expireText()}{varies}")
+        caps.append("UTF8 USER")
         caps.append("LANG")
         caps.append(f"IMPLEMENTATION {factory.implementation}")
         return caps

@@ -19,6 +19,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from popserv.auth.cache import VerificationCache
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
@@ -60,7 +61,10 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         config.validated()
         try:
             checker = PasswdFileChecker(
-                config.passwdPath, runInThread=run, masterUsers=frozenset(config.master_users)
+                config.passwdPath,
+                runInThread=run,
+                masterUsers=frozenset(config.master_users),
+                cache=VerificationCache(reactor, ttl=config.auth_cache_ttl),
             )
         except OSError as e:
             raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None

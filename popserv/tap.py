@@ -158,6 +158,15 @@ class Options(usage.Options):
             int,
         ],
         [
+            "auth-cache-ttl",
+            None,
+            None,
+            "Seconds a successful check of a slow password hash (argon2, bcrypt, crypt) is "
+            "remembered, so frequent polling costs no hashing; 0 checks every login "
+            "[default: 600].",
+            int,
+        ],
+        [
             "sasl-mechanisms",
             None,
             None,
@@ -255,6 +264,7 @@ class Options(usage.Options):
                 max_connections=self["max-connections"],
                 max_connections_per_ip=self["max-connections-per-ip"],
                 auth_penalty=self["auth-penalty"],
+                auth_cache_ttl=self["auth-cache-ttl"],
             ).validated()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None

@@ -150,3 +150,57 @@ def test_realm_hands_out_mailbox_and_a_logout_that_runs_once():
 def test_credentials_do_not_show_secrets():
     assert "hunter2" not in repr(UsernamePassword("a", b"hunter2"))
     assert "d1g3st" not in repr(APOPCredentials("a", b"<x>", b"d1g3st"))
+
+
+def test_slow_hash_checks_are_cached_until_the_ttl_or_a_new_hash(tmp_path):
+    """A client polling every minute costs one argon2 check per TTL, not one per poll."""
+    from twisted.internet.task import Clock
+
+    from popserv.auth.cache import VerificationCache
+
+    path = tmp_path / "passwd"
+    path.write_text("slow:" + HASHES["argon"] + "\n")
+    runs = []
+
+    def run(f, *args):
+        runs.append(f)
+        return synchronously(f, *args)
+
+    clock = Clock()
+    checker = PasswdFileChecker(path, runInThread=run, cache=VerificationCache(clock, ttl=60))
+    for _ in range(5):
+        assert outcome(checker.requestAvatarId(UsernamePassword("slow", b"pw"))) == "slow"
+    assert len(runs) == 1
+    wrong = outcome(checker.requestAvatarId(UsernamePassword("slow", b"nope")))
+    assert wrong.check(UnauthorizedLogin) and len(runs) == 2  # failures are never cached
+    clock.advance(61)
+    outcome(checker.requestAvatarId(UsernamePassword("slow", b"pw")))
+    assert len(runs) == 3
+    # a new hash in the file (password changed) never matches the old entry
+    path.write_text(
+        "slow:{ARGON2ID}" + argon2.using(memory_cost=1024, rounds=1).hash("new") + "\n"
+    )
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert outcome(checker.requestAvatarId(UsernamePassword("slow", b"pw"))).check(
+        UnauthorizedLogin
+    )
+    assert outcome(checker.requestAvatarId(UsernamePassword("slow", b"new"))) == "slow"
+
+
+def test_cache_off_checks_every_time(tmp_path):
+    from twisted.internet.task import Clock
+
+    from popserv.auth.cache import VerificationCache
+
+    path = tmp_path / "passwd"
+    path.write_text("slow:" + HASHES["argon"] + "\n")
+    runs = []
+    checker = PasswdFileChecker(
+        path,
+        runInThread=lambda f, *a: runs.append(f) or synchronously(f, *a),
+        cache=VerificationCache(Clock(), ttl=0),
+    )
+    for _ in range(3):
+        outcome(checker.requestAvatarId(UsernamePassword("slow", b"pw")))
+    assert len(runs) == 3

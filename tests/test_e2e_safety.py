@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import poplib
 import socket
+import time
 
 import pytest
 
@@ -97,3 +98,46 @@ def test_wrong_password_over_the_wire_reads_like_unknown_user(server):
         pop.quit()
     assert answers[0] == answers[1] == b"-ERR [AUTH] Authentication failed"
     assert "nope" not in server.log and "wonderland" not in server.log
+
+
+def test_a_huge_first_scan_does_not_hold_up_other_logins(tmp_path):
+    """
+    The first login to a big maildrop with no index reads every file: that runs in a
+    thread, so other users' logins are answered while it is still going on.
+    """
+    import select
+
+    from support import ServerProcess
+
+    srv = ServerProcess(tmp_path, {"big": "{PLAIN}pw", "small": "{PLAIN}pw"})
+    new = srv.maildir("big") / "new"
+    new.mkdir(parents=True)
+    body = b"Subject: x\n\n" + b"line\n" * 20
+    for i in range(30000):
+        (new / f"{1700000000 + i}.M{i}.h").write_bytes(body)
+    srv.start()
+    try:
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+        slow.recv(1000)
+        slow.sendall(b"USER big\r\n")
+        slow.recv(1000)
+        slow.sendall(b"PASS pw\r\n")
+        time.sleep(0.02)  # the scan is under way
+        started = time.monotonic()
+        for _ in range(3):
+            pop = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+            pop.user("small")
+            pop.pass_("pw")
+            pop.quit()
+        others = time.monotonic() - started
+        pending, _, _ = select.select([slow], [], [], 0)
+        assert not pending, "the big login finished first: was the scan blocking?"
+        data = b""
+        while b"Logged in" not in data:
+            data += slow.recv(1000)
+        scan = time.monotonic() - started
+        slow.close()
+        assert others < scan and others < 0.5, (others, scan)
+        print(f"\n3 logins in {others * 1000:.0f} ms during a {scan * 1000:.0f} ms first scan")
+    finally:
+        srv.stop()

@@ -108,8 +108,8 @@ def test_capa_per_user_values_before_and_after_login(tmp_path):
     client.send(b"USER alice\r\nPASS pw\r\n")
     client.output()
     caps = capa(client)
-    assert b"LOGIN-DELAY 300" in caps and b"EXPIRE 0" in caps
-    assert b"USER" not in caps and not any(c.startswith(b"SASL") for c in caps)
+    assert b"LOGIN-DELAY 300" in caps and b"EXPIRE 0" in caps  # the user's own, no USER
+    assert b"USER" in caps and any(c.startswith(b"SASL ") for c in caps)  # "both" states
 
 
 # -- SASL AUTH --------------------------------------------------------------------------

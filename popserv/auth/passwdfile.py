@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
 from popserv.auth.schemes import Scheme, UnknownScheme, parseScramSecret, parseStoredPassword
 from popserv.errors import AccountDisabled
@@ -123,10 +124,13 @@ class PasswdFileChecker:
         path: str | os.PathLike[str],
         runInThread: RunInThread | None = None,
         masterUsers: frozenset[str] = frozenset(),
+        cache: VerificationCache | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self._runInThread = runInThread or reactorThreads()
         self.masterUsers = frozenset(masterUsers)
+        #: Remembers recent successful slow-hash checks (see L{VerificationCache}).
+        self.cache = cache
         self._stamp: tuple[int, int, int, int] | None = None
         self._users: dict[str, PasswdEntry] = {}
         self._kinds: frozenset[str] = frozenset()
@@ -186,7 +190,13 @@ class PasswdFileChecker:
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
             if scheme.slow:
-                d = self._runInThread(scheme.verify, password, secret)
+                cache = self.cache
+                if cache is not None and cache.known(credentials.username, secret, password):
+                    d = succeed(True)
+                else:
+                    d = self._runInThread(scheme.verify, password, secret)
+                    if cache is not None:
+                        d.addCallback(self._remember, credentials.username, secret, password)
             else:
                 d = maybeDeferred(scheme.verify, password, secret)
         elif IUsernameHashedPassword.providedBy(credentials) and scheme.plaintext:
@@ -196,6 +206,11 @@ class PasswdFileChecker:
         else:
             return fail(UnauthorizedLogin())
         return d.addCallback(self._verdict, credentials.username)
+
+    def _remember(self, matched: bool, user: str, secret: str, password: bytes) -> bool:
+        if matched and self.cache is not None:
+            self.cache.remember(user, secret, password)
+        return matched
 
     def _unknownUser(self, credentials: Any) -> Deferred[str]:
         """
