@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from clients import local, output, split_received, wire
 from support import have
 
 TIMEOUT = 60
@@ -60,19 +61,6 @@ LATE_NAME = "1700000005.M5P1.e2e"
 LATE = b"From: late@example.org\nTo: alice@test.invalid\nSubject: late\n\n.arrived later\n"
 
 
-def wire(message: bytes) -> bytes:
-    """The message as the server sends it (before stuffing): CRLF lines, final CRLF."""
-    lf = message.replace(b"\r\n", b"\n")
-    if not lf.endswith(b"\n"):
-        lf += b"\n"
-    return lf.replace(b"\n", b"\r\n")
-
-
-def local(message: bytes) -> bytes:
-    """The message as fetchmail and mpop deliver it: the wire form with LF line endings."""
-    return wire(message).replace(b"\r\n", b"\n")
-
-
 def deliver_all(server) -> None:
     for name, message in MESSAGES.items():
         server.deliver(USER, message, name=name)
@@ -90,18 +78,6 @@ def run(cmd: list[str], home: Path) -> subprocess.CompletedProcess[bytes]:
     for proxy in ("all_proxy", "ALL_PROXY", "pop3_proxy", "POP3_PROXY"):
         env.pop(proxy, None)
     return subprocess.run(cmd, capture_output=True, timeout=TIMEOUT, env=env, cwd=home)
-
-
-def output(proc: subprocess.CompletedProcess[bytes]) -> str:
-    return (proc.stdout + proc.stderr).decode("utf-8", "replace")
-
-
-def split_received(data: bytes, client: bytes) -> bytes:
-    """Remove the Received: field (with folded lines) that the client put on top."""
-    m = re.match(rb"Received:[^\n]*\n(?:[ \t][^\n]*\n)*", data)
-    assert m, f"no Received: header added: {data[:300]!r}"
-    assert client in m.group(0), m.group(0)
-    return data[m.end() :]
 
 
 @pytest.fixture(autouse=True)

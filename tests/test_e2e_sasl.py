@@ -27,6 +27,7 @@ import pytest
 import scramp
 from passlib.hash import argon2, sha512_crypt
 
+from clients import split_received, wire
 from popserv._version import __version__
 from support import ServerProcess, deliver, have
 
@@ -47,14 +48,6 @@ UTF8_HEADERS = (
     "From: Jürgen <jürgen@bücher.example>\nTo: jürgen@test.invalid\n"
     "Subject: Grüße aus Köln ✉\n\nHallo Jürgen,\n.Punkt\n"
 ).encode()
-
-
-def wire(message: bytes) -> bytes:
-    """The message as the server sends it (before stuffing): CRLF lines, final CRLF."""
-    lf = message.replace(b"\r\n", b"\n")
-    if not lf.endswith(b"\n"):
-        lf += b"\n"
-    return lf.replace(b"\n", b"\r\n")
 
 
 def local(message: bytes) -> bytes:
@@ -125,14 +118,6 @@ def run(cmd: list[str], home: Path) -> subprocess.CompletedProcess[bytes]:
 def output(proc: subprocess.CompletedProcess[bytes]) -> str:
     """stdout and stderr as text, CRLF made LF (mpop and curl echo the CRLF they read)."""
     return (proc.stdout + proc.stderr).decode("utf-8", "replace").replace("\r\n", "\n")
-
-
-def split_received(data: bytes, client: bytes) -> bytes:
-    """Remove the Received: field (with folded lines) that the client put on top."""
-    m = re.match(rb"Received:[^\n]*\n(?:[ \t][^\n]*\n)*", data)
-    assert m, f"no Received: header added: {data[:300]!r}"
-    assert client in m.group(0), m.group(0)
-    return data[m.end() :]
 
 
 def mpop(srv: ServerProcess, tmp: Path, *, user: str, password: str, auth: str):

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import scramp
 
+from clients import local, output, split_received, wire
 from support import ServerProcess, deliver, have, makeTestPKI
 
 TIMEOUT = 30
@@ -59,29 +60,8 @@ SECOND = b"From: two@example.org\r\nSubject: second\r\n\r\n.line\r\nlast\r\n"
 MESSAGES = {"1700000001.M1P1.tls": FIRST, "1700000002.M2P1.tls": SECOND}
 
 
-def wire(message: bytes) -> bytes:
-    """The message as the server sends it (before stuffing): CRLF lines, final CRLF."""
-    lf = message.replace(b"\r\n", b"\n")
-    if not lf.endswith(b"\n"):
-        lf += b"\n"
-    return lf.replace(b"\n", b"\r\n")
-
-
-def local(message: bytes) -> bytes:
-    """The message as fetchmail and mpop deliver it: the wire form with LF line endings."""
-    return wire(message).replace(b"\r\n", b"\n")
-
-
 def b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-def split_received(data: bytes, client: bytes) -> bytes:
-    """Remove the Received: field (with folded lines) that the client put on top."""
-    m = re.match(rb"Received:[^\n]*\n(?:[ \t][^\n]*\n)*", data)
-    assert m, f"no Received: header added: {data[:300]!r}"
-    assert client in m.group(0), m.group(0)
-    return data[m.end() :]
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -299,10 +279,6 @@ def run(
         env=env,
         cwd=home,
     )
-
-
-def output(proc: subprocess.CompletedProcess[bytes]) -> str:
-    return (proc.stdout + proc.stderr).decode("utf-8", "replace")
 
 
 def pop_responses(data: bytes, multiline: list[bool]) -> list[tuple[bytes, bytes | None]]:
