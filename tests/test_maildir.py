@@ -326,7 +326,7 @@ def test_index_write_failure_costs_nothing_but_a_warning(tmp_path, box):
 def test_listing_reused_until_the_maildrop_changes(tmp_path, box, monkeypatch):
     deliver(box, b"a\n", name="1.A.h")
     age_directories(box)
-    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously, cacheThreshold=1)
     mailbox = open_(store)
     first = result(mailbox.listMessages())
     scans = []
@@ -372,3 +372,18 @@ def test_expire_days_uses_the_delivery_time_in_the_name(tmp_path):
     client.send(b"USER alice\r\nPASS pw\r\nQUIT\r\n")
     assert client.lines()[-1].endswith(b"(1 message left)")
     assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["NEW"]
+
+
+def test_small_maildrops_are_not_kept_in_memory(tmp_path, box):
+    deliver(box, b"a\n", name="1.A.h")
+    age_directories(box)
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously, cacheThreshold=2)
+    mailbox = open_(store)
+    result(mailbox.listMessages())
+    mailbox.close()
+    assert store.peekCache(str(box)) is None
+    deliver(box, b"b\n", name="2.B.h")
+    age_directories(box)
+    store2 = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously, cacheThreshold=2)
+    result(open_(store2).listMessages())
+    assert store2.peekCache(str(box)).listing is not None

@@ -211,8 +211,8 @@ class MaildirMailbox:
         return self._store.runInThread(self._scan)
 
     def _cachedListing(self) -> tuple[MessageInfo, ...] | None:
-        cache = self._store.cacheFor(self.path)
-        if cache.listing is None:
+        cache = self._store.peekCache(self.path)
+        if cache is None or cache.listing is None:
             return None
         stamps = self._stamps()
         if stamps is not None and cache.listing[0] == stamps:
@@ -289,7 +289,11 @@ class MaildirMailbox:
         infos = tuple(info for _, info in found)  # shared by sessions, never copied
         if counted or len(sizes) > len(found) + 1024:
             cache.save({_base(info.key) for info in infos})
-        if stamps is not None and stamps == self._stamps():
+        if len(infos) < self._store.cacheThreshold:
+            # Small maildrops are cheap to list again (their index is on disk):
+            # holding many of them in memory would cost more than it saves.
+            self._store.forget(self.path)
+        elif stamps is not None and stamps == self._stamps():
             cache.listing = (stamps, infos)
         return infos
 
@@ -393,6 +397,7 @@ class MaildirStore:
         runInThread: RunInThread | None = None,
         createMissing: bool = True,
         maxCachedMaildrops: int = 1024,
+        cacheThreshold: int = 256,
     ) -> None:
         if isinstance(location, str):
             location = MailLocation.parse(location)
@@ -402,6 +407,8 @@ class MaildirStore:
         self._caches: OrderedDict[str, MaildropCache] = OrderedDict()
         self._cachesLock = threading.Lock()
         self.maxCachedMaildrops = maxCachedMaildrops
+        #: Maildrops with fewer messages are not kept in memory between logins.
+        self.cacheThreshold = cacheThreshold
         # Paths locked by this process. flock already excludes other
         # descriptors, but on NFS Linux emulates it with per-process POSIX
         # locks, which would let two sessions of one process in.
@@ -458,6 +465,13 @@ class MaildirStore:
             else:
                 self._caches.move_to_end(path)
             return cache
+
+    def peekCache(self, path: str) -> MaildropCache | None:
+        return self._caches.get(path)
+
+    def forget(self, path: str) -> None:
+        with self._cachesLock:
+            self._caches.pop(path, None)
 
     def _release(self, path: str) -> None:
         with self._heldLock:
