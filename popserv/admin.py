@@ -318,7 +318,7 @@ def cmdUidl(args: argparse.Namespace) -> int:
     path = _maildirOf(config, args.user, mustExist=True)
     store = MaildirStore(MailLocation("maildir", path), runInThread=synchronously)
     # Read-only: a scan without taking the lock, so a live session is not disturbed.
-    mailbox = MaildirMailbox(path, -1, store)
+    mailbox = MaildirMailbox(path, store, locked=False)
     results: list[object] = []
     mailbox.listMessages().addBoth(results.append)
     for number, info in enumerate(results[0], 1):  # type: ignore[arg-type]

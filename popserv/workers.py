@@ -8,7 +8,7 @@ spreads connections evenly, then starts N ordinary C{twistd popserv} workers
 that adopt their sockets the way systemd socket activation hands them over
 (C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints). The supervisor
 keeps every socket open, so a worker's queue survives its restart. Maildrop
-locks are C{flock}s, so they hold across processes; a worker that dies is
+locks are kernel locks, so they hold across processes; a worker that dies is
 started again; SIGTERM and SIGHUP are passed on to every worker.
 
 What is per process: LOGIN-DELAY memory, the failed-login penalty, connection

@@ -14,13 +14,13 @@ from zope.interface.verify import verifyObject
 
 from popserv.auth.realm import MailboxRealm
 from popserv.backends import maildir as md
-from popserv.backends.maildir import LOCK_FILE, MaildirStore, uidFor, uniquePart
+from popserv.backends.maildir import MaildirStore, uidFor, uniquePart
 from popserv.errors import InvalidUserName, MaildropInUse, MessageVanished, PermanentFailure
 from popserv.interfaces import IMailbox, IMailStore, IMessageReader, validUID
 from popserv.protocol import POP3Factory
 from popserv.testing import PlaintextChecker, connect
 from popserv.threads import synchronously
-from support import deliver
+from support import REPO, deliver
 
 
 def result(d):
@@ -213,41 +213,72 @@ def test_lock_is_exclusive_between_stores_in_one_process(tmp_path, box):
     open_(b).close()
 
 
-def test_lock_held_by_a_dead_process_is_free(store, box):
-    """A lock the kernel releases: SIGKILL of the holder leaves no stale lock."""
-    box.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            f"fd = os.open({str(box / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(60)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+def hold_lock_in_another_process(root, user="alice", lockFile=None):
+    """A child process that opens (and locks) a maildrop with popserv's own code."""
+    code = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from popserv.backends.maildir import MaildirStore\n"
+        "from popserv.threads import synchronously\n"
+        f"store = MaildirStore({root + '/%n/Maildir'!r}, runInThread=synchronously, "
+        f"lockFile={lockFile!r})\n"
+        f"store.openMailbox({user!r}).addErrback(lambda f: print('failed', flush=True))\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
     )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_lock_held_by_another_process_then_by_a_dead_one(tmp_path, store, box):
+    """Exclusive across processes; SIGKILL of the holder leaves no stale lock."""
+    box.mkdir(parents=True)
+    holder = hold_lock_in_another_process(str(tmp_path))
     try:
-        assert holder.stdout.readline() == "locked\n"
         with pytest.raises(MaildropInUse):
             open_(store)
+        open_(store, "bob").close()  # another maildrop is not affected
     finally:
         holder.kill()
         holder.wait()
     open_(store).close()
 
 
+def test_one_descriptor_for_all_locks(tmp_path, store):
+    """10,000 idle sessions must not need 10,000 more descriptors for their locks."""
+    open_(store, "u0").close()  # the shared lock file is open from now on
+    before = len(os.listdir("/proc/self/fd"))
+    boxes = [open_(store, f"u{i}") for i in range(100)]
+    assert len(os.listdir("/proc/self/fd")) == before
+    for mailbox in boxes:
+        mailbox.close()
+    assert (tmp_path / md.SHARED_LOCK_FILE).exists()
+
+
+def test_fallback_to_a_lock_file_per_maildrop(tmp_path, box):
+    """Where the shared lock file cannot be made, each maildrop gets its own flock."""
+    from popserv.backends.locking import PerMaildropLocks
+
+    (tmp_path / "afile").write_text("not a directory")
+    store = MaildirStore(
+        f"{tmp_path}/%n/Maildir",
+        runInThread=synchronously,
+        lockFile=str(tmp_path / "afile" / "locks"),
+    )
+    first = open_(store)
+    assert isinstance(store.locks, PerMaildropLocks)
+    with pytest.raises(MaildropInUse):
+        open_(store)
+    first.close()
+    open_(store).close()
+    assert (box / md.LOCK_FILE).exists()
+
+
 def test_missing_maildir_is_created_or_refused(tmp_path):
     store = MaildirStore(f"{tmp_path}/%d/%n", runInThread=synchronously)
     open_(store, "joe@example.org").close()
-    assert sorted(os.listdir(tmp_path / "example.org" / "joe")) == [
-        ".popserv.lock",
-        "cur",
-        "new",
-        "tmp",
-    ]
+    assert sorted(os.listdir(tmp_path / "example.org" / "joe")) == ["cur", "new", "tmp"]
     strict = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously, createMissing=False)
     with pytest.raises(PermanentFailure):
         open_(strict, "nobody")

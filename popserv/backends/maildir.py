@@ -12,16 +12,17 @@ Maildir storage (cr.yp.to/proto/maildir.html), as Dovecot and Postfix lay it out
   Maildir file never changes) in memory and in C{.popserv.index} in the
   maildrop, written atomically and shared by every process; the listing is
   reused while the directories' mtimes say nothing changed.
-- The maildrop is locked with C{flock} on C{.popserv.lock}: exclusive between
-  sessions (in this and other processes) and released by the kernel if the
-  process dies, so a crash never leaves a stale lock.
+- The maildrop is locked for the session with a byte-range lock in one shared
+  lock file (see L{popserv.backends.locking}): exclusive between sessions in
+  this and other processes, one descriptor per process rather than per
+  session, and released by the kernel if the process dies, so a crash never
+  leaves a stale lock.
 - Directory scans and removals run off the reactor thread.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -34,7 +35,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.errors import MaildropInUse, MessageVanished, PermanentFailure
+from popserv.backends.locking import (
+    LOCK_FILE,
+    SHARED_LOCK_FILE,
+    PerMaildropLocks,
+    SharedLockFile,
+)
+from popserv.errors import MessageVanished, PermanentFailure
 from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo, validUID
 from popserv.location import MailLocation
 from popserv.threads import RunInThread, reactorThreads
@@ -52,9 +59,6 @@ __all__ = [
 
 _log = Logger()
 
-#: The lock file inside each maildrop. Never deleted: deleting a lock file
-#: that others may have open is how lock races start.
-LOCK_FILE = ".popserv.lock"
 
 #: Subdirectories holding messages. cur/ is scanned first: a message moved
 #: from new/ to cur/ during the scan is then missed once (it shows up next
@@ -194,11 +198,11 @@ class MaildirMailbox:
     move from new/ to cur/), the new path is found by its base name.
     """
 
-    __slots__ = ("path", "_lockFD", "_store", "_moved")
+    __slots__ = ("path", "_locked", "_store", "_moved")
 
-    def __init__(self, path: str, lockFD: int, store: MaildirStore) -> None:
+    def __init__(self, path: str, store: MaildirStore, locked: bool = True) -> None:
         self.path = path
-        self._lockFD: int | None = lockFD
+        self._locked = locked
         self._store = store
         self._moved: dict[str, str] | None = None  # made when a file is found renamed
 
@@ -376,10 +380,9 @@ class MaildirMailbox:
                 os.close(fd)
 
     def close(self) -> None:
-        fd, self._lockFD = self._lockFD, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
-            self._store._release(self.path)
+        if self._locked:
+            self._locked = False
+            self._store.locks.release(self.path)
 
 
 @implementer(IMailStore)
@@ -389,6 +392,9 @@ class MaildirStore:
 
     @param createMissing: create a missing maildrop (cur/, new/, tmp/, mode
         0700) at first login, as Dovecot does, instead of failing it.
+    @param lockFile: the shared lock file of every maildrop of this store
+        (default: C{.popserv-locks} in the mail root); every process serving
+        the same maildrops must use the same one.
     """
 
     def __init__(
@@ -398,6 +404,7 @@ class MaildirStore:
         createMissing: bool = True,
         maxCachedMaildrops: int = 1024,
         cacheThreshold: int = 256,
+        lockFile: str | None = None,
     ) -> None:
         if isinstance(location, str):
             location = MailLocation.parse(location)
@@ -409,11 +416,8 @@ class MaildirStore:
         self.maxCachedMaildrops = maxCachedMaildrops
         #: Maildrops with fewer messages are not kept in memory between logins.
         self.cacheThreshold = cacheThreshold
-        # Paths locked by this process. flock already excludes other
-        # descriptors, but on NFS Linux emulates it with per-process POSIX
-        # locks, which would let two sessions of one process in.
-        self._held: set[str] = set()
-        self._heldLock = threading.Lock()
+        self.lockFile = lockFile
+        self._locks: SharedLockFile | PerMaildropLocks | None = None
 
     @property
     def description(self) -> str:
@@ -431,28 +435,8 @@ class MaildirStore:
                 raise PermanentFailure("Mailbox does not exist")
             for sub in ("cur", "new", "tmp"):
                 os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
-        with self._heldLock:
-            if path in self._held:
-                raise MaildropInUse()
-            self._held.add(path)
-        try:
-            fd = os.open(
-                os.path.join(path, LOCK_FILE),
-                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise MaildropInUse() from None
-            except BaseException:
-                os.close(fd)
-                raise
-        except BaseException:
-            self._release(path)
-            raise
-        return MaildirMailbox(path, fd, self)
+        self.locks.acquire(path)
+        return MaildirMailbox(path, self)
 
     def cacheFor(self, path: str) -> MaildropCache:
         """The cache of one maildrop (the least recently used are dropped)."""
@@ -473,6 +457,23 @@ class MaildirStore:
         with self._cachesLock:
             self._caches.pop(path, None)
 
-    def _release(self, path: str) -> None:
-        with self._heldLock:
-            self._held.discard(path)
+    @property
+    def locks(self) -> SharedLockFile | PerMaildropLocks:
+        """The maildrop locks: one shared lock file if possible (L{popserv.backends.locking})."""
+        if self._locks is None:
+            self._locks = self._makeLocks()
+        return self._locks
+
+    def _makeLocks(self) -> SharedLockFile | PerMaildropLocks:
+        lockPath = self.lockFile or os.path.join(self.location.root, SHARED_LOCK_FILE)
+        try:
+            os.makedirs(os.path.dirname(lockPath) or ".", exist_ok=True)
+            return SharedLockFile(lockPath)
+        except OSError as e:
+            _log.warn(
+                "cannot use the shared lock file {path} ({error}); locking each "
+                "maildrop with its own lock file instead",
+                path=lockPath,
+                error=e,
+            )
+            return PerMaildropLocks()
