@@ -41,8 +41,11 @@ _FLOCK = "hh4xqqi4x"
 
 
 def _offset(path: str) -> int:
-    """A byte of the lock file for this maildrop: 62 bits of a hash, so never negative."""
-    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).digest()
+    """
+    A byte of the lock file for this maildrop: 62 bits of a hash of its path as
+    the mail location spells it (every process shares the configuration).
+    """
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") >> 2
 
 

@@ -403,7 +403,7 @@ class MaildirStore:
         runInThread: RunInThread | None = None,
         createMissing: bool = True,
         maxCachedMaildrops: int = 1024,
-        cacheThreshold: int = 256,
+        cacheThreshold: int = 0,
         lockFile: str | None = None,
     ) -> None:
         if isinstance(location, str):
