@@ -1,0 +1,1262 @@
+#!/usr/bin/env python3
+"""
+popserv's benchmark: the rows of the performance issue, measured for popserv,
+for a twisted.mail.pop3 peer over the same Maildirs, and for Dovecot when it
+is installed. See bench/README.rst.
+
+    python bench/run.py                  # everything, 3 runs per row, median
+    python bench/run.py --quick          # smoke test: small sizes and counts
+    python bench/run.py --rows login,dnd --runs 5 --size-hints --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import pstats
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from time import perf_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import (  # noqa: E402
+    EOF,
+    GREETING,
+    MULTI,
+    SINGLE,
+    BenchError,
+    Engine,
+    Park,
+    Response,
+    Step,
+    checkMessage,
+    raiseFileLimit,
+)
+from seed import SEED, Maildrop, Message, Seeder  # noqa: E402
+from servers import REPO, Dovecot, Popserv, Server, TwistedPeer, dovecotBinary, stopAll  # noqa: E402
+
+MiB = 1024 * 1024
+_LOG_ERROR = re.compile(r"Traceback|Error|error|Errno|Too many|Unhandled|failed|CRITICAL")
+MARKER = ".popserv-bench"
+#: Generator CPU above this share of its core: the figure may be the generator's limit.
+SATURATED = 0.90
+#: Other processes using more than this share of a core during a row: warn.
+NOISY = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and counts: the full benchmark, or the --quick smoke test."""
+
+    loginUsers: int = 64
+    loginMessages: int = 10
+    loginSessions: int = 5000
+    loginWarmup: int = 128
+    bigSize: int = 50 * MiB
+    mediumSize: int = 10 * MiB
+    mediumClients: int = 8
+    many: int = 100_000
+    dndOne: int = 5000
+    dndClients: int = 8
+    dndEach: int = 2000
+    dndCap: float = 10.0
+    idleFirst: int = 5000
+    idleMax: int = 10_000
+    idleMessages: int = 3
+
+
+FULL = Plan()
+QUICK = Plan(
+    loginSessions=600,
+    loginWarmup=64,
+    bigSize=5 * MiB,
+    mediumSize=1 * MiB,
+    many=5000,
+    dndOne=300,
+    dndEach=100,
+    dndCap=3.0,
+    idleFirst=500,
+    idleMax=1000,
+)
+
+GROUPS = {
+    "login": "1",
+    "retr50": "2",
+    "retr10x8": "3",
+    "100k": "4",
+    "dnd": "5",
+    "idle": "6",
+}
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Result:
+    samples: list[float] = field(default_factory=list)
+    gen: list[float] = field(default_factory=list)  # generator CPU, share of one core
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.samples) if self.samples and not self.error else None
+
+    @property
+    def genShare(self) -> float | None:
+        return statistics.median(self.gen) if self.gen else None
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    group: str
+    title: str
+    unit: str
+    higherIsBetter: bool
+    target: str
+    check: Callable[[float, float | None], bool] | None  # (popserv, ratio) -> met
+
+
+def _rows(plan: Plan) -> list[Row]:
+    many = f"{plan.many // 1000}k" if plan.many >= 1000 else str(plan.many)
+    big, med = plan.bigSize // MiB, plan.mediumSize // MiB
+    rows = [
+        Row(
+            "login",
+            "login",
+            f"1 login sessions/s ({plan.loginUsers} clients)",
+            "/s",
+            True,
+            ">= 2x twisted",
+            lambda v, r: r is not None and r >= 2,
+        ),
+        Row(
+            "login-cpu",
+            "login",
+            "1 server CPU per login session",
+            "ms",
+            False,
+            "<= 0.35 ms",
+            lambda v, r: v <= 0.35,
+        ),
+        Row(
+            "retr50",
+            "retr50",
+            f"2 RETR {big} MiB",
+            "MB/s",
+            True,
+            ">= 600 MB/s",
+            lambda v, r: v >= 600,
+        ),
+        Row(
+            "retr10x8",
+            "retr10x8",
+            f"3 RETR {med} MiB x {plan.mediumClients} concurrent",
+            "MB/s",
+            True,
+            ">= 600 MB/s",
+            lambda v, r: v >= 600,
+        ),
+        Row(
+            "100k-second",
+            "100k",
+            f"4 {many}: second login + STAT",
+            "ms",
+            False,
+            "<= 60 ms",
+            lambda v, r: v <= 60,
+        ),
+        Row(
+            "100k-first",
+            "100k",
+            f"4 {many}: first login + STAT (restarted)",
+            "ms",
+            False,
+            "<= 900 ms",
+            lambda v, r: v <= 900,
+        ),
+        Row(
+            "100k-restart",
+            "100k",
+            f"4 {many}: login + STAT after restart (server files kept)",
+            "ms",
+            False,
+            "-",
+            None,
+        ),
+        Row(
+            "100k-second-hints",
+            "100k",
+            f"4 {many} ,S=,W= names: second login + STAT",
+            "ms",
+            False,
+            "<= 60 ms",
+            lambda v, r: v <= 60,
+        ),
+        Row(
+            "100k-first-hints",
+            "100k",
+            f"4 {many} ,S=,W= names: first login + STAT",
+            "ms",
+            False,
+            "<= 900 ms",
+            lambda v, r: v <= 900,
+        ),
+        Row(
+            "100k-restart-hints",
+            "100k",
+            f"4 {many} ,S=,W= names: login + STAT after restart",
+            "ms",
+            False,
+            "-",
+            None,
+        ),
+        Row(
+            "100k-list",
+            "100k",
+            f"4 {many}: LIST",
+            "ms",
+            False,
+            "<= 40 ms",
+            lambda v, r: v <= 40,
+        ),
+        Row(
+            "100k-uidl",
+            "100k",
+            f"4 {many}: UIDL",
+            "ms",
+            False,
+            "<= 80 ms",
+            lambda v, r: v <= 80,
+        ),
+        Row(
+            "dnd-1",
+            "dnd",
+            "5 download-and-delete, 1 client",
+            "msg/s",
+            True,
+            ">= 2000 msg/s",
+            lambda v, r: v >= 2000,
+        ),
+        Row(
+            "dnd-8",
+            "dnd",
+            f"5 download-and-delete, {plan.dndClients} clients",
+            "msg/s",
+            True,
+            ">= 3000 msg/s",
+            lambda v, r: v >= 3000,
+        ),
+        Row(
+            "idle-mem",
+            "idle",
+            f"6 memory per idle session ({plan.idleFirst:,} open)",
+            "KiB",
+            False,
+            "<= 4 KiB",
+            lambda v, r: v <= 4,
+        ),
+        Row(
+            "idle-max",
+            "idle",
+            f"6 {plan.idleMax:,} idle sessions open (KiB each)",
+            "KiB",
+            False,
+            "works",
+            lambda v, r: True,
+        ),
+    ]
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Client scripts
+
+
+def _login(drop: Maildrop) -> Iterator[object]:
+    yield GREETING
+    yield Step(b"USER %s\r\n" % drop.user.encode())
+    yield Step(b"PASS %s\r\n" % drop.password.encode())
+
+
+def _checkStat(resp: Response, drop: Maildrop) -> None:
+    parts = resp.status.split()
+    want = [str(len(drop.messages)).encode(), str(drop.total).encode()]
+    if parts[1:3] != want:
+        raise BenchError(
+            f"{drop.user}: STAT said {resp.status!r}, the maildrop has "
+            f"{len(drop.messages)} messages, {drop.total} octets"
+        )
+
+
+def _lines(resp: Response, what: str) -> list[bytes]:
+    assert resp.body is not None
+    lines = bytes(resp.body).split(b"\r\n")
+    lines.pop()  # after the final CRLF
+    values = []
+    for i, line in enumerate(lines, 1):
+        number, _, value = line.partition(b" ")
+        if number != b"%d" % i:
+            raise BenchError(f"{what}: line {i} is {line[:80]!r}")
+        values.append(value)
+    return values
+
+
+def _numbering(resp: Response, drop: Maildrop, table: dict[str, Message]) -> list[Message]:
+    """Message number - 1 -> seeded message, from a UIDL listing; every message exactly once."""
+    found = []
+    for uid in _lines(resp, f"{drop.user}: UIDL"):
+        message = table.get(uid.decode("ascii", "replace"))
+        if message is None:
+            raise BenchError(f"{drop.user}: UIDL {uid[:80]!r} is no seeded message")
+        found.append(message)
+    if len(found) != len(drop.messages) or len({id(m) for m in found}) != len(found):
+        raise BenchError(
+            f"{drop.user}: UIDL lists {len(found)} messages "
+            f"({len({id(m) for m in found})} distinct), the maildrop has {len(drop.messages)}"
+        )
+    return found
+
+
+def _checkList(resp: Response, drop: Maildrop, numbering: list[Message]) -> None:
+    sizes = _lines(resp, f"{drop.user}: LIST")
+    if len(sizes) != len(numbering):
+        raise BenchError(f"{drop.user}: LIST has {len(sizes)} lines, UIDL {len(numbering)}")
+    for i, (size, message) in enumerate(zip(sizes, numbering, strict=True), 1):
+        if size != b"%d" % message.size:
+            raise BenchError(
+                f"{drop.user}: LIST says message {i} has {size!r} octets; RETR sends "
+                f"{message.size}"
+            )
+
+
+def _checkRetr(resp: Response, message: Message, what: str) -> int:
+    parts = resp.status.split()
+    if len(parts) < 2 or parts[1] != b"%d" % message.size:
+        raise BenchError(f"{what}: RETR status {resp.status!r}, the message has {message.size}")
+    assert resp.body is not None
+    return checkMessage(resp.body, message.size, message.digest, what)
+
+
+def loginSession(drop: Maildrop) -> Iterator[object]:
+    yield from _login(drop)
+    _checkStat((yield Step(b"STAT\r\n")), drop)
+    yield Step(b"QUIT\r\n")
+    yield EOF
+
+
+def timedLogin(
+    drop: Maildrop, t0: float, table: dict[str, Message] | None, out: dict[str, float]
+) -> Iterator[object]:
+    """Connect (at t0) .. STAT answered; then, given a UID table, timed LIST and UIDL."""
+    yield from _login(drop)
+    stat = yield Step(b"STAT\r\n")
+    out["login"] = (stat.at - t0) * 1000
+    _checkStat(stat, drop)
+    if table is not None:
+        t = perf_counter()
+        listing = yield Step(b"LIST\r\n", MULTI)
+        out["list"] = (listing.at - t) * 1000
+        t = perf_counter()
+        uidl = yield Step(b"UIDL\r\n", MULTI)
+        out["uidl"] = (uidl.at - t) * 1000
+        _checkList(listing, drop, _numbering(uidl, drop, table))
+    yield Step(b"QUIT\r\n")
+    yield EOF
+
+
+def retrSession(
+    drop: Maildrop, table: dict[str, Message], out: list[tuple[float, float, int]]
+) -> Iterator[object]:
+    """Log in, map and LIST; park at "ready"; RETR 1 (timed); park at "done"; verify."""
+    yield from _login(drop)
+    numbering = _numbering((yield Step(b"UIDL\r\n", MULTI)), drop, table)
+    _checkList((yield Step(b"LIST\r\n", MULTI)), drop, numbering)
+    yield Park("ready")
+    t0 = perf_counter()
+    resp = yield Step(b"RETR 1\r\n", numbering[0].size)
+    yield Park("done")
+    size = _checkRetr(resp, numbering[0], f"{drop.user}: RETR 1")
+    out.append((t0, resp.at, size))
+    yield Step(b"QUIT\r\n")
+    yield EOF
+
+
+def dndSession(
+    drop: Maildrop, table: dict[str, Message], deadline: float, out: list[tuple[int, float]]
+) -> Iterator[object]:
+    """UIDL, then RETR n + DELE n pipelined for each message, QUIT; stops at the deadline."""
+    yield from _login(drop)
+    numbering = _numbering((yield Step(b"UIDL\r\n", MULTI)), drop, table)
+    done = 0
+    for n, message in enumerate(numbering, 1):
+        if perf_counter() > deadline:
+            break
+        retr, _dele = yield Step(b"RETR %d\r\nDELE %d\r\n" % (n, n), message.size, SINGLE)
+        _checkRetr(retr, message, f"{drop.user}: RETR {n}")
+        done += 1
+    yield Step(b"QUIT\r\n")
+    yield EOF
+    out.append((done, perf_counter()))
+
+
+def idleSession(drop: Maildrop) -> Iterator[object]:
+    yield from _login(drop)
+    yield Park("idle")
+    yield Step(b"NOOP\r\n")
+    yield Step(b"QUIT\r\n")
+    yield EOF
+
+
+def forgetServerFiles(maildir: str) -> None:
+    """Remove everything but cur/, new/ and tmp/ from a Maildir (server indexes, locks)."""
+    for entry in os.scandir(maildir):
+        if entry.name in ("cur", "new", "tmp"):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def systemBusy() -> float:
+    """CPU seconds all processes spent in user and system mode since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system = (int(x) for x in fields[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def ownCPU() -> float:
+    """CPU seconds of this process and of its reaped children (the servers, once stopped)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+def warmPageCache(maildir: str) -> None:
+    """
+    Read every message file once (untimed), so that a "first login" measures
+    the server, not the disk: idle files may have left the page cache (some
+    kernels reclaim cold pages proactively).
+    """
+    buf = bytearray(1 << 20)
+    for sub in ("cur", "new"):
+        for entry in os.scandir(os.path.join(maildir, sub)):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                while os.readv(fd, [buf]) == len(buf):
+                    pass
+            finally:
+                os.close(fd)
+
+
+def genCPU() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.plan = QUICK if args.quick else FULL
+        self.workdir = Path(args.workdir).resolve()
+        self.root = self.workdir / "mail"
+        self.passwd = self.workdir / "passwd"
+        self.runs = args.runs
+        self.results: dict[str, dict[str, Result]] = {}
+        self.drops: dict[str, Maildrop] = {}
+        self._tables: dict[str, dict[str, Message]] = {}
+        self._profiles = 0
+        self.seeder: Seeder | None = None
+        #: (row group, server) -> CPU share of one core used by other processes.
+        self.otherLoad: dict[tuple[str, str], float] = {}
+
+    # -- set-up --------------------------------------------------------------
+
+    def prepareWorkdir(self) -> None:
+        wd = self.workdir
+        if wd.exists() and any(wd.iterdir()) and not (wd / MARKER).exists():
+            raise SystemExit(f"{wd} exists and is not a benchmark work directory; not touching it")
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd / MARKER).write_text("made by bench/run.py; deleted at the end unless --keep\n")
+
+    def removeWorkdir(self) -> None:
+        if (self.workdir / MARKER).exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _password(self, user: str) -> str:
+        return f"pw-{user}"
+
+    def seedStatic(self, groups: set[str]) -> None:
+        """
+        Seed the maildrops the chosen rows read. Maildrops seeded by an
+        earlier run kept with --keep are reused when the plan is the same.
+        """
+        units = [g for g in ("login", "retr50", "retr10x8", "100k", "idle") if g in groups]
+        if "100k" in groups and self.args.size_hints:
+            units.append("100k-hints")
+        params = (SEED, asdict(self.plan), 4)
+        manifest = self.workdir / "manifest.pickle"
+        saved: dict[str, object] = {"params": params, "units": {}}
+        if manifest.exists():
+            try:
+                with open(manifest, "rb") as f:
+                    loaded = pickle.load(f)
+                if loaded["params"] == params:
+                    saved = loaded
+            except Exception:
+                pass
+        done: dict[str, dict[str, Maildrop]] = saved["units"]  # type: ignore[assignment]
+        for unit in units:
+            drops = done.get(unit)
+            if drops is not None and all(os.path.isdir(d.path) for d in drops.values()):
+                print(f"reusing the {unit} maildrops seeded earlier in {self.workdir}")
+            else:
+                t = perf_counter()
+                done[unit] = drops = self._seedUnit(unit, done)
+                print(f"seeded {unit} in {perf_counter() - t:.1f}s", flush=True)
+                with open(manifest, "wb") as f:
+                    pickle.dump(saved, f)
+            self.drops.update(drops)
+
+    def _seedUnit(self, unit: str, done: dict[str, dict[str, Maildrop]]) -> dict[str, Maildrop]:
+        p = self.plan
+        if self.seeder is None:
+            self.seeder = Seeder(str(self.root))
+        s = self.seeder
+        drops: dict[str, Maildrop] = {}
+        if unit == "login":
+            for i in range(1, p.loginUsers + 1):
+                u = f"login{i:03d}"
+                drops[u] = s.seed(u, self._password(u), p.loginMessages)
+        elif unit == "retr50":
+            drops["big"] = s.seed("big", self._password("big"), 1, p.bigSize)
+        elif unit == "retr10x8":
+            for i in range(1, p.mediumClients + 1):
+                u = f"medium{i}"
+                drops[u] = s.seed(u, self._password(u), 1, p.mediumSize)
+        elif unit == "100k":
+            print(f"seeding a {p.many:,}-message Maildir ...", flush=True)
+            drops["many"] = s.seed("many", self._password("many"), p.many, digests=False)
+        elif unit == "100k-hints":
+            many = done["100k"]["many"]
+            drops["many-hints"] = s.linkWithSizeHints(
+                many, "many-hints", self._password("many-hints")
+            )
+        elif unit == "idle":
+            print(f"seeding {p.idleMax:,} maildrops for idle sessions ...", flush=True)
+            for i in range(1, p.idleMax + 1):
+                u = f"idle{i:05d}"
+                drops[u] = s.seed(u, self._password(u), p.idleMessages, digests=False)
+        return drops
+
+    def dndUsers(self) -> list[tuple[str, int]]:
+        p = self.plan
+        return [("dnd1", p.dndOne)] + [
+            (f"dnd{p.dndClients}-{i}", p.dndEach) for i in range(1, p.dndClients + 1)
+        ]
+
+    def seedDnd(self) -> None:
+        """(Re)create the download-and-delete maildrops: new files (new inodes) every run."""
+        if self.seeder is None:
+            self.seeder = Seeder(str(self.root))
+        for user, count in self.dndUsers():
+            self.drops[user] = self.seeder.seed(user, self._password(user), count)
+            self._tables.pop(user, None)
+
+    def writePasswd(self, groups: set[str]) -> None:
+        users = set(self.drops)
+        if "dnd" in groups:
+            users |= {u for u, _ in self.dndUsers()}
+        text = "".join(f"{u}:{{PLAIN}}{self._password(u)}\n" for u in sorted(users))
+        self.passwd.write_text(text)
+
+    def table(self, user: str) -> dict[str, Message]:
+        if user not in self._tables:
+            self._tables[user] = self.drops[user].byUID()
+        return self._tables[user]
+
+    # -- servers -------------------------------------------------------------
+
+    def servers(self) -> list[str]:
+        names = [n for n in self.args.servers.split(",") if n]
+        if "dovecot" in names and (dovecotBinary() is None or os.getuid() == 0):
+            names.remove("dovecot")
+        return names
+
+    def makeServer(self, name: str, tag: str) -> Server:
+        if name == "popserv":
+            profile = None
+            if self.args.profile:
+                self._profiles += 1
+                profile = self.workdir / f"profile-{self._profiles:02d}-{tag}.pstats"
+            return Popserv(self.workdir, self.root, self.passwd, Path(self.args.source), profile)
+        if name == "twisted":
+            return TwistedPeer(self.workdir, self.root, self.passwd, self.args.peer_nodelay)
+        if name == "dovecot":
+            return Dovecot(self.workdir, self.root, self.passwd)
+        raise ValueError(name)
+
+    @contextmanager
+    def running(self, name: str, tag: str) -> Iterator[Server]:
+        server = self.makeServer(name, tag)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+            if isinstance(server, Popserv) and server.profile and server.profile.exists():
+                self.showProfile(server.profile, tag)
+
+    def showProfile(self, path: Path, tag: str) -> None:
+        print(f"\n--- popserv profile during {tag} ({path.name}), top by own time ---")
+        stats = pstats.Stats(str(path), stream=sys.stdout)
+        stats.strip_dirs().sort_stats("tottime").print_stats(18)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def result(self, key: str, server: str) -> Result:
+        return self.results.setdefault(key, {}).setdefault(server, Result())
+
+    def fail(self, keys: list[str], server: str, error: Exception, srv: Server | None) -> None:
+        text = f"{type(error).__name__}: {error}"
+        print(f"\n!!! {server}: {', '.join(keys)} FAILED: {text}", flush=True)
+        for log in (self.workdir / f"{server}.log", self.workdir / f"{server}-events.log"):
+            if not log.exists():
+                continue
+            with open(log, "rb") as f:
+                f.seek(max(0, log.stat().st_size - 8 * MiB))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            errors = [
+                line for line in lines if _LOG_ERROR.search(line) and "session end" not in line
+            ]
+            if errors:
+                print(f"--- error lines in {log} ---", *errors[:12], "---", sep="\n", flush=True)
+        for key in keys:
+            self.result(key, server).error = text
+
+    def say(self, server: str, what: str) -> None:
+        print(f"  [{server}] {what}", flush=True)
+
+    # -- rows ----------------------------------------------------------------
+
+    def rowLogin(self, name: str) -> None:
+        p = self.plan
+        drops = [self.drops[f"login{i:03d}"] for i in range(1, p.loginUsers + 1)]
+        with self.running(name, "login") as server:
+            engine = Engine(server.port)
+
+            def sessions(total: int) -> None:
+                started = 0
+
+                def launch(drop: Maildrop) -> None:
+                    nonlocal started
+                    started += 1
+                    engine.start(loginSession(drop), drop.user, lambda _r: next_(drop))
+
+                def next_(drop: Maildrop) -> None:
+                    if started < total:
+                        launch(drop)
+
+                before = engine.completed
+                for drop in drops[:total]:
+                    launch(drop)
+                engine.run()
+                if engine.completed - before != total:
+                    raise BenchError(f"{engine.completed - before} of {total} sessions completed")
+
+            sessions(p.loginWarmup)
+            for run in range(self.runs):
+                c0, g0, t0 = server.cpuSeconds(), genCPU(), perf_counter()
+                sessions(p.loginSessions)
+                t1, g1, c1 = perf_counter(), genCPU(), server.cpuSeconds()
+                rate = p.loginSessions / (t1 - t0)
+                cpu = (c1 - c0) / p.loginSessions * 1000
+                share = (g1 - g0) / (t1 - t0)
+                for key, value in (("login", rate), ("login-cpu", cpu)):
+                    r = self.result(key, name)
+                    r.samples.append(value)
+                    r.gen.append(share)
+                self.say(
+                    name,
+                    f"login run {run + 1}: {rate:,.0f} sessions/s, server CPU "
+                    f"{cpu:.3f} ms/session, generator CPU {share:.0%}",
+                )
+            engine.close()
+
+    def _retr(self, name: str, key: str, users: list[str]) -> None:
+        with self.running(name, key) as server:
+            for run in range(self.runs):
+                rate, total, elapsed, share = self._retrRun(server.port, users)
+                r = self.result(key, name)
+                r.samples.append(rate)
+                r.gen.append(share)
+                self.say(
+                    name,
+                    f"{key} run {run + 1}: {total / 1e6:.1f} MB in {elapsed * 1000:.1f} ms ="
+                    f" {rate:,.0f} MB/s, generator CPU {share:.0%}",
+                )
+
+    def _retrRun(self, port: int, users: list[str]) -> tuple[float, int, float, float]:
+        """Every user RETRs its one message at the same moment: (MB/s, octets, s, gen CPU)."""
+        engine = Engine(port)
+        out: list[tuple[float, float, int]] = []
+        for u in users:
+            engine.start(retrSession(self.drops[u], self.table(u), out), u)
+        n = len(users)
+        engine.run(until=lambda: engine.parked("ready") == n)
+        g0, w0 = genCPU(), perf_counter()
+        engine.release("ready")
+        engine.run(until=lambda: engine.parked("done") == n)
+        g1, w1 = genCPU(), perf_counter()
+        engine.release("done")
+        engine.run()
+        engine.close()
+        if len(out) != n:
+            raise BenchError(f"{len(out)} of {n} transfers completed")
+        start = min(t0 for t0, _, _ in out)
+        end = max(t1 for _, t1, _ in out)
+        total = sum(size for _, _, size in out)
+        return total / (end - start) / 1e6, total, end - start, (g1 - g0) / (w1 - w0)
+
+    def rowRetr50(self, name: str) -> None:
+        self._retr(name, "retr50", ["big"])
+
+    def rowRetr10x8(self, name: str) -> None:
+        self._retr(name, "retr10x8", [f"medium{i}" for i in range(1, self.plan.mediumClients + 1)])
+
+    def row100k(self, name: str) -> None:
+        variants = [("", "many")]
+        if self.args.size_hints:
+            variants.append(("-hints", "many-hints"))
+        for suffix, user in variants:
+            drop = self.drops[user]
+            table = self.table(user) if not suffix else None
+            for run in range(self.runs):
+                # First login ever: a fresh process and none of the servers'
+                # own files (indexes, UID lists, locks) left in the Maildir.
+                forgetServerFiles(drop.path)
+                warmPageCache(drop.path)
+                with self.running(name, f"100k{suffix}") as server:
+                    first = self._timedLogin(server, f"100k-first{suffix}", drop, None)
+                    second = self._timedLogin(server, f"100k-second{suffix}", drop, table)
+                text = (
+                    f"first login+STAT {first['login']:,.1f} ms, second {second['login']:,.1f} ms"
+                )
+                for what in ("list", "uidl"):
+                    if what in second:
+                        r = self.result(f"100k-{what}", name)
+                        r.samples.append(second[what])
+                        r.gen.append(second["gen"])
+                        text += f", {what.upper()} {second[what]:,.1f} ms"
+                # Restarted, with whatever the server keeps on disk still there.
+                with self.running(name, f"100k{suffix}-restart") as server:
+                    again = self._timedLogin(server, f"100k-restart{suffix}", drop, None)
+                text += f"; after a restart {again['login']:,.1f} ms"
+                self.say(name, f"100k{suffix} run {run + 1}: {text}")
+
+    def _timedLogin(
+        self, server: Server, key: str, drop: Maildrop, table: dict[str, Message] | None
+    ) -> dict[str, float]:
+        engine = Engine(server.port, stallTimeout=300)
+        out: dict[str, float] = {}
+        g0 = genCPU()
+        t0 = perf_counter()
+        engine.start(timedLogin(drop, t0, table, out), drop.user)
+        engine.run()
+        out["gen"] = (genCPU() - g0) / (perf_counter() - t0)
+        engine.close()
+        r = self.result(key, server.name)
+        r.samples.append(out["login"])
+        r.gen.append(out["gen"])
+        return out
+
+    def rowDnd(self, name: str) -> None:
+        p = self.plan
+        with self.running(name, "dnd") as server:
+            for run in range(self.runs):
+                self.seedDnd()
+                for key, users in (
+                    ("dnd-1", ["dnd1"]),
+                    ("dnd-8", [f"dnd{p.dndClients}-{i}" for i in range(1, p.dndClients + 1)]),
+                ):
+                    engine = Engine(server.port)
+                    out: list[tuple[int, float]] = []
+                    g0, t0 = genCPU(), perf_counter()
+                    deadline = t0 + p.dndCap
+                    for u in users:
+                        engine.start(dndSession(self.drops[u], self.table(u), deadline, out), u)
+                    engine.run()
+                    g1, t1 = genCPU(), perf_counter()
+                    engine.close()
+                    done = sum(d for d, _ in out)
+                    offered = sum(len(self.drops[u].messages) for u in users)
+                    elapsed = max(t for _, t in out) - t0
+                    rate = done / elapsed
+                    self._checkRemoved(users, out)
+                    r = self.result(key, name)
+                    r.samples.append(rate)
+                    r.gen.append((g1 - g0) / (t1 - t0))
+                    note = ""
+                    if done < offered:
+                        note = (
+                            f"capped at {p.dndCap:g}s: {done:,} of {offered:,} messages, "
+                            "rate extrapolated"
+                        )
+                        r.notes = [f"{note} (last run)"]
+                    self.say(
+                        name,
+                        f"{key} run {run + 1}: {done:,} messages in {elapsed:.2f}s = "
+                        f"{rate:,.0f} msg/s, generator CPU {r.gen[-1]:.0%}"
+                        + (f" ({note})" if note else ""),
+                    )
+
+    def _checkRemoved(self, users: list[str], out: list[tuple[int, float]]) -> None:
+        """After QUIT the downloaded messages must be gone from cur/ and new/."""
+        left = 0
+        for u in users:
+            path = self.drops[u].path
+            left += sum(len(os.listdir(os.path.join(path, sub))) for sub in ("cur", "new"))
+        expected = sum(len(self.drops[u].messages) for u in users) - sum(d for d, _ in out)
+        if left != expected:
+            raise BenchError(f"after QUIT {left} messages remain in the maildrops, not {expected}")
+
+    def rowIdle(self, name: str) -> None:
+        tryMost = True
+        for run in range(self.runs):
+            with self.running(name, "idle") as server:
+                tryMost = self._idleRun(server, name, run, tryMost)
+
+    def _idleRun(self, server: Server, name: str, run: int, tryMost: bool) -> bool:
+        """One run of row 6 on a fresh server; False if the big count failed."""
+        p = self.plan
+        engine = Engine(server.port, stallTimeout=120)
+        users = [f"idle{i:05d}" for i in range(1, p.idleMax + 1)]
+        # Warm up (imports, thread pool, caches), then the baseline.
+        for u in users[:20]:
+            engine.start(loginSession(self.drops[u]), u)
+        engine.run()
+        time.sleep(0.5)
+        base = server.rss()
+        started = 0
+        limit = 256
+
+        def pending() -> int:
+            return started - engine.parked("idle")
+
+        def enough(target: int) -> bool:
+            return engine.parked("idle") >= target or (started < target and pending() < limit // 2)
+
+        def openUpTo(target: int) -> None:
+            nonlocal started
+            while engine.parked("idle") < target:
+                while started < target and pending() < limit:
+                    u = users[started]
+                    engine.start(idleSession(self.drops[u]), u)
+                    started += 1
+                engine.run(until=partial(enough, target))
+
+        g0, w0 = genCPU(), perf_counter()
+        openUpTo(p.idleFirst)
+        share = (genCPU() - g0) / (perf_counter() - w0)
+        time.sleep(0.5)
+        first = server.rss()
+        perSession = (first - base) / p.idleFirst / 1024
+        r = self.result("idle-mem", name)
+        r.samples.append(perSession)
+        r.gen.append(share)
+        text = (
+            f"idle run {run + 1}: RSS {base / MiB:.1f} -> {first / MiB:.1f} MiB with "
+            f"{p.idleFirst:,} sessions = {perSession:.2f} KiB/session"
+        )
+        if not tryMost:
+            engine.close()
+            self.say(name, text)
+            return False
+        try:
+            openUpTo(p.idleMax)
+            time.sleep(0.5)
+            most = server.rss()
+            fds = server.openFiles()
+            engine.release("idle")  # each: NOOP, QUIT
+            engine.run()
+        except BenchError as e:
+            fds = server.openFiles()
+            self.say(name, text)
+            self.fail(
+                ["idle-max"],
+                name,
+                BenchError(
+                    f"{e} [after {started:,} connections, {engine.parked('idle'):,} logged "
+                    f"in; server had {fds:,} fds open]"
+                ),
+                server,
+            )
+            engine.close()
+            return False
+        engine.close()
+        perMost = (most - base) / p.idleMax / 1024
+        r = self.result("idle-max", name)
+        r.samples.append(perMost)
+        r.gen.append(share)
+        self.say(
+            name,
+            text + f"; {p.idleMax:,} open: RSS {most / MiB:.1f} MiB = {perMost:.2f} "
+            f"KiB/session, {fds:,} fds, all answered NOOP",
+        )
+        return True
+
+    # -- driver --------------------------------------------------------------
+
+    ROWS: dict[str, tuple[str, list[str]]] = {
+        "login": ("rowLogin", ["login", "login-cpu"]),
+        "retr50": ("rowRetr50", ["retr50"]),
+        "retr10x8": ("rowRetr10x8", ["retr10x8"]),
+        "100k": (
+            "row100k",
+            ["100k-second", "100k-first", "100k-restart", "100k-second-hints"]
+            + ["100k-first-hints", "100k-restart-hints", "100k-list", "100k-uidl"],
+        ),
+        "dnd": ("rowDnd", ["dnd-1", "dnd-8"]),
+        "idle": ("rowIdle", ["idle-mem", "idle-max"]),
+    }
+
+    def run(self, groups: list[str]) -> bool:
+        ok = True
+        for group in groups:
+            method, keys = self.ROWS[group]
+            print(f"\n== row {GROUPS[group]}: {group} ==", flush=True)
+            for name in self.servers():
+                busy0, own0, wall0 = systemBusy(), ownCPU(), perf_counter()
+                try:
+                    getattr(self, method)(name)
+                except BenchError as e:
+                    self.fail(keys, name, e, None)
+                    ok = False
+                except RuntimeError as e:  # a server that does not start
+                    self.fail(keys, name, e, None)
+                    ok = False
+                finally:
+                    stopAll()
+                    other = (systemBusy() - busy0 - (ownCPU() - own0)) / (perf_counter() - wall0)
+                    self.otherLoad[(group, name)] = max(0.0, other)
+                    if other > NOISY:
+                        print(
+                            f"  warning: other processes used {other:.0%} of a core during "
+                            f"this row ({name}); its figures may be disturbed",
+                            flush=True,
+                        )
+        return ok and not any(
+            r.error for byServer in self.results.values() for r in byServer.values()
+        )
+
+    # -- report --------------------------------------------------------------
+
+    def table_(self, groups: list[str]) -> str:
+        rows = [r for r in _rows(self.plan) if r.group in groups]
+        if not self.args.size_hints:
+            rows = [r for r in rows if not r.key.endswith("-hints")]
+        servers = ["popserv", "twisted", "dovecot"]
+        installed = dovecotBinary() is not None
+        wanted = self.servers()
+        header = ["row", "popserv", "twisted.mail.pop3", "dovecot", "popserv/twisted", "target"]
+        lines: list[list[str]] = []
+        footnotes: list[str] = []
+        for row in rows:
+            byServer = self.results.get(row.key, {})
+            cells = [row.title]
+            for s in servers:
+                if s == "dovecot" and not installed:
+                    cells.append("not installed")
+                    continue
+                if s == "dovecot" and os.getuid() == 0:
+                    cells.append("skipped (root)")
+                    continue
+                if s not in wanted:
+                    cells.append("-")
+                    continue
+                cells.append(self._cell(row, byServer.get(s), s, footnotes))
+            pv = byServer.get("popserv", Result()).value
+            tv = byServer.get("twisted", Result()).value
+            ratio = pv / tv if pv is not None and tv else None
+            cells.append(f"{ratio:,.2f}x" if ratio is not None else "-")
+            verdict = ""
+            if pv is not None and row.check is not None:
+                if self.args.quick:
+                    verdict = " (quick: n/a)"
+                else:
+                    verdict = " ok" if row.check(pv, ratio) else " MISSED"
+            cells.append(row.target + verdict)
+            lines.append(cells)
+        out = [self._grid(header, lines)]
+        if footnotes:
+            out.append("\n".join(footnotes))
+        # Generator CPU per row.
+        genLines = []
+        for row in rows:
+            byServer = self.results.get(row.key, {})
+            cells = [row.title]
+            for s in ("popserv", "twisted", "dovecot"):
+                g = byServer.get(s, Result()).genShare
+                cells.append(
+                    "-" if g is None else f"{g:.0%}" + (" SATURATED" if g >= SATURATED else "")
+                )
+            others = [
+                f"{s} {self.otherLoad[(row.group, s)]:.0%}"
+                for s in ("popserv", "twisted", "dovecot")
+                if (row.group, s) in self.otherLoad
+            ]
+            cells.append(", ".join(others) or "-")
+            genLines.append(cells)
+        out.append(
+            "\nLoad generator CPU (share of its core, core 1) during each measurement, and CPU"
+            " used by\nother processes on the machine during the row (share of one core; "
+            f"over {NOISY:.0%} may disturb figures):\n"
+            + self._grid(
+                ["row", "popserv", "twisted.mail.pop3", "dovecot", "other processes"], genLines
+            )
+        )
+        return "\n".join(out)
+
+    def _cell(self, row: Row, r: Result | None, server: str, footnotes: list[str]) -> str:
+        if r is None:
+            return "-"
+        if r.error:
+            footnotes.append(f"FAILED {server} / {row.title}: {r.error}")
+            return "FAILED"
+        v = r.value
+        if v is None:
+            return "-"
+        if row.unit == "ms":
+            text = f"{v:,.3f} ms" if v < 1 else f"{v:,.1f} ms"
+        elif row.unit == "KiB":
+            text = f"{v:,.2f} KiB"
+        elif row.unit == "MB/s":
+            text = f"{v:,.0f} MB/s"
+        else:
+            text = f"{v:,.0f} {row.unit}"
+        if row.key == "idle-max":
+            text = f"works, {text}"
+        g = r.genShare
+        if g is not None and g >= SATURATED:
+            text += " (gen. saturated)"
+        for note in r.notes:
+            footnotes.append(f"* {server} / {row.title}: {note}")
+            text += " *"
+        if len(r.samples) > 1:
+            spread = (max(r.samples) - min(r.samples)) / v if v else 0
+            if spread > 0.25:
+                footnotes.append(
+                    f"~ {server} / {row.title}: runs spread {spread:.0%} "
+                    f"({', '.join(f'{s:,.4g}' for s in r.samples)})"
+                )
+                text += " ~"
+        return text
+
+    @staticmethod
+    def _grid(header: list[str], lines: list[list[str]]) -> str:
+        widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+
+        def fmt(cells: list[str]) -> str:
+            return " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+        sep = "-+-".join("-" * w for w in widths)
+        return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+
+
+def _revision(tree: Path) -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "-C", str(tree), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "?"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def snapshotSource(workdir: Path) -> Path:
+    """
+    Copy popserv as it is now (working tree) into the work directory, so that
+    the whole run measures one version even if the repository changes meanwhile.
+    """
+    target = workdir / "src"
+    if target.exists():
+        shutil.rmtree(target)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
+    shutil.copytree(REPO / "popserv", target / "popserv", ignore=ignore)
+    (target / "twisted" / "plugins").mkdir(parents=True)
+    shutil.copy2(
+        REPO / "twisted" / "plugins" / "popserv_plugins.py", target / "twisted" / "plugins"
+    )
+    return target
+
+
+def _environment(args: argparse.Namespace, plan: Plan) -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    import twisted
+
+    return (
+        f"popserv {args.revision} ({args.source}); Twisted {twisted.__version__}; "
+        f"Python {platform.python_version()}; {cpu}; {os.cpu_count()} CPUs; "
+        f"{platform.system()} {platform.release()}\n"
+        f"mode {'quick' if args.quick else 'full'}, median of {args.runs} runs, seed {SEED}; "
+        f"server on core 0, load generator on core 1; twisted peer "
+        f"{'with TCP_NODELAY' if args.peer_nodelay else 'stock (Nagle on)'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="popserv benchmark (see bench/README.rst)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes and counts (smoke test)")
+    parser.add_argument(
+        "--rows",
+        default=",".join(GROUPS),
+        help="comma-separated rows to run: " + ", ".join(f"{k} ({v})" for k, v in GROUPS.items()),
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per row (the median is shown)")
+    parser.add_argument(
+        "--servers", default="popserv,twisted,dovecot", help="servers to measure (if installed)"
+    )
+    parser.add_argument(
+        "--size-hints", action="store_true", help="add 100k rows with ,S=,W= names"
+    )
+    parser.add_argument("--workdir", default="/tmp/popserv-bench", help="Maildirs, logs, configs")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    parser.add_argument(
+        "--popserv-src",
+        help="popserv source tree to run as is (default: a copy of this repository's working "
+        "tree taken at start, so that edits during the run do not mix versions)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run popserv under cProfile (twistd --profiler=cprofile) and print the top "
+        "functions per row; figures are then NOT representative",
+    )
+    parser.add_argument(
+        "--peer-nodelay",
+        action="store_true",
+        help="run the twisted.mail.pop3 peer with TCP_NODELAY (stock Twisted leaves Nagle on)",
+    )
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    groups = []
+    byNumber = {v: k for k, v in GROUPS.items()}
+    for name in args.rows.split(","):
+        name = byNumber.get(name.strip(), name.strip())
+        if name not in GROUPS:
+            parser.error(f"unknown row {name!r}; rows: {', '.join(GROUPS)}")
+        if name not in groups:
+            groups.append(name)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    unknown = set(args.servers.split(",")) - {"popserv", "twisted", "dovecot", ""}
+    if unknown:
+        parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: popserv, twisted, dovecot")
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})
+    else:
+        print("warning: one CPU only; server and generator share it", file=sys.stderr)
+    raiseFileLimit()
+
+    bench = Bench(args)
+    plan = bench.plan
+    ok = False
+    try:
+        bench.prepareWorkdir()
+        if args.popserv_src:
+            args.source = Path(args.popserv_src).resolve()
+            args.revision = _revision(args.source)
+        else:
+            args.revision = _revision(REPO)
+            args.source = snapshotSource(bench.workdir)
+        print(_environment(args, plan), flush=True)
+        if "dovecot" in args.servers:
+            if dovecotBinary() is None:
+                print("dovecot: not installed, skipped", flush=True)
+            elif os.getuid() == 0:
+                print(
+                    "dovecot: skipped when running as root (it refuses uid 0 for mail "
+                    "processes); run the benchmark as an ordinary user to include it",
+                    flush=True,
+                )
+        bench.seedStatic(set(groups))
+        bench.writePasswd(set(groups))
+        ok = bench.run(groups)
+        print("\n" + _environment(args, plan) + "\n")
+        if not args.popserv_src and _revision(REPO) != args.revision:
+            print(
+                f"note: the repository changed during the run (now {_revision(REPO)}); "
+                "the figures are for the copy taken at start\n"
+            )
+        print(bench.table_(groups), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {k: {s: asdict(r) for s, r in v.items()} for k, v in bench.results.items()},
+                    f,
+                    indent=1,
+                )
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        stopAll()
+        if args.keep:
+            print(f"work directory kept: {bench.workdir}")
+        else:
+            bench.removeWorkdir()
+    if not ok:
+        print("\nSOME MEASUREMENTS FAILED (see above); their figures are not reported.")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

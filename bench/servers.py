@@ -1,0 +1,345 @@
+"""
+The servers under test, each a child process in its own session, pinned to
+core 0, listening on 127.0.0.1 only: popserv (the twistd plugin), the
+twisted.mail.pop3 peer, and Dovecot when it is installed.
+
+CPU time and memory are read from /proc for every process of the server's
+session (one process for popserv and the peer; Dovecot's master and children).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["Server", "Popserv", "TwistedPeer", "Dovecot", "stopAll", "dovecotBinary"]
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_live: set[Server] = set()
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pinAndRaiseLimits() -> None:  # runs in the child before exec
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not shutil.which("taskset"):
+        os.sched_setaffinity(0, {0})
+
+
+def _pinned(command: list[str]) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", "0", *command] if taskset else command
+
+
+def _sessionPids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6: session id
+            pids.append(int(entry))
+    return pids
+
+
+class Server:
+    """A server process group; subclasses say how to start it."""
+
+    name = "server"
+    label = "server"
+
+    def __init__(self, workdir: Path, root: Path, passwd: Path) -> None:
+        self.workdir = workdir
+        self.root = root
+        self.passwd = passwd
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logPath = workdir / f"{self.name}.log"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError()
+
+    def start(self, timeout: float = 60) -> Server:
+        self.port = freePort()
+        command, env = self.command()
+        log = open(self.logPath, "ab")
+        self.proc = subprocess.Popen(
+            _pinned(command),
+            cwd=self.workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_pinAndRaiseLimits,
+        )
+        log.close()
+        _live.add(self)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited at start-up:\n{self.tail()}")
+            if self._greets():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.label} did not start:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                greeting = s.recv(512)
+                s.sendall(b"QUIT\r\n")
+                while s.recv(512):
+                    pass
+                return greeting.startswith(b"+OK")
+        except OSError:
+            return False
+
+    def tail(self, lines: int = 30, window: int = 20000) -> str:
+        try:
+            with open(self.logPath, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.logPath) - window))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpuSeconds(self) -> float:
+        """User + system CPU time of every process of the server (all threads)."""
+        ticks = 0
+        for pid in _sessionPids(self.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+        return ticks / _CLK_TCK
+
+    def rss(self) -> int:
+        """Resident set size in bytes (summed over the server's processes)."""
+        total = 0
+        for pid in _sessionPids(self.pid):
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * _PAGE
+            except OSError:
+                continue
+        return total
+
+    def openFiles(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return -1
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+        _live.discard(self)
+        self.proc = None
+
+
+class Popserv(Server):
+    name = "popserv"
+    label = "popserv"
+
+    def __init__(
+        self,
+        workdir: Path,
+        root: Path,
+        passwd: Path,
+        source: Path = REPO,
+        profile: Path | None = None,
+    ) -> None:
+        super().__init__(workdir, root, passwd)
+        self.source = source
+        self.profile = profile
+        self.config = workdir / "popserv.conf"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        self.config.write_text(
+            f'listen = ["tcp:{self.port}:interface=127.0.0.1:backlog=1024"]\n'
+            f'passwd = "{self.passwd}"\n'
+            f'mail_location = "maildir:{self.root}/%u/Maildir"\n'
+            'hostname = "bench.example.org"\n'
+            # The abuse limits would throttle a benchmark from one address.
+            "max_connections = 20000\n"
+            "max_connections_per_ip = 0\n"
+            "auth_penalty = 0\n"
+            "login_timeout = 3600\n"
+            "timeout = 3600\n"
+            "shutdown_grace = 1\n"
+        )
+        twistd = Path(sys.executable).parent / "twistd"
+        command = (
+            [sys.executable, str(twistd)]
+            if twistd.exists()
+            else [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+            ]
+        )
+        command += ["-n", "--pidfile=", "--logfile=-"]
+        if self.profile is not None:
+            command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
+        command += ["popserv", "--config", str(self.config)]
+        env = dict(os.environ, PYTHONPATH=str(self.source))
+        return command, env
+
+
+class TwistedPeer(Server):
+    name = "twisted"
+    label = "twisted.mail.pop3"
+
+    def __init__(self, workdir: Path, root: Path, passwd: Path, noDelay: bool = False) -> None:
+        super().__init__(workdir, root, passwd)
+        self.noDelay = noDelay
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        command = [
+            sys.executable,
+            str(BENCH / "peer_twisted.py"),
+            "--port",
+            str(self.port),
+            "--root",
+            str(self.root),
+            "--passwd",
+            str(self.passwd),
+            "--logfile",
+            str(self.workdir / "twisted-events.log"),
+        ]
+        if self.noDelay:
+            command.append("--nodelay")
+        return command, dict(os.environ)
+
+
+def dovecotBinary() -> str | None:
+    for candidate in (shutil.which("dovecot"), "/usr/sbin/dovecot", "/usr/local/sbin/dovecot"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class Dovecot(Server):
+    """
+    Dovecot 2.3 as a POP3 server over the same Maildirs and passwd-file, run
+    from a private configuration (base_dir in the work directory) as the
+    current, non-root user. Only used when installed; not exercised on
+    machines without it.
+    """
+
+    name = "dovecot"
+    label = "dovecot"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        binary = dovecotBinary()
+        assert binary is not None
+        base = self.workdir / "dovecot-run"
+        base.mkdir(parents=True, exist_ok=True)
+        user = _userName()
+        config = self.workdir / "dovecot.conf"
+        config.write_text(
+            f"base_dir = {base}\n"
+            f"state_dir = {base}/state\n"
+            f"log_path = {self.workdir}/dovecot-events.log\n"
+            "protocols = pop3\n"
+            "listen = 127.0.0.1\n"
+            "ssl = no\n"
+            "disable_plaintext_auth = no\n"
+            "auth_mechanisms = plain\n"
+            f"default_internal_user = {user}\n"
+            f"default_login_user = {user}\n"
+            "default_process_limit = 20000\n"
+            "default_client_limit = 20000\n"
+            "default_vsz_limit = 0\n"
+            f"mail_location = maildir:{self.root}/%u/Maildir\n"
+            "pop3_uidl_format = %f\n"
+            "passdb {\n"
+            "  driver = passwd-file\n"
+            f"  args = scheme=PLAIN username_format=%u {self.passwd}\n"
+            "}\n"
+            "userdb {\n"
+            "  driver = static\n"
+            f"  args = uid={os.getuid()} gid={os.getgid()} home={self.root}/%u\n"
+            "}\n"
+            "service pop3-login {\n"
+            "  inet_listener pop3 {\n"
+            "    address = 127.0.0.1\n"
+            f"    port = {self.port}\n"
+            "  }\n"
+            "  service_count = 0\n"
+            "  client_limit = 20000\n"
+            "  chroot =\n"  # a non-root master cannot chroot its login processes
+            "}\n"
+            "service pop3 {\n"
+            "  process_limit = 20000\n"
+            "}\n"
+            "service anvil {\n"
+            "  chroot =\n"
+            "}\n"
+        )
+        (base / "state").mkdir(exist_ok=True)
+        return [binary, "-F", "-c", str(config)], dict(os.environ)
+
+
+def _userName() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def stopAll() -> None:
+    for server in list(_live):
+        try:
+            server.stop()
+        except Exception as e:  # clean-up must go on
+            print(f"warning: stopping {server.label}: {e}", file=sys.stderr)
+
+
+atexit.register(stopAll)
