@@ -34,6 +34,20 @@ def pop():
     return factory, store
 
 
+@implementer(ICredentialsChecker)
+class SlowChecker:
+    """A checker whose answers the test gives: each check waits in C{pending}."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self):
+        self.pending: list[Deferred] = []
+
+    def requestAvatarId(self, credentials):
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+
 def login(factory, user=b"alice", password=b"secret"):
     client = connect(factory)
     client.send(b"USER " + user + b"\r\nPASS " + password + b"\r\n")
@@ -417,20 +431,11 @@ def test_overlong_line_is_drained_and_answered(pop):
 
 def test_async_login_holds_pipelined_commands_in_order():
     """PIPELINING: a STAT behind a PASS that is still being checked sees its result."""
-    pending: list[Deferred] = []
-
-    @implementer(ICredentialsChecker)
-    class SlowChecker:
-        credentialInterfaces = (IUsernamePassword,)
-
-        def requestAvatarId(self, credentials):
-            d = Deferred()
-            pending.append(d)
-            return d
-
+    checker = SlowChecker()
+    pending = checker.pending
     store = MemoryStore()
     store.maildrop("alice").deliver(M1)
-    factory = POP3Factory(Portal(MailboxRealm(store), [SlowChecker()]), Clock())
+    factory = POP3Factory(Portal(MailboxRealm(store), [checker]), Clock())
     client = connect(factory)
     client.send(b"USER alice\r\nPASS x\r\nSTAT\r\nNOOP\r\n")
     assert client.lines() == [b"+OK Send your password"]
@@ -487,17 +492,9 @@ def test_async_mailbox_operations():
 
 def test_reading_stops_when_pipelined_input_piles_up():
     """Back-pressure on input: past the bound the socket is not read any more."""
-    pending = []
-
-    @implementer(ICredentialsChecker)
-    class SlowChecker:
-        credentialInterfaces = (IUsernamePassword,)
-
-        def requestAvatarId(self, credentials):
-            pending.append(Deferred())
-            return pending[-1]
-
-    factory = POP3Factory(Portal(MailboxRealm(MemoryStore()), [SlowChecker()]), Clock())
+    checker = SlowChecker()
+    pending = checker.pending
+    factory = POP3Factory(Portal(MailboxRealm(MemoryStore()), [checker]), Clock())
     client = connect(factory)
     client.send(b"USER alice\r\nPASS x\r\n")
     client.send(b"NOOP\r\n" * (MAX_BUFFERED_INPUT // 6 + 10))
@@ -634,18 +631,10 @@ def test_logout_runs_exactly_once(pop):
 
 
 def test_disconnect_during_login_releases_the_lock():
-    pending = []
-
-    @implementer(ICredentialsChecker)
-    class SlowChecker:
-        credentialInterfaces = (IUsernamePassword,)
-
-        def requestAvatarId(self, credentials):
-            pending.append(Deferred())
-            return pending[-1]
-
+    checker = SlowChecker()
+    pending = checker.pending
     store = MemoryStore()
-    factory = POP3Factory(Portal(MailboxRealm(store), [SlowChecker()]), Clock())
+    factory = POP3Factory(Portal(MailboxRealm(store), [checker]), Clock())
     client = connect(factory)
     client.send(b"USER alice\r\nPASS x\r\n")
     client.disconnect()
