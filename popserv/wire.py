@@ -211,7 +211,9 @@ class CRLFSizer:
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
-        size = len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
+        size = len(chunk) + chunk.count(b"\n")
+        if b"\r" in chunk:  # a fast scan; counting CRLF is the slow one
+            size -= chunk.count(b"\r\n")
         if self._heldCR and chunk[0] == 0x0A:
             size -= 1  # the LF completes a CRLF split across chunks
         self._size += size
