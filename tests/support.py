@@ -42,6 +42,26 @@ def twistdCommand() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def startTwistd(
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    logToStdout: bool = True,
+    **popen: object,
+) -> subprocess.Popen[str]:
+    """`twistd -n ARGS` with this checkout's popserv, its log on the pipe it returns."""
+    options = ["-n", "--pidfile="] + (["--logfile=-"] if logToStdout else [])
+    return subprocess.Popen(
+        [*twistdCommand(), *options, *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 class ServerProcess:
     """popserv started with `twistd -n popserv --config FILE`, listening on a free port."""
 
@@ -86,23 +106,8 @@ class ServerProcess:
         )
 
     def start(self, timeout: float = 30) -> ServerProcess:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(
-            [
-                *twistdCommand(),
-                "-n",
-                "--pidfile=",
-                "--logfile=-",
-                "popserv",
-                "--config",
-                str(self.config),
-            ],
-            cwd=self.root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+        self.proc = startTwistd(
+            ["popserv", "--config", str(self.config)], self.root, start_new_session=True
         )
         ready = threading.Event()
 

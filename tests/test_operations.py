@@ -27,7 +27,7 @@ from popserv.logs import DEFAULT_LOGOUT_FORMAT
 from popserv.metrics import Metrics
 from popserv.protocol import State
 from popserv.testing import connect, memoryServer
-from support import REPO, ServerProcess, deliver, twistdCommand
+from support import REPO, ServerProcess, deliver, startTwistd, twistdCommand
 
 
 def session_end_events(events):
@@ -258,26 +258,8 @@ def test_bind_low_port_as_root_then_run_as_nobody():
         for name in (*dirs, *files):
             os.chown(os.path.join(root, name), 65534, 65534)
     os.chown(srv.root, 65534, 65534)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [
-            *twistdCommand(),
-            "-n",
-            "--pidfile=",
-            "--logfile=-",
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "popserv",
-            "--config",
-            str(srv.config),
-        ],
-        cwd=srv.root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = startTwistd(
+        ["--uid", "65534", "--gid", "65534", "popserv", "--config", str(srv.config)], srv.root
     )
     try:
         for line in proc.stdout:
@@ -314,23 +296,10 @@ def _free(port: int) -> bool:
 
 def test_json_log_lines_for_log_shippers(tmp_path):
     srv = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [
-            *twistdCommand(),
-            "-n",
-            "--pidfile=",
-            "--logger",
-            "popserv.logs.json",
-            "popserv",
-            "--config",
-            str(srv.config),
-        ],
-        cwd=srv.root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = startTwistd(
+        ["--logger", "popserv.logs.json", "popserv", "--config", str(srv.config)],
+        srv.root,
+        logToStdout=False,
     )
     try:
         port = None

@@ -20,7 +20,7 @@ from twisted.python import usage
 import popserv
 from popserv.config import ConfigError, loadConfig
 from popserv.tap import Options
-from support import REPO, twistdCommand
+from support import REPO, startTwistd, twistdCommand
 
 
 @pytest.fixture
@@ -171,16 +171,7 @@ def demo_copy(tmp_path: Path) -> Path:
 
 def run_twistd(tmp_path, *argv):
     """Start twistd; return it with its ports: {"plain": n, "tls": n} (as listening)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [*twistdCommand(), "-n", "--pidfile=", "--logfile=-", *argv],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = startTwistd(list(argv), tmp_path, start_new_session=True)
     lines = []
     ports = {}
     for line in proc.stdout:

@@ -33,7 +33,6 @@ class VerificationCache:
         self.size = size
         self._key = secrets.token_bytes(32)
         self._entries: OrderedDict[bytes, float] = OrderedDict()
-        self.hits = 0
 
     def _digest(self, user: str, stored: str, password: bytes) -> bytes:
         mac = hmac.new(self._key, password, hashlib.sha256).digest()
@@ -56,7 +55,6 @@ class VerificationCache:
         if expires < self.clock.seconds():
             del self._entries[key]
             return False
-        self.hits += 1
         return True
 
     def remember(self, user: str, stored: str, password: bytes) -> None:
