@@ -136,15 +136,20 @@ class Server:
 
     def cpuSeconds(self) -> float:
         """User + system CPU time of every process of the server (all threads)."""
-        ticks = 0
+        return sum(self.cpuTimes())
+
+    def cpuTimes(self) -> tuple[float, float]:
+        """User and system CPU time of every process of the server (all threads)."""
+        user = system = 0
         for pid in _sessionPids(self.pid):
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-        return ticks / _CLK_TCK
+            user += int(fields[11])  # field 14: utime
+            system += int(fields[12])  # field 15: stime
+        return user / _CLK_TCK, system / _CLK_TCK
 
     def rss(self) -> int:
         """Resident set size in bytes (summed over the server's processes)."""
