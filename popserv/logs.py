@@ -73,7 +73,7 @@ class SessionStats:
     perCommand: dict[str, int] | None = None
 
     def command(self, verb: str) -> None:
-        self.commands += 1
+        """Count a command by verb (for metrics; L{commands} is the protocol's)."""
         if self.perCommand is None:
             self.perCommand = {}
         self.perCommand[verb] = self.perCommand.get(verb, 0) + 1

@@ -27,12 +27,12 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from popserv import wire
 from popserv._version import __version__
 from popserv.auth.credentials import APOPCredentials, UsernamePassword
+from popserv.autologout import AutologoutTimer
 from popserv.errors import (
     AuthenticationFailed,
     CommandError,
@@ -205,7 +205,7 @@ class _Verb:
     handler: Callable[..., bytes | Deferred[bytes] | None]
 
 
-class POP3Protocol(LineReceiver, TimeoutMixin):
+class POP3Protocol(LineReceiver):
     """
     One POP3 connection.
 
@@ -220,7 +220,40 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     factory: POP3Factory
 
+    # Slots, not an instance dict: thousands of idle sessions each carry these.
+    __slots__ = (
+        "state",
+        "user",
+        "transaction",
+        "_pendingUser",
+        "_challenge",
+        "_logout",
+        "_inbuf",
+        "_busy",
+        "_processing",
+        "_discarding",
+        "_readPaused",
+        "_disconnected",
+        "_closing",
+        "_badCommands",
+        "_producer",
+        "_sasl",
+        "_saslMechanism",
+        "language",
+        "utf8",
+        "settings",
+        "stats",
+        "_updateDone",
+        "_ended",
+        "_lastStreamed",
+        "deadline",
+        "_timeout",
+    )
+
     def __init__(self) -> None:
+        #: When the autologout timer ends this session (factory clock seconds).
+        self.deadline: float | None = None
+        self._timeout: float | None = None
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.transaction: Transaction | None = None
@@ -248,9 +281,20 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     # -- connection events ---------------------------------------------------
 
-    def callLater(self, period: float, func: Callable[[], object]) -> Any:
-        """TimeoutMixin's timer, on the factory's (injectable) clock."""
-        return self.factory.clock.callLater(period, func)
+    def setTimeout(self, period: float | None) -> None:
+        """Log out after C{period} seconds without a command (None: never)."""
+        self._timeout = period
+        if period is None:
+            self.deadline = None
+        else:
+            self.deadline = self.factory.clock.seconds() + period
+            self.factory.autologout.wake(self.deadline)
+
+    def resetTimeout(self) -> None:
+        """Activity: restart the autologout period."""
+        if self._timeout is not None:
+            # Later than before, so the factory's timer needs no telling.
+            self.deadline = self.factory.clock.seconds() + self._timeout
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -393,7 +437,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return
         cmd = wire.parseCommand(line)
         verb = _COMMANDS[self.state].get(cmd.verb)
-        self.stats.command(cmd.verb if cmd.verb in _ALL_VERBS else "UNKNOWN")
+        self.stats.commands += 1
+        if self.factory.metrics is not None:
+            # The table's own string: a session keeps no copy of its verbs.
+            self.stats.command(_ALL_VERBS.get(cmd.verb, "UNKNOWN"))
         if verb is None:
             if cmd.verb in _ALL_VERBS:
                 self._badCommand(CommandError("{verb} is not valid in this state", verb=cmd.verb))
@@ -523,6 +570,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return b""
         self.transaction = Transaction(mailbox, messages)
         self.state = State.TRANSACTION
+        self._challenge = self._pendingUser = None
         self.user = user
         self.stats.user = user
         self.stats.mechanism = mechanism
@@ -956,7 +1004,7 @@ _COMMANDS: dict[State, dict[str, _Verb]] = {
     State.TRANSACTION: _TRANSACTION,
     State.UPDATE: {},
 }
-_ALL_VERBS = frozenset(_AUTH) | frozenset(_TRANSACTION)
+_ALL_VERBS = {verb: verb for verb in (*_AUTH, *_TRANSACTION)}
 
 
 def _alwaysAllowed(transport: object) -> bool:
@@ -1049,6 +1097,7 @@ class POP3Factory(Factory):
         self.penalty = penalty or AuthPenalty(clock)
         #: The connections open now (for graceful shutdown).
         self.sessions: set[POP3Protocol] = set()
+        self.autologout = AutologoutTimer(clock, lambda: self.sessions)
         self._drained: Deferred[None] | None = None
 
     # -- accounting ----------------------------------------------------------
@@ -1066,6 +1115,8 @@ class POP3Factory(Factory):
 
     def sessionEnded(self, protocol: POP3Protocol) -> None:
         self.sessions.discard(protocol)
+        if not self.sessions:
+            self.autologout.stop()  # nobody left to log out: no timer left behind
         self.limits.release(protocol.stats.ip)
         if self.metrics is not None:
             self.metrics.sessionEnded(protocol.stats, protocol.stats.fields()["duration"])

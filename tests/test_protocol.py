@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from popserv.auth.realm import MailboxRealm
+from popserv.autologout import AutologoutTimer
 from popserv.backends.memory import MemoryMailbox, MemoryStore
 from popserv.protocol import DEFAULT_TIMEOUT, MAX_BUFFERED_INPUT, POP3Factory, State
 from popserv.testing import PlaintextChecker, connect, memoryServer
@@ -550,6 +551,65 @@ def test_no_timer_left_after_disconnect(pop):
     client = login(factory)
     client.disconnect()
     assert factory.clock.getDelayedCalls() == []
+
+
+def test_each_session_is_logged_out_at_its_own_deadline(pop):
+    """One factory timer serves every session; each still leaves on its own time."""
+    factory, _ = pop
+    clock = factory.clock
+    early = login(factory)
+    clock.advance(100)
+    late = login(factory, b"bob", b"pw")
+    clock.advance(100)
+    early.send(b"NOOP\r\n")  # early's deadline is now 200 + DEFAULT_TIMEOUT
+    assert len(clock.getDelayedCalls()) == 1  # not one timer per session
+    clock.advance(DEFAULT_TIMEOUT - 100 - 1)  # t = 100 + DEFAULT_TIMEOUT - 1
+    assert not late.transport.disconnecting and not early.transport.disconnecting
+    clock.advance(1)
+    assert late.transport.disconnecting and not early.transport.disconnecting
+    clock.advance(99)
+    assert not early.transport.disconnecting
+    clock.advance(1)
+    assert early.transport.disconnecting
+    late.disconnect()
+    early.disconnect()
+    assert clock.getDelayedCalls() == []
+
+
+def test_autologout_scans_at_most_once_a_second_however_many_sessions():
+    """
+    Sessions whose deadlines fall at many different moments must not cost a
+    scan of all sessions each: one scan a second at most, and each session
+    still out within a second of its deadline, never before it.
+    """
+    clock = Clock()
+
+    class Session:
+        def __init__(self, deadline):
+            self.deadline = self.due = deadline
+            self.endedAt = None
+
+        def timeoutConnection(self):
+            self.endedAt = clock.seconds()
+
+    sessions = [Session(10 + i * 0.01) for i in range(1000)]  # deadlines 10 s .. 20 s
+    scans = 0
+
+    def listed():
+        nonlocal scans
+        scans += 1
+        return sessions
+
+    timer = AutologoutTimer(clock, listed, minInterval=1.0)
+    timer.wake(min(s.deadline for s in sessions))
+    sessions[500].deadline = sessions[500].due = 30.0  # active meanwhile: later
+    for _ in range(3000):
+        clock.advance(0.01)
+    # A second late at most, plus the 10 ms steps of the clock.
+    late = [(s.due, s.endedAt) for s in sessions if not s.due <= s.endedAt <= s.due + 1.02]
+    assert late == []
+    assert scans <= 12
+    assert clock.getDelayedCalls() == []
 
 
 # -- failures ------------------------------------------------------------------

@@ -51,19 +51,20 @@ class MailboxRealm:
     ) -> tuple[Any, IMailbox, Callable[[], None]]:
         if self.policy is not None:
             self.policy.recordLogin(avatarId)
-        return (IMailbox, mailbox, _logoutOnce(mailbox))
+        return (IMailbox, mailbox, _LogoutOnce(mailbox))
 
 
-def _logoutOnce(mailbox: IMailbox) -> Callable[[], None]:
-    done = False
+class _LogoutOnce:
+    """The logout callable: closes the mailbox the first time it is called."""
 
-    def logout() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
-        maybeDeferred(mailbox.close).addErrback(
-            lambda f: _log.failure("error releasing a mailbox", f)
-        )
+    __slots__ = ("_mailbox",)
 
-    return logout
+    def __init__(self, mailbox: IMailbox) -> None:
+        self._mailbox: IMailbox | None = mailbox
+
+    def __call__(self) -> None:
+        mailbox, self._mailbox = self._mailbox, None
+        if mailbox is not None:
+            maybeDeferred(mailbox.close).addErrback(
+                lambda f: _log.failure("error releasing a mailbox", f)
+            )
