@@ -11,7 +11,6 @@ message content is C{bytes}, always; UIDs are C{str} of printable ASCII.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -21,12 +20,11 @@ from zope.interface import Attribute, Interface
 __all__ = ["MessageInfo", "IMessageReader", "IMailbox", "IMailStore", "validUID"]
 
 
-_UID = re.compile(r"[\x21-\x7e]{1,70}")
-
-
 def validUID(uid: str) -> bool:
     """RFC 1939 section 7: 1 to 70 characters in the range 0x21 to 0x7E."""
-    return _UID.fullmatch(uid) is not None
+    # Printable ASCII is 0x20-0x7E; these C-level checks beat a regex for
+    # the 100,000 names of a big maildrop.
+    return 0 < len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid
 
 
 class MessageInfo(NamedTuple):

@@ -208,17 +208,19 @@ class CRLFSizer:
         self._heldCR = False
         self._last = 0x0A
 
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
+    def feed(self, chunk: bytes | bytearray, length: int | None = None) -> None:
+        """Count C{chunk}, or only its first C{length} octets (a reused read buffer)."""
+        n = len(chunk) if length is None else length
+        if not n:
             return
-        size = len(chunk) + chunk.count(b"\n")
-        if b"\r" in chunk:  # a fast scan; counting CRLF is the slow one
-            size -= chunk.count(b"\r\n")
+        size = n + chunk.count(b"\n", 0, n)
+        if chunk.find(b"\r", 0, n) >= 0:  # a fast scan; counting CRLF is the slow one
+            size -= chunk.count(b"\r\n", 0, n)
         if self._heldCR and chunk[0] == 0x0A:
             size -= 1  # the LF completes a CRLF split across chunks
         self._size += size
-        self._heldCR = chunk[-1] == 0x0D
-        self._last = chunk[-1]
+        self._last = last = chunk[n - 1]
+        self._heldCR = last == 0x0D
 
     @property
     def size(self) -> int:

@@ -338,6 +338,22 @@ def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypat
     assert [i.size for i in result(open_(fresh).listMessages())] == first
 
 
+def test_index_forgets_removed_messages_when_it_is_next_written(tmp_path, box):
+    gone = deliver(box, b"a\nb\n", name="1.A.h")
+    deliver(box, b"ccc\n", name="2.B.h")
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    mailbox = open_(store)
+    result(mailbox.listMessages())
+    mailbox.close()
+    gone.unlink()  # another client, or an earlier session's QUIT
+    deliver(box, b"dddd\n", name="3.C.h")
+    deliver(box, b"hinted\n", name="4.D.h,S=7,W=8")  # sized by its name: not indexed
+    fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    assert [i.size for i in result(open_(fresh).listMessages())] == [5, 6, 8]
+    lines = (box / md.INDEX_FILE).read_text().splitlines()
+    assert sorted(lines[1:]) == ["2.B.h\t5", "3.C.h\t6"]
+
+
 @pytest.mark.parametrize("damage", [b"garbage", b"popserv-index 1\nx\tnotanumber\n", b""])
 def test_damaged_index_is_rebuilt(tmp_path, box, damage):
     deliver(box, b"a\nb\n", name="1.A.h")
