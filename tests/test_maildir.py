@@ -137,6 +137,25 @@ def test_order_is_delivery_order(store, box):
     ]
 
 
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        # Leading numbers of one width: the names alone give the order.
+        (["1700000300.B.h", "1700000100.Z.h", "1700000100.A.h"], [2, 1, 0]),
+        # Of different widths: by number, not by text ("9" < "10").
+        (["10.A.h", "9.B.h", "100.C.h"], [1, 0, 2]),
+        # One name without a number: ordered by its file's time.
+        (["20.A.h", "noise.h", "10.B.h"], [2, 0, 1]),
+    ],
+)
+def test_order_by_delivery_time_then_name(store, box, names, expected):
+    for name in names:
+        path = deliver(box, b"x\n", name=name)
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # before all the numbered ones
+    got = [i.uid for i in result(open_(store).listMessages())]
+    assert got == [names[i] for i in expected]
+
+
 def test_duplicate_unique_names_are_listed_once(store, box):
     deliver(box, b"one\n", name="5.X.h", sub="cur")
     deliver(box, b"two\n", name="5.X.h:2,S", sub="cur")

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from operator import itemgetter
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -68,7 +69,7 @@ _SUBDIRS = ("cur", "new")
 
 _READ_CHUNK = 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LEADING_DIGITS = re.compile(r"\d+")
+_LEADING_DIGITS = re.compile(r"[0-9]+")
 
 
 def uniquePart(name: str) -> str:
@@ -166,6 +167,8 @@ class MaildropCache:
                 pass
 
 
+_unique = itemgetter(1)
+
 #: MessageInfo(*fields) without the named tuple's Python-level __new__.
 _newInfo = partial(tuple.__new__, MessageInfo)
 
@@ -259,6 +262,7 @@ class MaildirMailbox:
             cache.load()
         sizes = cache.sizes
         counted = indexed = 0  # sizes counted now; present messages with a size in C{sizes}
+        width: int | None = None  # of every name's leading number so far; 0: not all alike
         found: list[tuple[int, str, MessageInfo]] = []
         seen: set[str] = set()
         for sub in _SUBDIRS:
@@ -297,15 +301,24 @@ class MaildirMailbox:
                         counted += 1
                     if leading:
                         order = int(leading.group())
+                        if width != leading.end():
+                            width = leading.end() if width is None else 0
                     else:
                         order = int(entry.stat(follow_symlinks=False).st_mtime)
+                        width = 0
                 except FileNotFoundError:
                     continue  # moved or removed by another program meanwhile
                 seen.add(uid)
                 if base in sizes:
                     indexed += 1
                 found.append((order, unique, _newInfo((uid, size, entry.path, order))))
-        found.sort()
+        if width:
+            # Every name starts with a number of the same width (the delivery
+            # time, as Maildir names do): the names alone sort the same, and
+            # sorting strings is three times faster than sorting tuples.
+            found.sort(key=_unique)
+        else:
+            found.sort()
         infos = tuple(info for _, _, info in found)  # shared by sessions, never copied
         stale = len(sizes) - indexed  # sizes of messages no longer present
         if counted or stale > 1024:
