@@ -68,14 +68,15 @@ class Transaction:
         messages, deleted = self._messages, self._deleted
         for start in range(0, len(messages), batch):
             part = enumerate(messages[start : start + batch], start + 1)
+            if deleted:
+                part = ((n, m) for n, m in part if n not in deleted)
+            # str formatting, encoded once per chunk: UIDs are printable ASCII.
             if sizes:
-                lines = [b"%d %d\r\n" % (n, m.size) for n, m in part if n not in deleted]
+                lines = [f"{n} {m.size}\r\n" for n, m in part]
             else:
-                lines = [
-                    b"%d %s\r\n" % (n, m.uid.encode("ascii")) for n, m in part if n not in deleted
-                ]
+                lines = [f"{n} {m.uid}\r\n" for n, m in part]
             if lines:
-                yield b"".join(lines)
+                yield "".join(lines).encode("ascii")
 
     def retrieved(self, number: int) -> None:
         """Note that RETR sent this message (EXPIRE 0 removes it at UPDATE)."""
