@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from popserv.errors import InvalidUserName
 
@@ -20,6 +21,8 @@ __all__ = ["MailLocation", "splitUser", "checkUserName"]
 _VARIABLE = re.compile(r"%(.)")
 _KNOWN = {"u", "n", "d", "%"}
 _KINDS = ("maildir",)
+#: Path separators and control characters: never in a user name used in a path.
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 #: User names longer than this cannot be real (RFC 5321 caps an address at 254).
 MAX_USER_NAME = 254
@@ -35,7 +38,7 @@ def checkUserName(user: str) -> None:
     """Raise L{InvalidUserName} unless C{user} is safe to use in a path."""
     if not user or len(user) > MAX_USER_NAME:
         raise InvalidUserName()
-    if any(c in user for c in "/\\") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in user):
+    if _UNSAFE.search(user):
         raise InvalidUserName()
     for part in (user, *splitUser(user)):
         if part in (".", ".."):
@@ -80,11 +83,16 @@ class MailLocation:
 
     def expand(self, user: str) -> str:
         """The maildrop path of C{user}; L{InvalidUserName} if it is unsafe."""
-        checkUserName(user)
-        local, domain = splitUser(user)
-        values = {"u": user, "n": local, "d": domain, "%": "%"}
-        path = os.path.normpath(_VARIABLE.sub(lambda m: values[m.group(1)], self.template))
-        root = os.path.normpath(self.root)
-        if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
-            raise InvalidUserName()
-        return path
+        return _expand(self.template, self.root, user)
+
+
+@lru_cache(maxsize=4096)  # a login per user per poll: the same few thousand names
+def _expand(template: str, root: str, user: str) -> str:
+    checkUserName(user)
+    local, domain = splitUser(user)
+    values = {"u": user, "n": local, "d": domain, "%": "%"}
+    path = os.path.normpath(_VARIABLE.sub(lambda m: values[m.group(1)], template))
+    root = os.path.normpath(root)
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        raise InvalidUserName()
+    return path

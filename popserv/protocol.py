@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import socket
 import time
@@ -134,13 +135,16 @@ def _top(cmd: wire.Command) -> tuple[int, int]:
     return (_number(args[0]), int(args[1]))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _text(raw: bytes) -> str:
     # User names are UTF-8 (RFC 6856 "UTF8 USER"); control characters never.
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandError("Invalid user name or password encoding") from None
-    if not text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if not text or _CONTROL.search(text):
         raise CommandError("Invalid argument")
     return text
 

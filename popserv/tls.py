@@ -244,6 +244,7 @@ class PlaintextPolicy:
     ) -> None:
         self.requireTLS = requireTLS
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
+        self._verdicts: dict[str, bool] = {}  # by peer address: parsing one costs more
 
     def __call__(self, transport: Any) -> bool:
         if not self.requireTLS or tlsConnection(transport) is not None:
@@ -252,14 +253,22 @@ class PlaintextPolicy:
         if isinstance(peer, UNIXAddress):
             return True  # a local socket never crosses a network
         if isinstance(peer, (IPv4Address, IPv6Address)):
-            try:
-                address = ipaddress.ip_address(peer.host.split("%", 1)[0])
-            except ValueError:
-                return False
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            return any(address in network for network in self.trusted)
+            verdict = self._verdicts.get(peer.host)
+            if verdict is None:
+                if len(self._verdicts) >= 4096:
+                    self._verdicts.clear()
+                verdict = self._verdicts[peer.host] = self._trusted(peer.host)
+            return verdict
         return False
+
+    def _trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
 
 
 def selfSigned(hosts: Sequence[str] = ("localhost",), days: int = 365) -> tuple[bytes, bytes]:
