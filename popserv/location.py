@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 
 from popserv.errors import InvalidUserName
 
@@ -83,16 +83,25 @@ class MailLocation:
 
     def expand(self, user: str) -> str:
         """The maildrop path of C{user}; L{InvalidUserName} if it is unsafe."""
-        return _expand(self.template, self.root, user)
+        checkUserName(user)
+        local, domain = splitUser(user)
+        path = os.path.normpath(self._format.format(u=user, n=local, d=domain))
+        if path != self._root and not path.startswith(self._below):
+            raise InvalidUserName()
+        return path
 
+    @cached_property
+    def _format(self) -> str:
+        # The template as a str.format string, made once: %u -> {u}, %% -> %.
+        return _VARIABLE.sub(
+            lambda m: "%" if m.group(1) == "%" else "{" + m.group(1) + "}",
+            self.template.replace("{", "{{").replace("}", "}}"),
+        )
 
-@lru_cache(maxsize=4096)  # a login per user per poll: the same few thousand names
-def _expand(template: str, root: str, user: str) -> str:
-    checkUserName(user)
-    local, domain = splitUser(user)
-    values = {"u": user, "n": local, "d": domain, "%": "%"}
-    path = os.path.normpath(_VARIABLE.sub(lambda m: values[m.group(1)], template))
-    root = os.path.normpath(root)
-    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
-        raise InvalidUserName()
-    return path
+    @cached_property
+    def _root(self) -> str:
+        return os.path.normpath(self.root)
+
+    @cached_property
+    def _below(self) -> str:
+        return self._root.rstrip(os.sep) + os.sep
