@@ -16,8 +16,11 @@ from collections.abc import Callable, Collection
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 __all__ = ["AutologoutTimer", "Expiring"]
+
+_log = Logger()
 
 
 class Expiring(Protocol):
@@ -84,8 +87,15 @@ class AutologoutTimer:
                 due.append(session)
             elif deadline < soonest:
                 soonest = deadline
-        for session in due:
-            session.deadline = None
-            session.timeoutConnection()
-        if soonest < math.inf:
-            self.wake(max(soonest, now + self.minInterval))
+        try:
+            for session in due:
+                session.deadline = None
+                try:
+                    session.timeoutConnection()
+                except Exception:
+                    # One session's failure must not spare the others, nor
+                    # stop the timer for everyone.
+                    _log.failure("autologout of {session} failed", session=session)
+        finally:
+            if soonest < math.inf:
+                self.wake(max(soonest, now + self.minInterval))

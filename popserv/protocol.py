@@ -61,6 +61,10 @@ _log = Logger()
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 DEFAULT_TIMEOUT = 600
 
+#: Seconds a logged-out connection may take to receive its goodbye and go
+#: before it is cut (a client that reads nothing, a TLS handshake never made).
+ABORT_GRACE = 30
+
 #: Idle seconds allowed before a login: plenty for a person typing, short
 #: enough that idle unauthenticated connections do not pile up.
 DEFAULT_LOGIN_TIMEOUT = 120
@@ -252,12 +256,14 @@ class POP3Protocol(LineReceiver):
         "_lastStreamed",
         "deadline",
         "_timeout",
+        "_timedOut",
     )
 
     def __init__(self) -> None:
         #: When the autologout timer ends this session (factory clock seconds).
         self.deadline: float | None = None
         self._timeout: float | None = None
+        self._timedOut = False
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.transaction: Transaction | None = None
@@ -356,21 +362,35 @@ class POP3Protocol(LineReceiver):
         self.stats.reason = "shutdown"
         self._closing = True
         self.transport.write(self._err("Server shutting down", "SYS/TEMP"))
-        if hasattr(self.transport, "abortConnection"):
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self._abort()
 
     def timeoutConnection(self) -> None:
+        """The autologout timer ran out: say goodbye and close; no command runs after it."""
+        if self._timedOut or self._closing:
+            # Told to go (by this timer abortGrace ago, or by QUIT or a
+            # limit) and still connected: the last reply cannot be delivered
+            # (a client that reads nothing, a TLS handshake never made).
+            self._abort()
+            return
         _log.info(
             "autologout of {user} after {timeout}s idle",
             user=self.user,
             timeout=self.factory.timeout,
         )
+        self._timedOut = self._closing = True
+        self._timeout = None  # nothing may re-arm the timer now
         self.stats.reason = "timeout"
         self.transport.write(self._err("Disconnected for inactivity"))
-        if self._producer is not None and hasattr(self.transport, "abortConnection"):
-            self.transport.abortConnection()  # the client is not reading
+        if self._producer is not None:
+            self._abort()  # the client is not reading
+            return
+        self.transport.loseConnection()
+        self.deadline = self.factory.clock.seconds() + self.factory.abortGrace
+        self.factory.autologout.wake(self.deadline)
+
+    def _abort(self) -> None:
+        if hasattr(self.transport, "abortConnection"):
+            self.transport.abortConnection()
         else:
             self.transport.loseConnection()
 
@@ -477,8 +497,8 @@ class POP3Protocol(LineReceiver):
             if result.check(ConnectionLost):
                 return
             result = errorReply(result, self.language)
-        if result and not self._disconnected:
-            self.transport.write(result)
+        if result and not (self._disconnected or self._timedOut):
+            self.transport.write(result)  # (after an autologout's goodbye: nothing)
 
     def _idle(self, _: object = None) -> None:
         self._busy = False
@@ -682,6 +702,7 @@ class POP3Protocol(LineReceiver):
         # QUIT is ignored.
         self.state = State.UPDATE
         self._closing = True
+        self.setTimeout(None)  # UPDATE finishes whatever the client does
         session = self._session()
         assert self.settings is not None
         removals = session.removals(
@@ -941,7 +962,7 @@ class POP3Protocol(LineReceiver):
         self, reader: Any, status: bytes, topLines: int | None, started: float
     ) -> Deferred[bytes] | bytes:
         self.factory.observeBackend("open", started)
-        if self._disconnected:
+        if self._disconnected or self._timedOut:
             reader.close()
             return b""
         producer = MessageProducer(
@@ -972,10 +993,7 @@ class POP3Protocol(LineReceiver):
             _log.failure("storage failed while streaming to {user}", result, user=self.user)
             self.stats.reason = "error"
             self._closing = True
-            if hasattr(self.transport, "abortConnection"):
-                self.transport.abortConnection()
-            else:
-                self.transport.loseConnection()
+            self._abort()
         return b""
 
 
@@ -1102,6 +1120,8 @@ class POP3Factory(Factory):
         #: The connections open now (for graceful shutdown).
         self.sessions: set[POP3Protocol] = set()
         self.autologout = AutologoutTimer(clock, lambda: self.sessions)
+        #: Seconds a logged-out connection gets to go before it is cut.
+        self.abortGrace: float = ABORT_GRACE
         self._drained: Deferred[None] | None = None
 
     # -- accounting ----------------------------------------------------------

@@ -243,7 +243,7 @@ class PlaintextPolicy:
         self, requireTLS: bool = True, trusted: Iterable[str] = DEFAULT_TRUSTED_NETWORKS
     ) -> None:
         self.requireTLS = requireTLS
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
         self._verdicts: dict[str, bool] = {}  # by peer address: parsing one costs more
 
     def __call__(self, transport: Any) -> bool:

@@ -217,3 +217,51 @@ def test_logs_never_contain_passwords_or_auth_payloads(tmp_path):
     assert PASSWORD not in log
     for data in payloads:
         assert data.decode() not in log
+
+
+IDLE_TLS_SERVER = r"""
+import json, socket, sys
+from twisted.internet import reactor
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from popserv.testing import memoryServer
+from popserv.tls import ServerTLS
+
+tls = ServerTLS(selfSignedHosts=["localhost"])
+factory, _ = memoryServer({"alice": "pw"}, clock=reactor, tls=tls, loginTimeout=1, timeout=1)
+factory.abortGrace = 1
+port = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, factory), interface="127.0.0.1")
+silent = socket.create_connection(("127.0.0.1", port.getHost().port))
+silent.settimeout(0.1)
+result = {}
+
+def check():
+    try:
+        result["closed"] = silent.recv(4096) == b""
+    except ConnectionResetError:
+        result["closed"] = True
+    except socket.timeout:
+        result["closed"] = False
+    result["sessions"] = len(factory.sessions)
+    reactor.stop()
+
+reactor.callLater(4, check)
+reactor.run()
+print(json.dumps(result))
+"""
+
+
+def test_tls_client_that_never_handshakes_is_cut_off():
+    """
+    Implicit TLS, a client that connects and sends nothing: the autologout's
+    goodbye can never be encrypted and sent, so closing politely would wait
+    forever (holding a connection slot). After the grace period it is cut.
+    """
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_TLS_SERVER], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"closed": True, "sessions": 0}

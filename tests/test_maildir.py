@@ -267,17 +267,22 @@ def test_lock_held_by_another_process_then_by_a_dead_one(tmp_path, store, box):
 def test_one_descriptor_for_all_locks(tmp_path, store):
     """10,000 idle sessions must not need 10,000 more descriptors for their locks."""
     open_(store, "u0").close()  # the shared lock file is open from now on
-    before = set(os.listdir("/proc/self/fd"))
+
+    def descriptors():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+            except FileNotFoundError:
+                pass  # listdir's own descriptor, closed already
+        return found
+
+    before = descriptors()
     boxes = [open_(store, f"u{i}") for i in range(100)]
     # New descriptors into the mail root, not a count: the garbage collector
-    # may close an earlier test's files meanwhile.
-    opened = []
-    for fd in set(os.listdir("/proc/self/fd")) - before:
-        try:
-            opened.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:
-            pass  # listdir's own descriptor, closed already
-    assert [path for path in opened if path.startswith(str(tmp_path))] == []
+    # may close an earlier test's files meanwhile (and free their numbers).
+    opened = [path for _, path in descriptors() - before if path.startswith(str(tmp_path))]
+    assert opened == []
     for mailbox in boxes:
         mailbox.close()
     assert (tmp_path / md.SHARED_LOCK_FILE).exists()
@@ -363,6 +368,12 @@ def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypat
     monkeypatch.setattr(md, "_countSize", lambda fd: pytest.fail("file read again"))
     fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
     assert [i.size for i in result(open_(fresh).listMessages())] == first
+
+
+def test_size_fields_with_non_ascii_digits_are_ignored(store, box):
+    """A W= of Unicode digits (isdigit() says yes, int() no) must not break the listing."""
+    deliver(box, b"a\nb\n", name="1.A.h,W=\u00b2")
+    assert [i.size for i in result(open_(store).listMessages())] == [6]
 
 
 def test_index_forgets_removed_messages_when_it_is_next_written(tmp_path, box):

@@ -546,6 +546,44 @@ def test_autologout_after_ten_minutes_without_update(pop):
     assert not store.maildrop("alice").locked
 
 
+def test_autologout_cuts_a_client_that_does_not_go(pop):
+    """
+    The goodbye is written and the connection closed; a client that reads
+    nothing (or a TLS handshake never made) keeps it open, so after a grace
+    period it is cut. A reply finished meanwhile is not sent after the goodbye.
+    """
+    factory, store = pop
+    clock = factory.clock
+    client = login(factory)
+    factory.clock.advance(DEFAULT_TIMEOUT)
+    assert client.lines() == [b"-ERR Disconnected for inactivity"]
+    # (StringTransport.abortConnection sets "disconnected", loseConnection not.)
+    assert client.transport.disconnecting and not client.transport.disconnected
+    client.send(b"NOOP\r\n")  # too late: nothing runs after the autologout
+    clock.advance(factory.abortGrace - 1)
+    assert client.lines() == [] and not client.transport.disconnected
+    clock.advance(1)
+    assert client.transport.disconnected
+    client.disconnect()
+    assert clock.getDelayedCalls() == []
+    assert not store.maildrop("alice").locked
+
+
+def test_quit_cancels_autologout_during_update(pop):
+    """A slow UPDATE is not interrupted by the autologout timer."""
+    factory, store = pop
+    client = login(factory)
+    pending = []
+    mailbox = client.protocol.transaction.mailbox
+    mailbox.removeMessages = lambda infos: pending.append(Deferred()) or pending[-1]
+    client.send(b"DELE 1\r\nQUIT\r\n")
+    client.output()
+    factory.clock.advance(DEFAULT_TIMEOUT * 2)
+    assert not client.transport.disconnecting
+    pending[0].callback([])
+    assert client.lines()[-1].startswith(b"+OK") and client.transport.disconnecting
+
+
 def test_no_timer_left_after_disconnect(pop):
     factory, _ = pop
     client = login(factory)

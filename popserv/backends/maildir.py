@@ -94,7 +94,7 @@ def _sizeHints(name: str) -> dict[str, int]:
     hints = {}
     for field in name.split(":", 1)[0].split(",")[1:]:
         key, sep, value = field.partition("=")
-        if sep and key in ("S", "W") and value.isdigit():
+        if sep and key in ("S", "W") and value.isascii() and value.isdigit():
             hints[key] = int(value)
     return hints
 
@@ -134,7 +134,7 @@ class MaildropCache:
                 sizes = {}
                 for line in f:
                     base, sep, size = line.rstrip("\n").rpartition("\t")
-                    if not sep or not size.isdigit():
+                    if not sep or not (size.isascii() and size.isdigit()):
                         return  # damaged: ignore it all
                     sizes[base] = int(size)
         except (OSError, ValueError):
