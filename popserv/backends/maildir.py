@@ -263,7 +263,7 @@ class MaildirMailbox:
         sizes = cache.sizes
         counted = indexed = 0  # sizes counted now; present messages with a size in C{sizes}
         width: int | None = None  # of every name's leading number so far; 0: not all alike
-        found: list[tuple[int, str, MessageInfo]] = []
+        found: list[tuple[int, str, str, int, str]] = []  # order, unique, uid, size, path
         seen: set[str] = set()
         for sub in _SUBDIRS:
             directory = os.path.join(self.path, sub)
@@ -311,7 +311,7 @@ class MaildirMailbox:
                 seen.add(uid)
                 if base in sizes:
                     indexed += 1
-                found.append((order, unique, _newInfo((uid, size, entry.path, order))))
+                found.append((order, unique, uid, size, entry.path))
         if width:
             # Every name starts with a number of the same width (the delivery
             # time, as Maildir names do): the names alone sort the same, and
@@ -319,7 +319,17 @@ class MaildirMailbox:
             found.sort(key=_unique)
         else:
             found.sort()
-        infos = tuple(info for _, _, info in found)  # shared by sessions, never copied
+        # Shared by sessions, never copied. Made in listing order, with fresh
+        # copies of the values LIST, UIDL and STAT read: objects made while
+        # reading the directory lie in its (hashed) order, and walking them
+        # in listing order missed the CPU cache for each (100k: LIST and UIDL
+        # took 36 ms instead of 14).
+        infos = tuple(
+            [
+                _newInfo((uid.encode().decode(), size + 0, path, order))
+                for order, _, uid, size, path in found
+            ]
+        )
         stale = len(sizes) - indexed  # sizes of messages no longer present
         if counted or stale > 1024:
             cache.save({_base(info.key) for info in infos} if stale else None)
