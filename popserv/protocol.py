@@ -257,6 +257,7 @@ class POP3Protocol(LineReceiver):
         "deadline",
         "_timeout",
         "_timedOut",
+        "_refusal",
     )
 
     def __init__(self) -> None:
@@ -264,6 +265,7 @@ class POP3Protocol(LineReceiver):
         self.deadline: float | None = None
         self._timeout: float | None = None
         self._timedOut = False
+        self._refusal: Any = None  # the cut-off of a refused connection (a DelayedCall)
         self.state = State.AUTHORIZATION
         self.user: str | None = None
         self.transaction: Transaction | None = None
@@ -315,6 +317,9 @@ class POP3Protocol(LineReceiver):
             self._ended = True  # never counted, nothing to account for
             self.transport.write(wire.err("Too many connections, try again later", "SYS/TEMP"))
             self.transport.loseConnection()
+            # Not counted, so no autologout: a client that never takes the
+            # answer (over TLS: never does the handshake) is cut after a while.
+            self._refusal = self.factory.clock.callLater(self.factory.abortGrace, self._abort)
             return
         if ITCPTransport.providedBy(self.transport):
             # Responses are written whole; don't let Nagle hold the last
@@ -333,6 +338,8 @@ class POP3Protocol(LineReceiver):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._disconnected = True
         self.setTimeout(None)
+        if self._refusal is not None and self._refusal.active():
+            self._refusal.cancel()
         if self._producer is not None:
             self._producer.stopProducing()
         if self.state is not State.UPDATE:

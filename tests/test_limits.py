@@ -120,6 +120,21 @@ def test_connection_caps_per_address_and_total():
     assert connect(factory, peer="192.0.2.1").greeting.startswith(b"-ERR")
 
 
+def test_refused_connection_that_does_not_go_is_cut():
+    """Refused connections are not counted, so no autologout: a grace period bounds them."""
+    factory, _ = memoryServer({"alice": "pw"}, limits=ConnectionLimits(total=1))
+    connect(factory)
+    stays, goes = connect(factory), connect(factory)
+    assert stays.transport.disconnecting and not stays.transport.disconnected
+    goes.disconnect()  # the usual case: the client reads the -ERR and closes
+    factory.clock.advance(factory.abortGrace - 1)
+    assert not stays.transport.disconnected
+    factory.clock.advance(1)
+    assert stays.transport.disconnected  # StringTransport's mark of abortConnection
+    stays.disconnect()
+    assert len(factory.clock.getDelayedCalls()) == 1  # the open session's autologout
+
+
 def test_shorter_timeout_before_login():
     factory, _ = memoryServer({"alice": "pw"})
     assert DEFAULT_LOGIN_TIMEOUT < DEFAULT_TIMEOUT
