@@ -69,7 +69,6 @@ _SUBDIRS = ("cur", "new")
 
 _READ_CHUNK = 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _LEADING_DIGITS = re.compile(r"[0-9]+")
 
 
@@ -272,56 +271,47 @@ class MaildirMailbox:
                 entries = list(os.scandir(directory))
             except FileNotFoundError:
                 continue
-            dirFd: int | None = None
-            try:
-                for entry in entries:
-                    name = entry.name
-                    if name[0] == "." or not entry.is_file(follow_symlinks=False):
-                        continue
-                    base = name.partition(":")[0]
-                    unique = uniquePart(base) if "," in base else base
-                    uid = unique if validUID(unique) else uidFor(unique)
-                    if uid in seen:
-                        _log.warn(
-                            "{maildir}: two files share the unique name {unique}; "
-                            "serving the first only",
-                            maildir=self.path,
-                            unique=unique,
-                        )
-                        continue
-                    size = sizes.get(base)
-                    if size is None and ",W=" in base:
-                        size = _sizeHints(name).get("W")
-                    leading = _LEADING_DIGITS.match(unique)
-                    try:
-                        if size is None:
-                            if dirFd is None:
-                                # Names opened relative to their directory: the
-                                # kernel walks one path component, not six.
-                                dirFd = os.open(directory, _DIR_FLAGS)
-                            fd = os.open(name, _OPEN_FLAGS, dir_fd=dirFd)
-                            try:
-                                size = _countSize(fd)
-                            finally:
-                                os.close(fd)
-                            sizes[base] = size
-                            counted += 1
-                        if leading:
-                            order = int(leading.group())
-                            if width != leading.end():
-                                width = leading.end() if width is None else 0
-                        else:
-                            order = int(entry.stat(follow_symlinks=False).st_mtime)
-                            width = 0
-                    except FileNotFoundError:
-                        continue  # moved or removed by another program meanwhile
-                    seen.add(uid)
-                    if base in sizes:
-                        indexed += 1
-                    found.append((order, unique, uid, size, entry.path))
-            finally:
-                if dirFd is not None:
-                    os.close(dirFd)
+            for entry in entries:
+                name = entry.name
+                if name[0] == "." or not entry.is_file(follow_symlinks=False):
+                    continue
+                base = name.partition(":")[0]
+                unique = uniquePart(base) if "," in base else base
+                uid = unique if validUID(unique) else uidFor(unique)
+                if uid in seen:
+                    _log.warn(
+                        "{maildir}: two files share the unique name {unique}; "
+                        "serving the first only",
+                        maildir=self.path,
+                        unique=unique,
+                    )
+                    continue
+                size = sizes.get(base)
+                if size is None and ",W=" in base:
+                    size = _sizeHints(name).get("W")
+                leading = _LEADING_DIGITS.match(unique)
+                try:
+                    if size is None:
+                        fd = os.open(entry.path, _OPEN_FLAGS)
+                        try:
+                            size = _countSize(fd)
+                        finally:
+                            os.close(fd)
+                        sizes[base] = size
+                        counted += 1
+                    if leading:
+                        order = int(leading.group())
+                        if width != leading.end():
+                            width = leading.end() if width is None else 0
+                    else:
+                        order = int(entry.stat(follow_symlinks=False).st_mtime)
+                        width = 0
+                except FileNotFoundError:
+                    continue  # moved or removed by another program meanwhile
+                seen.add(uid)
+                if base in sizes:
+                    indexed += 1
+                found.append((order, unique, uid, size, entry.path))
         if width:
             # Every name starts with a number of the same width (the delivery
             # time, as Maildir names do): the names alone sort the same, and
