@@ -494,10 +494,15 @@ class POP3Protocol(LineReceiver):
             return
         if isinstance(result, Deferred):
             self._busy = True
-            result.addBoth(self._reply)
-            result.addBoth(self._idle)
+            result.addBoth(self._replyAndGoOn)
         else:
             self._reply(result)
+
+    def _replyAndGoOn(self, result: bytes | Failure | None) -> None:
+        try:
+            self._reply(result)
+        finally:
+            self._idle()
 
     def _reply(self, result: bytes | Failure | None) -> None:
         if isinstance(result, Failure):

@@ -112,6 +112,18 @@ def test_passwd_file_reloads_when_changed(checker, passwd):
     assert outcome(checker.requestAvatarId(UsernamePassword("new", b"n"))) == "new"
 
 
+def test_a_changed_password_counts_at_once_though_settings_may_lag(checker, passwd):
+    """Only offers and settings may use a check up to a second old; logins never do."""
+    checker.settingsFor("plain")
+    passwd.write_text(passwd.read_text().replace("plain:{PLAIN}pw", "plain:{PLAIN}new"))
+    st = os.stat(passwd)
+    os.utime(passwd, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert outcome(checker.requestAvatarId(UsernamePassword("plain", b"pw"))).check(
+        UnauthorizedLogin
+    )
+    assert outcome(checker.requestAvatarId(UsernamePassword("plain", b"new"))) == "plain"
+
+
 def test_unreadable_passwd_file_keeps_the_loaded_users(checker, passwd):
     passwd.unlink()
     assert outcome(checker.requestAvatarId(UsernamePassword("plain", b"pw"))) == "plain"

@@ -465,8 +465,13 @@ def test_response_codes_survive_translation(server):
     assert reply(client, b"PASS nope")[0].startswith(b"-ERR [AUTH] ")
 
 
-def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path):
-    """APOP needs a shared secret: with only hashed passwords, no timestamp is offered."""
+def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path, monkeypatch):
+    """
+    APOP needs a shared secret: with only hashed passwords, no timestamp is
+    offered. The greeting follows a changed passwd-file within a second.
+    """
+    now = [1000.0]
+    monkeypatch.setattr("popserv.auth.passwdfile.time.monotonic", lambda: now[0])
     path = tmp_path / "passwd"
     path.write_text("alice:{SHA512-CRYPT}$6$rounds=1000$salt$x\n")
     checker = PasswdFileChecker(path, runInThread=synchronously)
@@ -476,4 +481,7 @@ def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path):
     import os
 
     os.utime(path, ns=(0, 10**9))  # a visibly changed file
+    now[0] += checker.recheck / 2
+    assert b"<" not in connect(factory).greeting  # the last check still stands
+    now[0] += checker.recheck / 2
     assert b"<" in connect(factory).greeting

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from functools import partial
 from operator import itemgetter
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -466,8 +466,10 @@ class MaildirStore:
     def openMailbox(self, user: str) -> Deferred[MaildirMailbox]:
         # A few local syscalls (stat, open, a non-blocking flock): cheaper on
         # the calling thread than a trip through the thread pool.
-        d = maybeDeferred(self.location.expand, user)
-        return d.addCallback(self._open)
+        try:
+            return succeed(self._open(self.location.expand(user)))
+        except Exception:
+            return fail()
 
     def _open(self, path: str) -> MaildirMailbox:
         if not os.path.isdir(os.path.join(path, "cur")):
