@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-__all__ = ["MessageInfo", "IMessageReader", "IMailbox", "IMailStore", "validUID"]
+__all__ = [
+    "MessageInfo",
+    "IMessageReader",
+    "IMailbox",
+    "IMailStore",
+    "ILoginMemory",
+    "validUID",
+]
 
 
 def validUID(uid: str) -> bool:
@@ -97,3 +104,17 @@ class IMailStore(Interface):
         it, L{popserv.errors.InvalidUserName} for a name that cannot name a
         maildrop, or another L{popserv.errors.POP3Error}.
         """
+
+
+class ILoginMemory(Interface):
+    """
+    When each user last logged in, kept where every process serving the
+    maildrop sees it (LOGIN-DELAY across workers and nodes). A store may
+    provide it; the session policy then consults it for users with a delay.
+    """
+
+    def lastLogin(user: str) -> float | None | Deferred[float | None]:
+        """The POSIX time of C{user}'s last recorded login, or None if unknown."""
+
+    def recordLogin(user: str, when: float) -> None | Deferred[None]:
+        """Record a login of C{user} at POSIX time C{when}."""

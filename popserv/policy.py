@@ -12,10 +12,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from popserv.errors import LoginDelayed
+from popserv.interfaces import ILoginMemory
 
 __all__ = ["UserSettings", "IUserSettingsSource", "SessionPolicy", "parseExpire", "NEVER"]
 
@@ -23,6 +27,8 @@ __all__ = ["UserSettings", "IUserSettingsSource", "SessionPolicy", "parseExpire"
 NEVER = None
 
 _DAY = 86400
+
+_log = Logger()
 
 
 def parseExpire(value: str | int | None) -> int | None:
@@ -63,7 +69,12 @@ class IUserSettingsSource(Interface):
 class SessionPolicy:
     """
     Defaults plus per-user overrides, and the memory of recent logins that
-    LOGIN-DELAY needs (per process: several nodes each enforce their own).
+    LOGIN-DELAY needs.
+
+    Logins are remembered in this process and, given an L{ILoginMemory}
+    (the Maildir store is one), where every worker and node serving the
+    maildrop sees them. The shared memory is only touched for users with a
+    delay; if it fails, this process's own memory still applies.
     """
 
     def __init__(
@@ -71,10 +82,12 @@ class SessionPolicy:
         clock: IReactorTime,
         defaults: UserSettings = UserSettings(),
         source: IUserSettingsSource | None = None,
+        memory: ILoginMemory | None = None,
     ) -> None:
         self.clock = clock
         self.defaults = defaults
         self.source = source
+        self.memory = memory
         self._lastLogin: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -96,18 +109,46 @@ class SessionPolicy:
     def enforcesLoginDelay(self) -> bool:
         return self.defaults.loginDelay > 0 or self.variesPerUser("loginDelay")
 
-    def checkLogin(self, user: str) -> None:
-        """Raise L{LoginDelayed} if C{user} logged in less than its delay ago."""
+    def checkLogin(self, user: str) -> Deferred[None] | None:
+        """
+        Fail with L{LoginDelayed} if C{user} logged in less than its delay
+        ago: raise it, or, when the shared memory is asked, return a Deferred.
+        """
         delay = self.settingsFor(user).loginDelay
         if delay <= 0:
-            return
-        now = self.clock.seconds()
+            return None
         last = self._lastLogin.get(user)
-        if last is not None and now - last < delay:
-            raise LoginDelayed(seconds=int(delay - (now - last)) + 1)
+        if self.memory is None:
+            self._refuseIfRecent(delay, last)
+            return None
+        d = maybeDeferred(self.memory.lastLogin, user)
+        d.addErrback(self._memoryFailed, "read", user)
+        return d.addCallback(lambda shared: self._refuseIfRecent(delay, last, shared))
+
+    def _refuseIfRecent(self, delay: int, *logins: float | None) -> None:
+        now = self.clock.seconds()
+        # A login well in the future was recorded by a node whose clock is
+        # ahead: it locks nobody out.
+        known = [t for t in logins if t is not None and t - now < delay]
+        if not known:
+            return
+        ago = now - max(known)
+        if ago < delay:
+            raise LoginDelayed(seconds=int(delay - max(ago, 0)) + 1)
+
+    def _memoryFailed(self, failure: Failure, what: str, user: str) -> None:
+        _log.warn(
+            "cannot {what} the last login of {user} ({error}); this process's own memory applies",
+            what=what,
+            user=user,
+            error=failure.getErrorMessage(),
+        )
 
     def recordLogin(self, user: str) -> None:
         now = self.clock.seconds()
+        if self.memory is not None and self.settingsFor(user).loginDelay > 0:
+            d = maybeDeferred(self.memory.recordLogin, user, now)
+            d.addErrback(self._memoryFailed, "record", user)
         with self._lock:
             self._lastLogin[user] = now
             if len(self._lastLogin) > 100_000:

@@ -72,7 +72,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             config.location, runInThread=run, createMissing=config.create_maildirs
         )
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
-        policy = SessionPolicy(reactor, defaults, checker)
+        policy = SessionPolicy(reactor, defaults, checker, memory=store)
         portal = makePortal(checker, store, policy)
     tls = None
     if config.tlsEnabled:

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
+from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryMailbox, MemoryStore
 from popserv.limits import AuthPenalty
 from popserv.policy import SessionPolicy, UserSettings
@@ -347,6 +348,71 @@ def test_login_delay_wrong_password_reveals_nothing():
     client.send(b"USER alice\r\n")
     client.output()
     assert reply(client, b"PASS wrong") == [b"-ERR [AUTH] Authentication failed"]
+
+
+def maildir_worker(root, clock, delay=60):
+    """A factory as one worker process has it: its own store and policy over a shared root."""
+    store = MaildirStore(f"maildir:{root}/%n/Maildir", runInThread=synchronously)
+    policy = SessionPolicy(clock, UserSettings(loginDelay=delay), memory=store)
+    return memoryServer({"alice": "pw"}, store=store, policy=policy, clock=clock)[0]
+
+
+def login_reply(factory) -> bytes:
+    client = connect(factory)
+    client.send(b"USER alice\r\n")
+    client.output()
+    answer = reply(client, b"PASS pw")[0]
+    client.send(b"QUIT\r\n")
+    return answer
+
+
+def test_login_delay_holds_across_workers_sharing_the_maildrop(tmp_path):
+    """Two processes serving one Maildir see each other's logins (the maildrop keeps them)."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    one, two = maildir_worker(tmp_path, clock), maildir_worker(tmp_path, clock)
+    assert login_reply(one).startswith(b"+OK Logged in")
+    clock.advance(30)
+    assert login_reply(two) == b"-ERR [LOGIN-DELAY] Logged in too recently, wait 31 seconds"
+    clock.advance(30)
+    assert login_reply(two).startswith(b"+OK Logged in")
+    assert login_reply(one).startswith(b"-ERR [LOGIN-DELAY]")
+    stamp = (tmp_path / "alice" / "Maildir" / ".popserv.login").stat().st_mtime
+    assert stamp == pytest.approx(clock.seconds())
+
+
+def test_login_delay_memory_is_left_alone_without_a_delay(tmp_path):
+    clock = Clock()
+    assert login_reply(maildir_worker(tmp_path, clock, delay=0)).startswith(b"+OK Logged in")
+    assert not (tmp_path / "alice" / "Maildir" / ".popserv.login").exists()
+
+
+def test_a_login_recorded_far_ahead_locks_nobody_out(tmp_path):
+    """A node with a clock an hour fast must not lock the user out for an hour."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    ahead, behind = Clock(), clock
+    ahead.advance(1_000_000 + 3600)
+    assert login_reply(maildir_worker(tmp_path, ahead)).startswith(b"+OK Logged in")
+    assert login_reply(maildir_worker(tmp_path, behind)).startswith(b"+OK Logged in")
+
+
+def test_a_failing_login_memory_falls_back_to_this_process(tmp_path):
+    class Broken:
+        def lastLogin(self, user):
+            raise OSError("read-only file system")
+
+        def recordLogin(self, user, when):
+            raise OSError("read-only file system")
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = SessionPolicy(clock, UserSettings(loginDelay=60), memory=Broken())
+    factory, _ = memoryServer({"alice": "pw"}, policy=policy, clock=clock)
+    assert login_reply(factory).startswith(b"+OK Logged in")
+    assert login_reply(factory).startswith(b"-ERR [LOGIN-DELAY]")
+    clock.advance(60)
+    assert login_reply(factory).startswith(b"+OK Logged in")
 
 
 # -- EXPIRE --------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ def cpu_ticks(pid: int) -> int:
 
 
 class Workers:
-    def __init__(self, tmp_path, users, count=2):
-        self.server = ServerProcess(tmp_path, users)  # for its config and maildirs
+    def __init__(self, tmp_path, users, count=2, extra=""):
+        self.server = ServerProcess(tmp_path, users, extra)  # for its config and maildirs
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             [
@@ -102,6 +102,27 @@ def test_lock_holds_across_worker_processes(workers):
     assert all(r.startswith((b"+OK Logged in", b"-ERR [IN-USE]")) for r in replies), replies
     for s in sockets:
         s.close()
+
+
+def test_login_delay_holds_across_worker_processes(tmp_path):
+    """Whichever worker a client reaches, LOGIN-DELAY counts from its last login anywhere."""
+    w = Workers(tmp_path, {"u0": "{PLAIN}pw"}, count=2, extra="login_delay = 600\n")
+    try:
+        s, f, reply = login(w.port, "u0")
+        assert reply.startswith(b"+OK Logged in"), reply
+        s.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"+OK")
+        s.close()
+        # Twenty fresh connections spread over both workers (SO_REUSEPORT
+        # hashes each one's source port): every one is refused.
+        replies = []
+        for _ in range(20):
+            s, _f, reply = login(w.port, "u0")
+            replies.append(reply)
+            s.close()
+        assert all(r.startswith(b"-ERR [LOGIN-DELAY]") for r in replies), replies
+    finally:
+        w.stop()
 
 
 def test_all_workers_serve(workers):

@@ -41,9 +41,11 @@ class MailboxRealm:
     ) -> Deferred[tuple[Any, IMailbox, Callable[[], None]]]:
         if IMailbox not in interfaces:
             raise NotImplementedError("popserv's realm only provides IMailbox")
-        if self.policy is not None:
-            self.policy.checkLogin(avatarId)
-        d = maybeDeferred(self.store.openMailbox, avatarId)
+        checked = None if self.policy is None else self.policy.checkLogin(avatarId)
+        if checked is None:
+            d = maybeDeferred(self.store.openMailbox, avatarId)
+        else:
+            d = checked.addCallback(lambda _: self.store.openMailbox(avatarId))
         return d.addCallback(self._opened, avatarId)
 
     def _opened(

@@ -18,6 +18,8 @@ Maildir storage (cr.yp.to/proto/maildir.html), as Dovecot and Postfix lay it out
   session, and released by the kernel if the process dies, so a crash never
   leaves a stale lock.
 - Directory scans and removals run off the reactor thread.
+- For LOGIN-DELAY, a user's last login is the mtime of C{.popserv.login} in
+  the maildrop, so every worker and node serving it sees the same one.
 """
 
 from __future__ import annotations
@@ -43,8 +45,15 @@ from popserv.backends.locking import (
     PerMaildropLocks,
     SharedLockFile,
 )
-from popserv.errors import MessageVanished, PermanentFailure
-from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo, validUID
+from popserv.errors import InvalidUserName, MessageVanished, PermanentFailure
+from popserv.interfaces import (
+    ILoginMemory,
+    IMailbox,
+    IMailStore,
+    IMessageReader,
+    MessageInfo,
+    validUID,
+)
 from popserv.location import MailLocation
 from popserv.threads import RunInThread, reactorThreads
 from popserv.wire import CRLFSizer
@@ -100,6 +109,9 @@ def _sizeHints(name: str) -> dict[str, int]:
 
 
 INDEX_FILE = ".popserv.index"
+
+#: Its mtime is the user's last login (L{MaildirStore.recordLogin}).
+LOGIN_FILE = ".popserv.login"
 _INDEX_HEADER = "popserv-index 1\n"
 
 #: A directory whose mtime is this recent may still change within the same
@@ -425,7 +437,7 @@ class MaildirMailbox:
             self._store.locks.release(self.path)
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, ILoginMemory)
 class MaildirStore:
     """
     Maildrops found by expanding a L{MailLocation} for each user.
@@ -479,6 +491,24 @@ class MaildirStore:
                 os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         self.locks.acquire(path)
         return MaildirMailbox(path, self)
+
+    # -- ILoginMemory: a stat or a utime, quick enough for the calling thread --
+
+    def lastLogin(self, user: str) -> float | None:
+        try:
+            path = os.path.join(self.location.expand(user), LOGIN_FILE)
+            return os.stat(path, follow_symlinks=False).st_mtime_ns / 1e9
+        except (FileNotFoundError, NotADirectoryError, InvalidUserName):
+            return None
+
+    def recordLogin(self, user: str, when: float) -> None:
+        path = os.path.join(self.location.expand(user), LOGIN_FILE)
+        stamp = int(when * 1e9)
+        try:
+            os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+        except FileNotFoundError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
     def cacheFor(self, path: str) -> MaildropCache:
         """The cache of one maildrop (the least recently used are dropped)."""
