@@ -111,6 +111,10 @@ class ILoginMemory(Interface):
     When each user last logged in, kept where every process serving the
     maildrop sees it (LOGIN-DELAY across workers and nodes). A store may
     provide it; the session policy then consults it for users with a delay.
+
+    Checking and recording are two steps, not one: logins checked at the same
+    moment on two nodes may both pass (the maildrop lock still admits only
+    one session at a time).
     """
 
     def lastLogin(user: str) -> float | None | Deferred[float | None]:

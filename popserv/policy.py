@@ -28,6 +28,10 @@ NEVER = None
 
 _DAY = 86400
 
+#: A shared login record this many seconds in the future came from a node
+#: whose clock is ahead; it locks nobody out.
+_SKEW = 60
+
 _log = Logger()
 
 
@@ -127,14 +131,12 @@ class SessionPolicy:
 
     def _refuseIfRecent(self, delay: int, *logins: float | None) -> None:
         now = self.clock.seconds()
-        # A login well in the future was recorded by a node whose clock is
-        # ahead: it locks nobody out.
-        known = [t for t in logins if t is not None and t - now < delay]
+        known = [t for t in logins if t is not None and t - now <= _SKEW]
         if not known:
             return
         ago = now - max(known)
         if ago < delay:
-            raise LoginDelayed(seconds=int(delay - max(ago, 0)) + 1)
+            raise LoginDelayed(seconds=int(delay - ago) + 1)
 
     def _memoryFailed(self, failure: Failure, what: str, user: str) -> None:
         _log.warn(
@@ -145,6 +147,7 @@ class SessionPolicy:
         )
 
     def recordLogin(self, user: str) -> None:
+        """C{user} logged in now (the protocol calls this as it answers +OK)."""
         now = self.clock.seconds()
         if self.memory is not None and self.settingsFor(user).loginDelay > 0:
             d = maybeDeferred(self.memory.recordLogin, user, now)

@@ -613,6 +613,7 @@ class POP3Protocol(LineReceiver):
         self.factory.loginResult("ok", mechanism)
         self.factory.penalty.succeeded(self.stats.ip)
         self.setTimeout(self.factory.timeout)
+        self.factory.policy.recordLogin(user)
         self.settings = self.factory.policy.settingsFor(user)
         count, size = self.transaction.stat()
         # No log line here: the session's one line is written when it ends.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from types import SimpleNamespace
 
 import pytest
 import scramp
@@ -19,10 +20,12 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from popserv.auth import passwdfile
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryMailbox, MemoryStore
+from popserv.errors import TemporaryFailure
 from popserv.limits import AuthPenalty
 from popserv.policy import SessionPolicy, UserSettings
 from popserv.protocol import MAX_SASL_LINE, POP3Factory, State
@@ -339,6 +342,27 @@ def test_login_delay_is_enforced_not_just_advertised():
     assert reply(client, b"PASS pw")[0].startswith(b"+OK Logged in")
 
 
+def test_a_login_that_fails_after_authentication_does_not_count(monkeypatch):
+    """The delay runs from a +OK (RFC 2449): a maildrop that cannot be listed is no login."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = SessionPolicy(clock, UserSettings(loginDelay=60))
+    factory, _ = memoryServer({"alice": "pw"}, policy=policy, clock=clock)
+
+    def unreadable(self):
+        raise TemporaryFailure("Maildrop unreadable")
+
+    with monkeypatch.context() as m:
+        m.setattr(MemoryMailbox, "listMessages", unreadable)
+        client = connect(factory)
+        client.send(b"USER alice\r\n")
+        client.output()
+        assert reply(client, b"PASS pw")[0].startswith(b"-ERR [SYS/TEMP]")
+    client.send(b"USER alice\r\n")
+    client.output()
+    assert reply(client, b"PASS pw")[0].startswith(b"+OK Logged in")
+
+
 def test_login_delay_wrong_password_reveals_nothing():
     clock = Clock()
     policy = SessionPolicy(clock, UserSettings(loginDelay=60))
@@ -387,14 +411,22 @@ def test_login_delay_memory_is_left_alone_without_a_delay(tmp_path):
     assert not (tmp_path / "alice" / "Maildir" / ".popserv.login").exists()
 
 
-def test_a_login_recorded_far_ahead_locks_nobody_out(tmp_path):
-    """A node with a clock an hour fast must not lock the user out for an hour."""
-    clock = Clock()
-    clock.advance(1_000_000)
-    ahead, behind = Clock(), clock
-    ahead.advance(1_000_000 + 3600)
-    assert login_reply(maildir_worker(tmp_path, ahead)).startswith(b"+OK Logged in")
-    assert login_reply(maildir_worker(tmp_path, behind)).startswith(b"+OK Logged in")
+def test_clock_skew_between_nodes(tmp_path):
+    """
+    A node a little ahead: the wait told is the true one. A node an hour
+    fast must not lock the user out for an hour.
+    """
+    behind = Clock()
+    behind.advance(1_000_000)
+    for skew, expected in [
+        (30, b"-ERR [LOGIN-DELAY] Logged in too recently, wait 91 seconds"),
+        (3600, b"+OK Logged in"),
+    ]:
+        ahead = Clock()
+        ahead.advance(behind.seconds() + skew)
+        assert login_reply(maildir_worker(tmp_path, ahead)).startswith(b"+OK Logged in")
+        assert login_reply(maildir_worker(tmp_path, behind)).startswith(expected)
+        behind.advance(7200)
 
 
 def test_a_failing_login_memory_falls_back_to_this_process(tmp_path):
@@ -537,7 +569,7 @@ def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path, monkeypatch)
     offered. The greeting follows a changed passwd-file within a second.
     """
     now = [1000.0]
-    monkeypatch.setattr("popserv.auth.passwdfile.time.monotonic", lambda: now[0])
+    monkeypatch.setattr(passwdfile, "time", SimpleNamespace(monotonic=lambda: now[0]))
     path = tmp_path / "passwd"
     path.write_text("alice:{SHA512-CRYPT}$6$rounds=1000$salt$x\n")
     checker = PasswdFileChecker(path, runInThread=synchronously)

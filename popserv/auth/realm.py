@@ -29,7 +29,9 @@ class MailboxRealm:
 
     With a L{SessionPolicy}, a login sooner than the user's LOGIN-DELAY after
     the previous one fails with L{popserv.errors.LoginDelayed} before the
-    maildrop is touched.
+    maildrop is locked or listed. The protocol records a login when it
+    answers +OK (RFC 2449 counts the delay from there), so a login that
+    fails later, or whose client is gone, does not count.
     """
 
     def __init__(self, store: IMailStore, policy: SessionPolicy | None = None) -> None:
@@ -46,14 +48,7 @@ class MailboxRealm:
             d = maybeDeferred(self.store.openMailbox, avatarId)
         else:
             d = checked.addCallback(lambda _: self.store.openMailbox(avatarId))
-        return d.addCallback(self._opened, avatarId)
-
-    def _opened(
-        self, mailbox: IMailbox, avatarId: str
-    ) -> tuple[Any, IMailbox, Callable[[], None]]:
-        if self.policy is not None:
-            self.policy.recordLogin(avatarId)
-        return (IMailbox, mailbox, _LogoutOnce(mailbox))
+        return d.addCallback(lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox)))
 
 
 class _LogoutOnce:

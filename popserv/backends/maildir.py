@@ -78,6 +78,7 @@ _SUBDIRS = ("cur", "new")
 
 _READ_CHUNK = 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _LEADING_DIGITS = re.compile(r"[0-9]+")
 
 
@@ -506,9 +507,15 @@ class MaildirStore:
         stamp = int(when * 1e9)
         try:
             os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+            return
         except FileNotFoundError:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-            os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+            pass
+        try:
+            # O_EXCL: never open what appeared meanwhile (a FIFO would block).
+            os.close(os.open(path, _CREATE_FLAGS, 0o600))
+        except FileExistsError:
+            pass
+        os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
     def cacheFor(self, path: str) -> MaildropCache:
         """The cache of one maildrop (the least recently used are dropped)."""
