@@ -6,6 +6,8 @@ embedders all come through here.
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import threading
 from typing import Any
@@ -34,7 +36,13 @@ from popserv.sasl import mechanismsByName
 from popserv.threads import reactorThreads
 from popserv.tls import PlaintextPolicy, ServerTLS, TLSError
 
-__all__ = ["makePortal", "makeFactory", "makeService", "PopservService"]
+__all__ = ["makePortal", "makeFactory", "makeService", "PopservService", "loadKeyFile"]
+
+#: In the mail root: the key SCRAM derives unknown users' salts from, the
+#: same for every worker, node and restart that shares the mail storage.
+SCRAM_KEY_FILE = ".popserv-scram-key"
+
+_KEY_SIZE = 32
 
 _log = Logger()
 
@@ -59,12 +67,15 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     policy = None
     if portal is None:
         config.validated()
+    scramKey = _scramKey(config)
+    if portal is None:
         try:
             checker = PasswdFileChecker(
                 config.passwdPath,
                 runInThread=run,
                 masterUsers=frozenset(config.master_users),
                 cache=VerificationCache(reactor, ttl=config.auth_cache_ttl),
+                saltKey=scramKey,
             )
         except OSError as e:
             raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None
@@ -98,7 +109,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         apop=None if config.apop else False,
         maxBadCommands=config.max_bad_commands,
         mechanisms=mechanismsByName(
-            list(config.sasl_mechanisms) if config.sasl_mechanisms else None
+            list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
+            fakeKey=scramKey,
         ),
         policy=policy,
         language=LANGUAGES[config.language],
@@ -113,6 +125,62 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),
     )
+
+
+def loadKeyFile(path: str) -> bytes:
+    """
+    The random key kept in C{path}: read it, or make it (mode 0600) if there
+    is none. Processes starting together agree on one: each writes its own
+    candidate aside and links it in place, and whoever comes second reads
+    the winner's. OSError if it cannot be read or made, ValueError if short.
+    """
+    try:
+        return _readKey(path)
+    except FileNotFoundError:
+        pass
+    candidate = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(_KEY_SIZE))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(candidate, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(candidate)
+    return _readKey(path)
+
+
+def _readKey(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        key = os.read(fd, _KEY_SIZE)
+    finally:
+        os.close(fd)
+    if len(key) < _KEY_SIZE:
+        raise ValueError(f"{path}: {len(key)} bytes, a key needs {_KEY_SIZE}")
+    return key
+
+
+def _scramKey(config: Config) -> bytes | None:
+    if not config.mail_location:
+        return None
+    path = os.path.join(config.location.root, SCRAM_KEY_FILE)
+    try:
+        os.makedirs(config.location.root, exist_ok=True)  # as the shared lock file is
+        return loadKeyFile(path)
+    except (OSError, ValueError) as e:
+        _log.warn(
+            "cannot use {path} ({error}): SCRAM's salts for unknown users are made "
+            "up per process, so with several workers or nodes they tell unknown "
+            "users from real ones",
+            path=path,
+            error=e,
+        )
+        return None
 
 
 def makeService(

@@ -11,9 +11,10 @@ keeps every socket open, so a worker's queue survives its restart. Maildrop
 locks are kernel locks, so they hold across processes; a worker that dies is
 started again; SIGTERM and SIGHUP are passed on to every worker.
 
-What is per process: LOGIN-DELAY memory, the failed-login penalty, connection
-limits (each worker applies the configured ones), and metrics (worker I serves
-them on the configured port + I).
+What is shared through the mail storage: LOGIN-DELAY (the maildrop keeps the
+last login) and the key of SCRAM's made-up salts. What is per process: the
+failed-login penalty, connection limits (each worker applies the configured
+ones), and metrics (worker I serves them on the configured port + I).
 """
 
 from __future__ import annotations

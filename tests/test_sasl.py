@@ -25,9 +25,10 @@ from popserv.sasl import (
     SASLError,
     ScramSHA1,
     ScramSHA256,
+    ScramSHA256Plus,
     mechanismsByName,
 )
-from popserv.sasl.scram import parseClientFirst
+from popserv.sasl.scram import parseClientFirst, stableSalt
 from popserv.testing import PlaintextChecker
 from popserv.threads import synchronously
 
@@ -228,6 +229,27 @@ def test_scram_unknown_user_gets_a_stable_fake_salt():
         ex = ScramSHA256().exchange(context(source))
         salts.add(result(ex.step(b"n,,n=ghost,r=abc")).data.split(b",")[1])
     assert len(salts) == 1
+
+
+def test_scram_salts_of_real_and_unknown_users_look_alike_given_a_key(tmp_path):
+    """
+    With a key shared by every process, a plaintext user's salt and an unknown
+    user's are both derived from it: stable everywhere, the same for the
+    -PLUS variant, and with the same iteration count.
+    """
+    key = b"k" * 32
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}wonderland\n")
+    checker = PasswdFileChecker(passwd, runInThread=synchronously, saltKey=key)
+    real = result(checker.scramKeys("alice", "SCRAM-SHA-256"))
+    assert real.salt == stableSalt(key, "SCRAM-SHA-256", "alice")
+    again = PasswdFileChecker(passwd, runInThread=synchronously, saltKey=key)
+    assert result(again.scramKeys("alice", "SCRAM-SHA-256")) == real  # another process
+    fake = ScramSHA256(key).fakeKeys("ghost")
+    assert fake.salt == stableSalt(key, "SCRAM-SHA-256", "ghost")
+    assert ScramSHA256Plus(key).fakeKeys("ghost").salt == fake.salt
+    assert fake.iterations == real.iterations
+    run_client(ScramSHA256(), checker, "alice", "wonderland")  # and it still logs in
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,8 @@ from twisted.python import usage
 
 import popserv
 from popserv.config import ConfigError, loadConfig
+from popserv.sasl import ScramSHA256
+from popserv.service import SCRAM_KEY_FILE, _readKey, loadKeyFile
 from popserv.tap import Options
 from support import REPO, startTwistd, twistdCommand
 
@@ -123,6 +125,48 @@ def test_make_service_builds_one_listener_per_endpoint(files):
     assert len(children) == 2
     assert all(isinstance(c, StreamServerEndpointService) for c in children)
     assert isinstance(service.factory, popserv.POP3Factory)
+
+
+def test_key_file_is_made_once_private_and_then_kept(tmp_path, monkeypatch):
+    path = str(tmp_path / "key")
+    key = loadKeyFile(path)
+    assert len(key) == 32 and loadKeyFile(path) == key
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    # Another process won the race between our read and our link: its key counts.
+    other = tmp_path / "other"
+    real = _readKey
+    calls = []
+
+    def losing(p):
+        calls.append(p)
+        if len(calls) == 1:
+            other.write_bytes(b"w" * 32)
+            raise FileNotFoundError(p)
+        return real(p)
+
+    monkeypatch.setattr("popserv.service._readKey", losing)
+    assert loadKeyFile(str(other)) == b"w" * 32
+    assert sorted(os.listdir(tmp_path)) == ["key", "other"]  # no candidate left behind
+
+
+def test_a_short_key_file_is_refused_not_replaced(tmp_path):
+    (tmp_path / "key").write_bytes(b"short")
+    with pytest.raises(ValueError):
+        loadKeyFile(str(tmp_path / "key"))
+    assert (tmp_path / "key").read_bytes() == b"short"
+
+
+def test_scram_fake_salts_come_from_the_key_in_the_mail_root(files):
+    """Every process over this mail root invents the same salt for an unknown user."""
+    factory = popserv.makeService(
+        listen=["tcp:0:interface=127.0.0.1"],
+        passwd=str(files / "passwd"),
+        mail_location=str(files / "mail/%n"),
+    ).factory
+    key = (files / "mail" / SCRAM_KEY_FILE).read_bytes()
+    expected = ScramSHA256(key).fakeKeys("ghost")
+    assert factory.mechanisms["SCRAM-SHA-256"].fakeKeys("ghost") == expected
+    assert ScramSHA256().fakeKeys("ghost") != expected  # not the per-process default
 
 
 def test_make_service_rejects_bad_endpoint_before_listening(files):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -123,6 +124,31 @@ def test_login_delay_holds_across_worker_processes(tmp_path):
         assert all(r.startswith(b"-ERR [LOGIN-DELAY]") for r in replies), replies
     finally:
         w.stop()
+
+
+def scram_salt(port, user):
+    """The salt a server-first SCRAM-SHA-256 message offers C{user}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        first = base64.b64encode(f"n,,n={user},r=clientnonce".encode())
+        s.sendall(b"AUTH SCRAM-SHA-256 " + first + b"\r\n")
+        challenge = f.readline()
+        assert challenge.startswith(b"+ "), challenge
+        s.sendall(b"*\r\n")
+        f.readline()
+        fields = dict(x.split("=", 1) for x in base64.b64decode(challenge[2:]).decode().split(","))
+        return fields["s"]
+
+
+def test_unknown_users_get_one_scram_salt_from_every_worker(workers):
+    """
+    A salt that changed between connections would tell an unknown user from
+    a real one (whose salt is stored): every worker invents the same.
+    """
+    for user in ("ghost", "u1"):
+        salts = {scram_salt(workers.port, user) for _ in range(20)}
+        assert len(salts) == 1, (user, salts)
 
 
 def test_all_workers_serve(workers):

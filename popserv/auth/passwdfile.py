@@ -29,6 +29,7 @@ from popserv.auth.schemes import Scheme, UnknownScheme, parseScramSecret, parseS
 from popserv.errors import AccountDisabled
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.sasl.base import ISecretSource, ScramKeys
+from popserv.sasl.scram import ITERATIONS, stableSalt
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
@@ -127,10 +128,14 @@ class PasswdFileChecker:
         masterUsers: frozenset[str] = frozenset(),
         cache: VerificationCache | None = None,
         recheck: float = 1.0,
+        saltKey: bytes | None = None,
     ) -> None:
         self.path = os.fspath(path)
         #: Seconds a check of the file stands for what does not authenticate.
         self.recheck = recheck
+        #: SCRAM salts for plaintext passwords derive from it (the same in
+        #: every worker; see L{popserv.sasl.scram.stableSalt}); None: random.
+        self.saltKey = saltKey
         self._runInThread = runInThread or reactorThreads()
         self.masterUsers = frozenset(masterUsers)
         #: Remembers recent successful slow-hash checks (see L{VerificationCache}).
@@ -275,7 +280,8 @@ class PasswdFileChecker:
         key = (user, mechanism, entry.secret)
         if key in self._derived:
             return succeed(self._derived[key])
-        d = self._runInThread(_deriveScramKeys, mechanism, entry.secret)
+        salt = None if self.saltKey is None else stableSalt(self.saltKey, mechanism, user)
+        d = self._runInThread(_deriveScramKeys, mechanism, entry.secret, salt)
         d.addCallback(lambda keys: self._derived.setdefault(key, keys))
         return d
 
@@ -291,6 +297,8 @@ class PasswdFileChecker:
         return self._overridden
 
 
-def _deriveScramKeys(mechanism: str, password: str) -> ScramKeys:
-    salt, stored, server, iterations = scramp.ScramMechanism(mechanism).make_auth_info(password)
+def _deriveScramKeys(mechanism: str, password: str, salt: bytes | None) -> ScramKeys:
+    salt, stored, server, iterations = scramp.ScramMechanism(mechanism).make_auth_info(
+        password, ITERATIONS, salt
+    )
     return ScramKeys(salt, stored, server, iterations)

@@ -19,7 +19,7 @@ from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.external import External
 from popserv.sasl.login import Login
 from popserv.sasl.plain import Plain
-from popserv.sasl.scram import ScramSHA1, ScramSHA1Plus, ScramSHA256, ScramSHA256Plus
+from popserv.sasl.scram import ScramSHA1, ScramSHA1Plus, ScramSHA256, ScramSHA256Plus, _Scram
 
 __all__ = [
     "Challenge",
@@ -55,9 +55,20 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
 )
 
 
-def mechanismsByName(names: list[str] | None = None) -> dict[str, ISASLMechanism]:
-    """The mechanisms named (all if None), by upper-case name; ValueError if unknown."""
+def mechanismsByName(
+    names: list[str] | None = None, fakeKey: bytes | None = None
+) -> dict[str, ISASLMechanism]:
+    """
+    The mechanisms named (all if None), by upper-case name; ValueError if unknown.
+
+    @param fakeKey: the key SCRAM derives unknown users' salts from (see
+        L{popserv.sasl.scram}); the same in every process that answers.
+    """
     known = {m.name: m for m in ALL_MECHANISMS}
+    if fakeKey is not None:
+        known = {
+            name: type(m)(fakeKey) if isinstance(m, _Scram) else m for name, m in known.items()
+        }
     if names is None:
         return known
     chosen = {}

@@ -31,13 +31,38 @@ from popserv.sasl.base import (
     ScramKeys,
 )
 
-__all__ = ["ScramSHA1", "ScramSHA256", "ScramSHA1Plus", "ScramSHA256Plus", "parseClientFirst"]
+__all__ = [
+    "ScramSHA1",
+    "ScramSHA256",
+    "ScramSHA1Plus",
+    "ScramSHA256Plus",
+    "parseClientFirst",
+    "stableSalt",
+    "ITERATIONS",
+]
 
 #: The channel-binding type the -PLUS variants use (RFC 5929 section 4).
 CHANNEL_BINDING = "tls-server-end-point"
 
-#: Keyed per process, so fake salts for unknown users are stable but unguessable.
+#: The default key of the salts popserv makes up: stable for the process,
+#: unguessable. Where several processes answer, give every one the same key
+#: kept on disk (C{fakeKey}, and the secret source's): a salt that differs
+#: from one connection to the next tells an unknown user from a real one.
 _FAKE_KEY = secrets.token_bytes(32)
+
+#: The iteration count of the keys popserv makes (for unknown users, and
+#: from plaintext passwords): scramp's and Dovecot's default.
+ITERATIONS = 4096
+
+
+def stableSalt(key: bytes, mechanism: str, user: str) -> bytes:
+    """
+    A salt for C{user} that is the same wherever C{key} is: for keys derived
+    from a plaintext password, and for the made-up keys of unknown users, so
+    the two look alike. C{mechanism} is the base name (no C{-PLUS}), as a
+    stored secret serves both variants.
+    """
+    return hmac.new(key, f"salt\0{mechanism}\0{user}".encode(), hashlib.sha256).digest()[:16]
 
 
 def _unescape(name: str) -> str:
@@ -146,9 +171,10 @@ class _Scram:
     plaintext = False
     _digest = hashlib.sha256
 
-    def __init__(self) -> None:
+    def __init__(self, fakeKey: bytes | None = None) -> None:
         self.name = self.base + ("-PLUS" if self.plus else "")
         self.scram = scramp.ScramMechanism(self.name)
+        self._fakeKey = fakeKey or _FAKE_KEY
 
     def available(self, context: SASLContext) -> bool:
         source = context.source
@@ -161,8 +187,9 @@ class _Scram:
         return _ScramExchange(self, context)
 
     def fakeKeys(self, user: str) -> ScramKeys:
-        seed = hmac.new(_FAKE_KEY, f"{self.name}\0{user}".encode(), self._digest).digest()
-        return ScramKeys(seed[:16], seed, seed, 4096)
+        """Made-up keys for an unknown user: nothing can match them."""
+        seed = hmac.new(self._fakeKey, f"{self.base}\0{user}".encode(), self._digest).digest()
+        return ScramKeys(stableSalt(self._fakeKey, self.base, user), seed, seed, ITERATIONS)
 
 
 class ScramSHA1(_Scram):
