@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 import scramp
@@ -250,6 +251,18 @@ def test_scram_salts_of_real_and_unknown_users_look_alike_given_a_key(tmp_path):
     assert ScramSHA256Plus(key).fakeKeys("ghost").salt == fake.salt
     assert fake.iterations == real.iterations
     run_client(ScramSHA256(), checker, "alice", "wonderland")  # and it still logs in
+
+
+def test_a_plaintext_users_scram_salt_survives_a_reload_of_the_passwd_file(tmp_path):
+    """Else a salt that changed when the file did would tell real users from unknown ones."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}wonderland\n")
+    checker = PasswdFileChecker(passwd, runInThread=synchronously)
+    before = result(checker.scramKeys("alice", "SCRAM-SHA-256"))
+    passwd.write_text("alice:{PLAIN}wonderland\nbob:{PLAIN}builder\n")
+    os.utime(passwd, ns=(0, 10**9))
+    assert result(checker.scramKeys("bob", "SCRAM-SHA-256")) is not None  # reloaded
+    assert result(checker.scramKeys("alice", "SCRAM-SHA-256")) == before
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from popserv.auth.schemes import Scheme, UnknownScheme, parseScramSecret, parseS
 from popserv.errors import AccountDisabled
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.sasl.base import ISecretSource, ScramKeys
-from popserv.sasl.scram import ITERATIONS, stableSalt
+from popserv.sasl.scram import ITERATIONS, PROCESS_KEY, stableSalt
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
@@ -133,9 +133,10 @@ class PasswdFileChecker:
         self.path = os.fspath(path)
         #: Seconds a check of the file stands for what does not authenticate.
         self.recheck = recheck
-        #: SCRAM salts for plaintext passwords derive from it (the same in
-        #: every worker; see L{popserv.sasl.scram.stableSalt}); None: random.
-        self.saltKey = saltKey
+        #: SCRAM salts for plaintext passwords derive from it, so a user keeps
+        #: one salt across reloads of the file (and, given one key, across
+        #: workers): see L{popserv.sasl.scram.stableSalt}.
+        self.saltKey = saltKey or PROCESS_KEY
         self._runInThread = runInThread or reactorThreads()
         self.masterUsers = frozenset(masterUsers)
         #: Remembers recent successful slow-hash checks (see L{VerificationCache}).
@@ -280,7 +281,7 @@ class PasswdFileChecker:
         key = (user, mechanism, entry.secret)
         if key in self._derived:
             return succeed(self._derived[key])
-        salt = None if self.saltKey is None else stableSalt(self.saltKey, mechanism, user)
+        salt = stableSalt(self.saltKey, mechanism, user)
         d = self._runInThread(_deriveScramKeys, mechanism, entry.secret, salt)
         d.addCallback(lambda keys: self._derived.setdefault(key, keys))
         return d
@@ -297,7 +298,7 @@ class PasswdFileChecker:
         return self._overridden
 
 
-def _deriveScramKeys(mechanism: str, password: str, salt: bytes | None) -> ScramKeys:
+def _deriveScramKeys(mechanism: str, password: str, salt: bytes) -> ScramKeys:
     salt, stored, server, iterations = scramp.ScramMechanism(mechanism).make_auth_info(
         password, ITERATIONS, salt
     )

@@ -39,6 +39,7 @@ __all__ = [
     "parseClientFirst",
     "stableSalt",
     "ITERATIONS",
+    "PROCESS_KEY",
 ]
 
 #: The channel-binding type the -PLUS variants use (RFC 5929 section 4).
@@ -48,7 +49,7 @@ CHANNEL_BINDING = "tls-server-end-point"
 #: unguessable. Where several processes answer, give every one the same key
 #: kept on disk (C{fakeKey}, and the secret source's): a salt that differs
 #: from one connection to the next tells an unknown user from a real one.
-_FAKE_KEY = secrets.token_bytes(32)
+PROCESS_KEY = secrets.token_bytes(32)
 
 #: The iteration count of the keys popserv makes (for unknown users, and
 #: from plaintext passwords): scramp's and Dovecot's default.
@@ -174,7 +175,7 @@ class _Scram:
     def __init__(self, fakeKey: bytes | None = None) -> None:
         self.name = self.base + ("-PLUS" if self.plus else "")
         self.scram = scramp.ScramMechanism(self.name)
-        self._fakeKey = fakeKey or _FAKE_KEY
+        self._fakeKey = fakeKey or PROCESS_KEY
 
     def available(self, context: SASLContext) -> bool:
         source = context.source
