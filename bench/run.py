@@ -872,7 +872,7 @@ class Bench:
             engine.start(loginSession(self.drops[u]), u)
         engine.run()
         time.sleep(0.5)
-        base = server.rss()
+        base = server.memory()
         started = 0
         limit = 256
 
@@ -895,13 +895,13 @@ class Bench:
         openUpTo(p.idleFirst)
         share = (genCPU() - g0) / (perf_counter() - w0)
         time.sleep(0.5)
-        first = server.rss()
+        first = server.memory()
         perSession = (first - base) / p.idleFirst / 1024
         r = self.result("idle-mem", name)
         r.samples.append(perSession)
         r.gen.append(share)
         text = (
-            f"idle run {run + 1}: RSS {base / MiB:.1f} -> {first / MiB:.1f} MiB with "
+            f"idle run {run + 1}: PSS {base / MiB:.1f} -> {first / MiB:.1f} MiB with "
             f"{p.idleFirst:,} sessions = {perSession:.2f} KiB/session"
         )
         if not tryMost:
@@ -911,7 +911,7 @@ class Bench:
         try:
             openUpTo(p.idleMax)
             time.sleep(0.5)
-            most = server.rss()
+            most = server.memory()
             fds = server.openFiles()
             engine.release("idle")  # each: NOOP, QUIT
             engine.run()
@@ -936,7 +936,7 @@ class Bench:
         r.gen.append(share)
         self.say(
             name,
-            text + f"; {p.idleMax:,} open: RSS {most / MiB:.1f} MiB = {perMost:.2f} "
+            text + f"; {p.idleMax:,} open: PSS {most / MiB:.1f} MiB = {perMost:.2f} "
             f"KiB/session, {fds:,} fds, all answered NOOP",
         )
         return True

@@ -47,6 +47,18 @@ def _pinned(command: list[str]) -> list[str]:
     return [taskset, "-c", "0", *command] if taskset else command
 
 
+def _pss(pid: int) -> int | None:
+    """A process's proportional set size in bytes, if the kernel tells it."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _sessionPids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -139,7 +151,11 @@ class Server:
         return sum(self.cpuTimes())
 
     def cpuTimes(self) -> tuple[float, float]:
-        """User and system CPU time of every process of the server (all threads)."""
+        """
+        User and system CPU time of every process of the server (all threads),
+        with that of its children that ended and were reaped (Dovecot's
+        per-session processes): those count in their parent's cutime/cstime.
+        """
         user = system = 0
         for pid in _sessionPids(self.pid):
             try:
@@ -147,14 +163,23 @@ class Server:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            user += int(fields[11])  # field 14: utime
-            system += int(fields[12])  # field 15: stime
+            user += int(fields[11]) + int(fields[13])  # fields 14, 16: utime, cutime
+            system += int(fields[12]) + int(fields[14])  # fields 15, 17: stime, cstime
         return user / _CLK_TCK, system / _CLK_TCK
 
-    def rss(self) -> int:
-        """Resident set size in bytes (summed over the server's processes)."""
+    def memory(self) -> int:
+        """
+        Memory in bytes, summed over the server's processes: the proportional
+        set size (a page shared by n processes counts 1/n in each), so that
+        Dovecot's process per session is not charged its shared libraries
+        again for every session; the resident set size where PSS is unknown.
+        """
         total = 0
         for pid in _sessionPids(self.pid):
+            pss = _pss(pid)
+            if pss is not None:
+                total += pss
+                continue
             try:
                 with open(f"/proc/{pid}/statm") as f:
                     total += int(f.read().split()[1]) * _PAGE
@@ -299,6 +324,7 @@ class Dovecot(Server):
             "disable_plaintext_auth = no\n"
             "auth_mechanisms = plain\n"
             f"default_internal_user = {user}\n"
+            f"default_internal_group = {_groupName()}\n"
             f"default_login_user = {user}\n"
             "default_process_limit = 20000\n"
             "default_client_limit = 20000\n"
@@ -327,6 +353,7 @@ class Dovecot(Server):
             "}\n"
             "service anvil {\n"
             "  chroot =\n"
+            "  client_limit = 20010\n"  # pop3-login's process_limit + auth's
             "}\n"
         )
         (base / "state").mkdir(exist_ok=True)
@@ -337,6 +364,12 @@ def _userName() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _groupName() -> str:
+    import grp
+
+    return grp.getgrgid(os.getgid()).gr_name
 
 
 def stopAll() -> None:
