@@ -994,7 +994,15 @@ class Bench:
         servers = ["popserv", "twisted", "dovecot"]
         installed = dovecotBinary() is not None
         wanted = self.servers()
-        header = ["row", "popserv", "twisted.mail.pop3", "dovecot", "popserv/twisted", "target"]
+        header = [
+            "row",
+            "popserv",
+            "twisted.mail.pop3",
+            "dovecot",
+            "popserv/twisted",
+            "popserv/dovecot",
+            "target",
+        ]
         lines: list[list[str]] = []
         footnotes: list[str] = []
         for row in rows:
@@ -1013,8 +1021,10 @@ class Bench:
                 cells.append(self._cell(row, byServer.get(s), s, footnotes))
             pv = byServer.get("popserv", Result()).value
             tv = byServer.get("twisted", Result()).value
+            dv = byServer.get("dovecot", Result()).value
             ratio = pv / tv if pv is not None and tv else None
             cells.append(f"{ratio:,.2f}x" if ratio is not None else "-")
+            cells.append(f"{pv / dv:,.2f}x" if pv is not None and dv else "-")
             verdict = ""
             if pv is not None and row.check is not None:
                 if self.args.quick:
