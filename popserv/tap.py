@@ -6,6 +6,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from popserv.config import Config, ConfigError, loadConfig
+from popserv.service import freezeStartupObjects
 from popserv.service import makeService as _makeService
 
 __all__ = ["Options", "makeService"]
@@ -273,6 +274,10 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """Build the popserv service from parsed options."""
     try:
-        return _makeService(options.config)
+        service = _makeService(options.config)
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
+    from twisted.internet import reactor
+
+    reactor.callWhenRunning(freezeStartupObjects)
+    return service

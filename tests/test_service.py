@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import poplib
 import re
@@ -22,6 +23,7 @@ from popserv.config import ConfigError, loadConfig
 from popserv.sasl import ScramSHA256
 from popserv.service import SCRAM_KEY_FILE, _readKey, loadKeyFile
 from popserv.tap import Options
+from popserv.tap import makeService as tapMakeService
 from support import REPO, startTwistd, twistdCommand
 
 
@@ -112,6 +114,29 @@ def test_bad_config_files(files, text, message):
     conf.write_text(text)
     with pytest.raises(ConfigError, match=message):
         loadConfig(conf)
+
+
+def test_the_plugin_freezes_startup_objects_once_running(files, monkeypatch):
+    """twistd's service takes its startup objects out of later full collections."""
+    scheduled = []
+    monkeypatch.setattr(
+        "twisted.internet.reactor.callWhenRunning", lambda f, *a: scheduled.append(f)
+    )
+    options = parse(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--passwd",
+        str(files / "passwd"),
+        "--mail-location",
+        str(files / "mail/%n"),
+    )
+    tapMakeService(options)
+    assert len(scheduled) == 1 and gc.get_freeze_count() == 0
+    try:
+        scheduled[0]()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_make_service_builds_one_listener_per_endpoint(files):
