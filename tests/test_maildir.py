@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from twisted.cred.portal import Portal
@@ -353,6 +355,67 @@ def age_directories(box, seconds=60):
     past = time.time() - seconds
     for sub in ("cur", "new"):
         os.utime(box / sub, (past, past))
+
+
+def listing(store):
+    mailbox = open_(store)
+    try:
+        return result(mailbox.listMessages())
+    finally:
+        mailbox.close()
+
+
+def test_new_mail_is_listed_from_the_previous_listing(store, box):
+    """Only the new file is looked at: the messages still there keep their entries."""
+    for n in range(3):
+        deliver(box, b"x\n" * (n + 1), name=f"{1000 + n}.M{n}.h")
+    age_directories(box, 100)
+    before = listing(store)
+    deliver(box, b"new\n", name="1003.M3.h")
+    age_directories(box, 50)
+    after = listing(store)
+    assert [i.uid for i in after] == ["1000.M0.h", "1001.M1.h", "1002.M2.h", "1003.M3.h"]
+    assert all(a is b for a, b in zip(before, after[:3], strict=True))  # reused, not made again
+    assert after[3].size == 5
+
+
+def test_mail_sorting_before_the_listed_is_listed_from_scratch(store, box):
+    deliver(box, b"a\n", name="1000.M0.h")
+    age_directories(box, 100)
+    listing(store)
+    deliver(box, b"b\n", name="999.M9.h")  # an older name, e.g. a restored backup
+    age_directories(box, 50)
+    assert [i.uid for i in listing(store)] == ["999.M9.h", "1000.M0.h"]
+    assert "999.M9.h\t3" in (box / md.INDEX_FILE).read_text()  # its size was saved
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_listing_made_again_matches_one_made_from_scratch(tmp_path, box, seed):
+    """Random deliveries, removals, moves to cur/ and flag changes, listed after each."""
+    rng = random.Random(seed)
+    cached = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    files: list[Path] = []
+    clock = time.time() - 10_000
+    for step in range(40):
+        action = rng.choice(["deliver", "deliver", "deliver", "remove", "move", "flag"])
+        if action == "deliver" or not files:
+            stamp = rng.choice([2000 + step, rng.randrange(1000, 2100)])
+            name = f"{stamp}.M{step}.h" + (f",S={step}" if rng.random() < 0.3 else "")
+            files.append(deliver(box, b"line\n" * rng.randrange(1, 5), name=name))
+        elif action == "remove":
+            files.pop(rng.randrange(len(files))).unlink()
+        else:
+            i = rng.randrange(len(files))
+            old = files[i]
+            base = old.name.partition(":")[0]
+            flags = rng.choice(["S", "RS", "T"]) if action == "flag" else "S"
+            files[i] = box / "cur" / f"{base}:2,{flags}"
+            os.rename(old, files[i])
+        clock += 10
+        for sub in ("cur", "new"):
+            os.utime(box / sub, (clock, clock))
+        fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+        assert listing(cached) == listing(fresh), (seed, step, action)
 
 
 def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypatch):

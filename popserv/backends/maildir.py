@@ -182,6 +182,23 @@ class MaildropCache:
 
 _unique = itemgetter(1)
 
+
+def _infos(found: list[tuple[int, str, str, int, str]]) -> tuple[MessageInfo, ...]:
+    """
+    The listing's entries for sorted C{found}. Shared by sessions, never
+    copied; made in listing order, with fresh copies of the values LIST,
+    UIDL and STAT read: objects made while reading the directory lie in its
+    (hashed) order, and walking them in listing order missed the CPU cache
+    for each (100k: LIST and UIDL took 36 ms instead of 14).
+    """
+    return tuple(
+        [
+            _newInfo((uid.encode().decode(), size + 0, path, order))
+            for order, _, uid, size, path in found
+        ]
+    )
+
+
 #: MessageInfo(*fields) without the named tuple's Python-level __new__.
 _newInfo = partial(tuple.__new__, MessageInfo)
 
@@ -273,79 +290,17 @@ class MaildirMailbox:
             return cache.listing[1]  # nothing was added, removed or renamed
         if not cache.loaded:
             cache.load()
-        sizes = cache.sizes
-        counted = indexed = 0  # sizes counted now; present messages with a size in C{sizes}
-        width: int | None = None  # of every name's leading number so far; 0: not all alike
-        found: list[tuple[int, str, str, int, str]] = []  # order, unique, uid, size, path
-        seen: set[str] = set()
+        entries: list[os.DirEntry[str]] = []
         for sub in _SUBDIRS:
-            directory = os.path.join(self.path, sub)
             try:
-                entries = list(os.scandir(directory))
+                entries += list(os.scandir(os.path.join(self.path, sub)))
             except FileNotFoundError:
                 continue
-            for entry in entries:
-                name = entry.name
-                if name[0] == "." or not entry.is_file(follow_symlinks=False):
-                    continue
-                base = name.partition(":")[0]
-                unique = uniquePart(base) if "," in base else base
-                uid = unique if validUID(unique) else uidFor(unique)
-                if uid in seen:
-                    _log.warn(
-                        "{maildir}: two files share the unique name {unique}; "
-                        "serving the first only",
-                        maildir=self.path,
-                        unique=unique,
-                    )
-                    continue
-                size = sizes.get(base)
-                if size is None and ",W=" in base:
-                    size = _sizeHints(name).get("W")
-                leading = _LEADING_DIGITS.match(unique)
-                try:
-                    if size is None:
-                        fd = os.open(entry.path, _OPEN_FLAGS)
-                        try:
-                            size = _countSize(fd)
-                        finally:
-                            os.close(fd)
-                        sizes[base] = size
-                        counted += 1
-                    if leading:
-                        order = int(leading.group())
-                        if width != leading.end():
-                            width = leading.end() if width is None else 0
-                    else:
-                        order = int(entry.stat(follow_symlinks=False).st_mtime)
-                        width = 0
-                except FileNotFoundError:
-                    continue  # moved or removed by another program meanwhile
-                seen.add(uid)
-                if base in sizes:
-                    indexed += 1
-                found.append((order, unique, uid, size, entry.path))
-        if width:
-            # Every name starts with a number of the same width (the delivery
-            # time, as Maildir names do): the names alone sort the same, and
-            # sorting strings is three times faster than sorting tuples.
-            found.sort(key=_unique)
-        else:
-            found.sort()
-        # Shared by sessions, never copied. Made in listing order, with fresh
-        # copies of the values LIST, UIDL and STAT read: objects made while
-        # reading the directory lie in its (hashed) order, and walking them
-        # in listing order missed the CPU cache for each (100k: LIST and UIDL
-        # took 36 ms instead of 14).
-        infos = tuple(
-            [
-                _newInfo((uid.encode().decode(), size + 0, path, order))
-                for order, _, uid, size, path in found
-            ]
-        )
-        stale = len(sizes) - indexed  # sizes of messages no longer present
-        if counted or stale > 1024:
-            cache.save({_base(info.key) for info in infos} if stale else None)
+        infos, counted = None, 0
+        if cache.listing is not None:
+            infos, counted = self._relisted(cache, cache.listing[1], entries)
+        if infos is None:
+            infos = self._listed(cache, entries, counted)
         if len(infos) < self._store.cacheThreshold:
             # Small maildrops are cheap to list again (their index is on disk):
             # holding many of them in memory would cost more than it saves.
@@ -353,6 +308,112 @@ class MaildirMailbox:
         elif stamps is not None and stamps == self._stamps():
             cache.listing = (stamps, infos)
         return infos
+
+    def _listed(
+        self, cache: MaildropCache, entries: list[os.DirEntry[str]], counted: int = 0
+    ) -> tuple[MessageInfo, ...]:
+        """The listing made from scratch (C{counted} sizes were counted already)."""
+        sizes = cache.sizes
+        found, more, indexed, width = self._collect(sizes, entries, set())
+        counted += more
+        if width:
+            # Every name starts with a number of the same width (the delivery
+            # time, as Maildir names do): the names alone sort the same, and
+            # sorting strings is three times faster than sorting tuples.
+            found.sort(key=_unique)
+        else:
+            found.sort()
+        infos = _infos(found)
+        stale = len(sizes) - indexed  # sizes of messages no longer present
+        if counted or stale > 1024:
+            cache.save({_base(info.key) for info in infos} if stale else None)
+        return infos
+
+    def _relisted(
+        self,
+        cache: MaildropCache,
+        previous: tuple[MessageInfo, ...],
+        entries: list[os.DirEntry[str]],
+    ) -> tuple[tuple[MessageInfo, ...] | None, int]:
+        """
+        The listing again after a change, and how many sizes were counted
+        for it, from the previous listing: a message still at its path keeps
+        its entry, and only the other files are read.
+        New mail in a big leave-on-server maildrop costs a directory read,
+        not the whole listing made again (100k: 480 -> 200 ms). No listing
+        if a new file would not sort after the messages kept (a rename, an
+        older name): it is then made from scratch.
+        """
+        known = {info.key for info in previous}
+        present = {entry.path for entry in entries if entry.is_file(follow_symlinks=False)}
+        kept = [info for info in previous if info.key in present]
+        fresh = [entry for entry in entries if entry.path not in known]
+        sizes = cache.sizes
+        found, counted, indexed, _ = self._collect(sizes, fresh, {info.uid for info in kept})
+        found.sort()
+        if found and kept:
+            last = kept[-1]
+            if found[0][:2] <= (last.received, uniquePart(_base(last.key))):
+                return None, counted
+        infos = (*kept, *_infos(found))
+        stale = len(sizes) - indexed - len(kept)  # at least (kept ones may be hinted)
+        if counted or stale > 1024:
+            cache.save({_base(info.key) for info in infos} if stale > 0 else None)
+        return infos, counted
+
+    def _collect(
+        self, sizes: dict[str, int], entries: list[os.DirEntry[str]], seen: set[str]
+    ) -> tuple[list[tuple[int, str, str, int, str]], int, int, int | None]:
+        """
+        What the files C{entries} hold, unsorted: (order, unique, uid, size,
+        path) each; how many sizes were counted now; how many of them have a
+        size in C{sizes}; the width of every name's leading number (0: not
+        all alike). A UID already in C{seen} is a duplicate and skipped.
+        """
+        counted = indexed = 0
+        width: int | None = None
+        found: list[tuple[int, str, str, int, str]] = []
+        for entry in entries:
+            name = entry.name
+            if name[0] == "." or not entry.is_file(follow_symlinks=False):
+                continue
+            base = name.partition(":")[0]
+            unique = uniquePart(base) if "," in base else base
+            uid = unique if validUID(unique) else uidFor(unique)
+            if uid in seen:
+                _log.warn(
+                    "{maildir}: two files share the unique name {unique}; serving the first only",
+                    maildir=self.path,
+                    unique=unique,
+                )
+                continue
+            size = sizes.get(base)
+            if size is None and ",W=" in base:
+                size = _sizeHints(name).get("W")
+            leading = _LEADING_DIGITS.match(unique)
+            try:
+                if size is None:
+                    fd = os.open(entry.path, _OPEN_FLAGS)
+                    try:
+                        size = _countSize(fd)
+                    finally:
+                        os.close(fd)
+                    sizes[base] = size
+                    counted += 1
+                if leading:
+                    order = int(leading.group())
+                    if width != leading.end():
+                        width = leading.end() if width is None else 0
+                else:
+                    order = int(entry.stat(follow_symlinks=False).st_mtime)
+                    width = 0
+            except FileNotFoundError:
+                continue  # moved or removed by another program meanwhile
+            seen.add(uid)
+            if base in sizes:
+                indexed += 1
+            found.append((order, unique, uid, size, entry.path))
+        return found, counted, indexed, width
 
     def _current(self, info: MessageInfo) -> str:
         if self._moved is None:
