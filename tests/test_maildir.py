@@ -390,18 +390,36 @@ def test_mail_sorting_before_the_listed_is_listed_from_scratch(store, box):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_a_listing_made_again_matches_one_made_from_scratch(tmp_path, box, seed):
-    """Random deliveries, removals, moves to cur/ and flag changes, listed after each."""
+def test_a_listing_made_again_matches_one_made_from_scratch(tmp_path, box, seed, monkeypatch):
+    """
+    Random deliveries (names of several widths, some with a W= size),
+    removals, moves to cur/ and flag changes, listed after each; after a
+    delivery that had to be counted, the index holds exactly the sizes of
+    the messages present (without W=).
+    """
     rng = random.Random(seed)
+    paths = {"reused": 0, "scratch": 0}
+    relisted = md.MaildirMailbox._relisted
+
+    def spy(self, *args):
+        infos, counted = relisted(self, *args)
+        paths["reused" if infos is not None else "scratch"] += 1
+        return infos, counted
+
+    monkeypatch.setattr(md.MaildirMailbox, "_relisted", spy)
     cached = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
     files: list[Path] = []
     clock = time.time() - 10_000
     for step in range(40):
         action = rng.choice(["deliver", "deliver", "deliver", "remove", "move", "flag"])
+        counted = False
         if action == "deliver" or not files:
-            stamp = rng.choice([2000 + step, rng.randrange(1000, 2100)])
-            name = f"{stamp}.M{step}.h" + (f",S={step}" if rng.random() < 0.3 else "")
-            files.append(deliver(box, b"line\n" * rng.randrange(1, 5), name=name))
+            lines = rng.randrange(1, 5)
+            stamp = rng.choice([12000 + step, rng.randrange(900, 12100)])
+            hinted = rng.random() < 0.3
+            name = f"{stamp}.M{step}.h" + (f",S={5 * lines},W={6 * lines}" if hinted else "")
+            files.append(deliver(box, b"line\n" * lines, name=name))
+            counted = not hinted
         elif action == "remove":
             files.pop(rng.randrange(len(files))).unlink()
         else:
@@ -416,6 +434,13 @@ def test_a_listing_made_again_matches_one_made_from_scratch(tmp_path, box, seed)
             os.utime(box / sub, (clock, clock))
         fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
         assert listing(cached) == listing(fresh), (seed, step, action)
+        if counted:
+            indexed = {
+                line.split("\t")[0] for line in (box / md.INDEX_FILE).read_text().split("\n")[1:-1]
+            }
+            bases = {f.name.partition(":")[0] for f in files}
+            assert indexed == {b for b in bases if ",W=" not in b}, (seed, step)
+    assert paths["reused"] > 5 and paths["scratch"] > 5, paths
 
 
 def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypatch):

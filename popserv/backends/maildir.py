@@ -349,16 +349,16 @@ class MaildirMailbox:
         kept = [info for info in previous if info.key in present]
         fresh = [entry for entry in entries if entry.path not in known]
         sizes = cache.sizes
-        found, counted, indexed, _ = self._collect(sizes, fresh, {info.uid for info in kept})
+        found, counted, _, _ = self._collect(sizes, fresh, {info.uid for info in kept})
         found.sort()
         if found and kept:
             last = kept[-1]
             if found[0][:2] <= (last.received, uniquePart(_base(last.key))):
                 return None, counted
         infos = (*kept, *_infos(found))
-        stale = len(sizes) - indexed - len(kept)  # at least (kept ones may be hinted)
-        if counted or stale > 1024:
-            cache.save({_base(info.key) for info in infos} if stale > 0 else None)
+        if counted:
+            # Rewritten whole anyway: drop the sizes of messages gone meanwhile.
+            cache.save({_base(info.key) for info in infos})
         return infos, counted
 
     def _collect(
