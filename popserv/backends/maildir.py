@@ -11,7 +11,8 @@ Maildir storage (cr.yp.to/proto/maildir.html), as Dovecot and Postfix lay it out
   read once to count its bare LFs. Sizes are kept by base name (a delivered
   Maildir file never changes) in memory and in C{.popserv.index} in the
   maildrop, written atomically and shared by every process; the listing is
-  reused while the directories' mtimes say nothing changed.
+  reused while the directories' mtimes say nothing changed, and made again
+  from the previous one (only new files read) when they do.
 - The maildrop is locked for the session with a byte-range lock in one shared
   lock file (see L{popserv.backends.locking}): exclusive between sessions in
   this and other processes, one descriptor per process rather than per
