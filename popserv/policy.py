@@ -146,10 +146,15 @@ class SessionPolicy:
             error=failure.getErrorMessage(),
         )
 
-    def recordLogin(self, user: str) -> None:
-        """C{user} logged in now (the protocol calls this as it answers +OK)."""
+    def recordLogin(self, user: str, settings: UserSettings | None = None) -> None:
+        """
+        C{user} logged in now (the protocol calls this as it answers +OK,
+        with the user's C{settings} if it has them already).
+        """
         now = self.clock.seconds()
-        if self.memory is not None and self.settingsFor(user).loginDelay > 0:
+        if settings is None:
+            settings = self.settingsFor(user)
+        if self.memory is not None and settings.loginDelay > 0:
             d = maybeDeferred(self.memory.recordLogin, user, now)
             d.addErrback(self._memoryFailed, "record", user)
         with self._lock:

@@ -613,8 +613,8 @@ class POP3Protocol(LineReceiver):
         self.factory.loginResult("ok", mechanism)
         self.factory.penalty.succeeded(self.stats.ip)
         self.setTimeout(self.factory.timeout)
-        self.factory.policy.recordLogin(user)
         self.settings = self.factory.policy.settingsFor(user)
+        self.factory.policy.recordLogin(user, self.settings)
         count, size = self.transaction.stat()
         # No log line here: the session's one line is written when it ends.
         return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))

@@ -73,10 +73,10 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         from twisted.internet import reactor
     run = reactorThreads(reactor)
     policy = None
+    scramKey = None  # with a portal of the embedder's: each process its own
     if portal is None:
         config.validated()
-    scramKey = _scramKey(config)
-    if portal is None:
+        scramKey = _scramKey(config)
         try:
             checker = PasswdFileChecker(
                 config.passwdPath,
@@ -186,8 +186,6 @@ def _readKey(path: str) -> bytes:
 
 
 def _scramKey(config: Config) -> bytes | None:
-    if not config.mail_location:
-        return None
     path = os.path.join(config.location.root, SCRAM_KEY_FILE)
     try:
         os.makedirs(config.location.root, exist_ok=True)  # as the shared lock file is

@@ -184,6 +184,10 @@ class MaildropCache:
 _unique = itemgetter(1)
 
 
+#: MessageInfo(*fields) without the named tuple's Python-level __new__.
+_newInfo = partial(tuple.__new__, MessageInfo)
+
+
 def _infos(found: list[tuple[int, str, str, int, str]]) -> tuple[MessageInfo, ...]:
     """
     The listing's entries for sorted C{found}. Shared by sessions, never
@@ -199,9 +203,6 @@ def _infos(found: list[tuple[int, str, str, int, str]]) -> tuple[MessageInfo, ..
         ]
     )
 
-
-#: MessageInfo(*fields) without the named tuple's Python-level __new__.
-_newInfo = partial(tuple.__new__, MessageInfo)
 
 _buffers = threading.local()
 
@@ -337,13 +338,13 @@ class MaildirMailbox:
         entries: list[os.DirEntry[str]],
     ) -> tuple[tuple[MessageInfo, ...] | None, int]:
         """
-        The listing again after a change, and how many sizes were counted
-        for it, from the previous listing: a message still at its path keeps
-        its entry, and only the other files are read.
-        New mail in a big leave-on-server maildrop costs a directory read,
-        not the whole listing made again (100k: 480 -> 200 ms). No listing
-        if a new file would not sort after the messages kept (a rename, an
-        older name): it is then made from scratch.
+        The listing again after a change, from the previous one, and how
+        many sizes were counted for it. A message still at its path keeps
+        its entry, and only the other files are read: new mail in a big
+        leave-on-server maildrop costs a directory read, not the whole
+        listing made again (100k: 480 -> 200 ms). No listing if a new file
+        would not sort after the messages kept (a rename, an older name): it
+        is then made from scratch.
         """
         known = {info.key for info in previous}
         present = {entry.path for entry in entries if entry.is_file(follow_symlinks=False)}
