@@ -1,10 +1,13 @@
 """
 The configuration: one set of settings shared by the twistd plugin
-(C{--config} plus options), the tac file and the embedding API.
+(C{--config} plus options), C{popserv serve}, the tac file and the embedding
+API. Each setting is declared once, on its field of L{Config}; the options,
+the file's keys and the documentation are derived from L{SETTINGS}.
 
-The file format is TOML (read with the standard library's C{tomllib}); keys
-are the long option names with C{_} for C{-}. Relative paths in a file are
-relative to the file's own directory, so a configuration can be moved whole.
+The file format is TOML (read with the standard library's C{tomllib}): keys
+are the settings' names (C{_} or C{-} alike); C{[[passdb]]} tables configure
+auth sources one by one. Relative paths in a file are relative to the file's
+own directory, so a configuration can be moved whole.
 """
 
 from __future__ import annotations
@@ -12,164 +15,426 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any
 
-from popserv.i18n import LANGUAGES
-from popserv.location import MailLocation
+from popserv.limits import (
+    DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_BAD_COMMANDS,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TRUSTED_NETWORKS,
+)
 from popserv.logs import DEFAULT_LOGOUT_FORMAT, validateFormat
-from popserv.policy import parseExpire
-from popserv.protocol import DEFAULT_LOGIN_TIMEOUT, DEFAULT_MAX_BAD_COMMANDS, DEFAULT_TIMEOUT
-from popserv.sasl import mechanismsByName
-from popserv.tls import CERT_USER_FIELDS, DEFAULT_TRUSTED_NETWORKS
+from popserv.settings import BOOL, DAYS, INT, LIST, STR, Setting, SettingError, setting
 
-__all__ = ["Config", "ConfigError", "loadConfig", "DEFAULT_LISTEN"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PassdbSpec",
+    "loadConfig",
+    "DEFAULT_LISTEN",
+    "SETTINGS",
+    "settingsByKey",
+    "pluginSettings",
+]
 
 #: The standard POP3 port on all interfaces (RFC 1939 section 3).
 DEFAULT_LISTEN = "tcp:110"
+
+#: The store kind of a mail location written without one (a bare path).
+DEFAULT_STORE = "maildir"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says which setting and why."""
 
 
+# -- checks and choices (registries are imported only when asked) -------------------------
+
+
+def _atLeast(minimum: int) -> Any:
+    def check(value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"must be {minimum} or more")
+
+    return check
+
+
+def _mechanisms() -> list[str]:
+    from popserv.sasl import ALL_MECHANISMS
+
+    return [m.name for m in ALL_MECHANISMS]
+
+
+def _checkMechanisms(names: tuple[str, ...]) -> None:
+    known = _mechanisms()
+    for name in names:
+        if name.upper() not in known:
+            raise ValueError(f"unknown SASL mechanism {name!r} (known: {', '.join(known)})")
+
+
+def _languages() -> list[str]:
+    from popserv.i18n import LANGUAGES
+
+    return list(LANGUAGES)
+
+
+def _certFields() -> tuple[str, ...]:
+    from popserv.tls import CERT_USER_FIELDS
+
+    return CERT_USER_FIELDS
+
+
+def _storeKinds() -> list[str]:
+    from popserv.registry import storeKinds
+
+    return sorted(storeKinds())
+
+
+def _authKinds() -> list[str]:
+    from popserv.registry import authSourceKinds
+
+    return sorted(authSourceKinds())
+
+
+def _schemes() -> list[str]:
+    from popserv.auth.schemes import SCHEMES
+
+    return list(SCHEMES)
+
+
+def _checkExpire(value: str | int) -> None:
+    from popserv.policy import parseExpire
+
+    try:
+        parseExpire(value)
+    except ValueError:
+        raise ValueError("NEVER or a number of days >= 0") from None
+
+
+def _checkNetworks(networks: tuple[str, ...]) -> None:
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not a network") from None
+
+
+def _checkFormat(template: str) -> None:
+    validateFormat(template)
+
+
+def _checkPassdb(specs: tuple[Any, ...]) -> None:
+    for spec in specs:
+        if isinstance(spec, str) and ":" not in spec:
+            raise ValueError(f"{spec!r}: expected KIND:ARGUMENTS, KIND one of {_authKinds()}")
+
+
+@dataclass(frozen=True)
+class PassdbSpec:
+    """
+    One auth source: C{--passdb KIND:ARGS}, or a C{[[passdb]]} table with
+    C{kind}, C{args} and the kind's own options.
+    """
+
+    kind: str
+    args: str
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | PassdbSpec) -> PassdbSpec:
+        if isinstance(spec, PassdbSpec):
+            return spec
+        if isinstance(spec, Mapping):
+            options = dict(spec)
+            kind, args = options.pop("kind", None), options.pop("args", "")
+            if not isinstance(kind, str) or not isinstance(args, str):
+                raise ConfigError("passdb: a [[passdb]] table needs kind and args strings")
+            return cls(kind, args, MappingProxyType(options))
+        from popserv.registry import splitSpec
+
+        try:
+            kind, args = splitSpec(spec)
+        except ValueError as e:
+            raise ConfigError(f"passdb: {e}") from None
+        return cls(kind, args)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.args}"
+
+
 @dataclass(frozen=True)
 class Config:
     """
-    @ivar listen: Twisted server endpoint strings to listen on.
-    @ivar passwd: the passwd-file path.
-    @ivar mail_location: where maildrops are, e.g. C{maildir:/var/mail/%d/%n/Maildir}.
-    @ivar timeout: autologout after this many idle seconds.
-    @ivar hostname: host name in the APOP greeting timestamp (default: this host's).
-    @ivar apop: offer APOP (needs {PLAIN} secrets to succeed for an account).
-    @ivar max_bad_commands: close a connection after this many bad commands.
-    @ivar create_maildirs: create a missing maildrop at first login.
-    @ivar login_delay: minimum seconds between two logins of a user (RFC 2449
-        LOGIN-DELAY; 0 for none); a passwd-file line may set its own.
-    @ivar expire: days messages stay on the server, C{"NEVER"} or a number (0:
-        retrieved messages are removed at QUIT even without DELE).
-    @ivar language: the default language of response texts (LANG can change it).
-    @ivar sasl_mechanisms: the SASL mechanisms to offer (default: all that can
-        succeed with the passwd-file's secrets).
-    @ivar master_users: users who may log in as any other user with SASL PLAIN
-        (authorization id = the user to act as).
-    @ivar listen_tls: endpoints to listen on with implicit TLS (RFC 8314 POP3S).
-    @ivar tls_cert: PEM certificate (then its chain) for STLS and implicit TLS.
-    @ivar tls_key: PEM private key (default: in C{tls_cert}).
-    @ivar tls_selfsigned: without C{tls_cert}, use a throw-away self-signed
-        certificate for localhost made at start-up (demos only).
-    @ivar tls_client_ca: PEM CA certificates for client certificates (SASL EXTERNAL).
-    @ivar tls_cert_user: what names the user in a client certificate: cn,
-        email or dns.
-    @ivar plaintext_auth: C{"tls"}: passwords in the clear (USER/PASS, PLAIN,
-        LOGIN) only over TLS or from C{trusted_networks}; C{"always"}: anywhere.
-    @ivar trusted_networks: networks (CIDR) where plaintext passwords are allowed
-        without TLS.
-    @ivar metrics: an endpoint to serve Prometheus metrics on (/metrics); off if None.
-    @ivar logout_format: the line logged when a session ends (see L{popserv.logs}).
-    @ivar shutdown_grace: seconds open sessions get to finish when the server stops.
-    @ivar login_timeout: idle seconds allowed before a login.
-    @ivar max_connections: connections open at once (0: no limit).
-    @ivar max_connections_per_ip: connections open at once from one address.
-    @ivar auth_penalty: the longest delay, in seconds, for answering failed
-        logins from an address (1 s, 2 s, 4 s ... doubling); 0 turns it off.
-    @ivar auth_cache_ttl: seconds a successful check of a slow password hash
-        (argon2, bcrypt, crypt) is remembered; 0 checks every login.
+    Every setting of a server. Each field's declaration (L{setting}) holds its
+    help, kind, spellings and checks; see L{SETTINGS}.
+
+    @ivar base_dir: the directory relative paths are resolved against (the
+        configuration file's).
+    @ivar plugin_options: options of store and auth-source kinds, by their full
+        names (C{KIND_OPTION}, dashes as underscores).
     """
 
-    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    passwd: str | None = None
-    mail_location: str | None = None
-    timeout: int = DEFAULT_TIMEOUT
-    hostname: str | None = None
-    apop: bool = True
-    max_bad_commands: int = DEFAULT_MAX_BAD_COMMANDS
-    create_maildirs: bool = True
-    login_delay: int = 0
-    expire: str | int = "NEVER"
-    language: str = "en"
-    sasl_mechanisms: tuple[str, ...] | None = None
-    master_users: tuple[str, ...] = ()
-    listen_tls: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_selfsigned: bool = False
-    tls_client_ca: str | None = None
-    tls_cert_user: str = "cn"
-    plaintext_auth: str = "tls"
-    trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
-    metrics: str | None = None
-    logout_format: str = DEFAULT_LOGOUT_FORMAT
-    shutdown_grace: int = 30
-    login_timeout: int = DEFAULT_LOGIN_TIMEOUT
-    max_connections: int = 1000
-    max_connections_per_ip: int = 50
-    auth_penalty: int = 15
-    auth_cache_ttl: int = 600
-    #: the directory relative paths are resolved against (the config file's)
+    listen: tuple[str, ...] = setting(
+        (DEFAULT_LISTEN,),
+        "Listen on this Twisted server endpoint; repeat for several (e.g. tcp:110, "
+        "tcp:1110:interface=127.0.0.1, unix:/run/popserv.sock, haproxy:tcp:110, "
+        "systemd:domain=INET:index=0).",
+        LIST,
+        short="l",
+        metavar="ENDPOINT",
+    )
+    listen_tls: tuple[str, ...] = setting(
+        (),
+        "Listen on this endpoint with implicit TLS (RFC 8314 POP3S), using --tls-cert; "
+        "repeatable (e.g. tcp:995).",
+        LIST,
+        metavar="ENDPOINT",
+    )
+    passwd: str | None = setting(
+        None,
+        "Passwd-file: lines of user:{SCHEME}secret, SCHEME one of {choices}. Re-read when it "
+        "changes. The shorthand of --passdb passwd-file:FILE.",
+        STR,
+        short="p",
+        mentions=_schemes,
+        metavar="FILE",
+    )
+    passdb: tuple[PassdbSpec, ...] = setting(
+        (),
+        "An auth source, KIND:ARGUMENTS with KIND one of {choices}; repeat to chain them: "
+        "an unknown user or a wrong password goes on to the next (as Dovecot's passdbs).",
+        LIST,
+        mentions=_authKinds,
+        check=_checkPassdb,
+        metavar="KIND:ARGS",
+    )
+    mail_location: str | None = setting(
+        None,
+        "Where maildrops are, KIND:ARGUMENTS with KIND one of {choices} (a bare path is a "
+        "maildir), e.g. maildir:/var/mail/%d/%n/Maildir; %u is the user name, %n its local "
+        "part, %d its domain.",
+        STR,
+        short="m",
+        mentions=_storeKinds,
+        metavar="KIND:ARGS",
+    )
+    timeout: int = setting(
+        DEFAULT_TIMEOUT,
+        "Autologout after this many idle seconds (RFC 1939 asks for at least 600).",
+        INT,
+        check=_atLeast(1),
+    )
+    hostname: str | None = setting(
+        None,
+        "Host name in the APOP and CRAM-MD5 challenges.",
+        STR,
+        defaultText="this host's name",
+    )
+    apop: bool = setting(
+        True,
+        "Offer APOP (a timestamp in the greeting; it needs {PLAIN} secrets to succeed).",
+        BOOL,
+    )
+    max_bad_commands: int = setting(
+        DEFAULT_MAX_BAD_COMMANDS,
+        "Close a connection after this many unknown or malformed commands.",
+        INT,
+        check=_atLeast(1),
+    )
+    create_maildirs: bool = setting(
+        True,
+        "Create a missing maildrop at first login (else the login is refused).",
+        BOOL,
+    )
+    login_delay: int = setting(
+        0,
+        "Minimum seconds between two logins of a user (RFC 2449 LOGIN-DELAY); 0 for none.",
+        INT,
+        perUser=True,
+        check=_atLeast(0),
+    )
+    expire: str | int = setting(
+        "NEVER",
+        "Days messages stay on the server: NEVER, or a number; 0 removes retrieved messages "
+        "at QUIT (RFC 2449 EXPIRE).",
+        DAYS,
+        perUser=True,
+        check=_checkExpire,
+    )
+    language: str = setting(
+        "en",
+        "Default language of response texts (LANG can change it per session).",
+        STR,
+        choices=_languages,
+    )
+    sasl_mechanisms: tuple[str, ...] | None = setting(
+        None,
+        "SASL mechanisms to offer (comma-separated or repeated), from {choices}.",
+        LIST,
+        split=",",
+        mentions=_mechanisms,
+        check=_checkMechanisms,
+        defaultText="all that the auth sources' secrets allow",
+        metavar="NAMES",
+    )
+    master_users: tuple[str, ...] = setting(
+        (),
+        "A user who may log in as anyone else with SASL PLAIN (authorization id: the user "
+        "to act as); repeatable.",
+        LIST,
+        aliases=("master_user",),
+        metavar="USER",
+    )
+    tls_cert: str | None = setting(
+        None,
+        "PEM certificate (followed by its chain) for STLS and --listen-tls; re-read on SIGHUP.",
+        STR,
+        metavar="FILE",
+    )
+    tls_key: str | None = setting(
+        None, "PEM private key.", STR, defaultText="taken from --tls-cert", metavar="FILE"
+    )
+    tls_selfsigned: bool = setting(
+        False,
+        "Without --tls-cert, make a throw-away self-signed certificate for localhost at "
+        "start-up (demos and tests only).",
+        BOOL,
+    )
+    tls_client_ca: str | None = setting(
+        None,
+        "PEM CA certificates: clients may present a certificate they issued and log in "
+        "with SASL EXTERNAL.",
+        STR,
+        metavar="FILE",
+    )
+    tls_cert_user: str = setting(
+        "cn", "What in a client certificate is the user name.", STR, choices=_certFields
+    )
+    plaintext_auth: str = setting(
+        "tls",
+        "tls: passwords in the clear (USER/PASS, PLAIN, LOGIN) only over TLS or from "
+        "--trusted-networks; always: anywhere (labs only).",
+        STR,
+        choices=("tls", "always"),
+    )
+    trusted_networks: tuple[str, ...] = setting(
+        DEFAULT_TRUSTED_NETWORKS,
+        "A network (CIDR) where passwords may be sent without TLS; repeatable.",
+        LIST,
+        aliases=("trusted_network",),
+        check=_checkNetworks,
+        metavar="CIDR",
+    )
+    metrics: str | None = setting(
+        None,
+        "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+        "tcp:9110:interface=127.0.0.1.",
+        STR,
+        defaultText="off",
+        metavar="ENDPOINT",
+    )
+    logout_format: str = setting(
+        DEFAULT_LOGOUT_FORMAT,
+        "The line logged when a session ends, a Python format string over: user ip port "
+        "tls mechanism reason duration retr retr_bytes top top_bytes dele removed left "
+        "bytes_out commands bad_commands.",
+        STR,
+        check=_checkFormat,
+    )
+    shutdown_grace: int = setting(
+        30,
+        "Seconds open sessions get to finish when the server stops.",
+        INT,
+        check=_atLeast(0),
+    )
+    login_timeout: int = setting(
+        DEFAULT_LOGIN_TIMEOUT, "Idle seconds allowed before a login.", INT, check=_atLeast(1)
+    )
+    max_connections: int = setting(
+        1000, "Connections open at once, server-wide; 0 for no limit.", INT, check=_atLeast(0)
+    )
+    max_connections_per_ip: int = setting(
+        50,
+        "Connections open at once from one client address; 0 for no limit.",
+        INT,
+        check=_atLeast(0),
+    )
+    auth_penalty: int = setting(
+        15,
+        "Failed logins from an address are answered after 1, 2, 4 ... seconds, up to this "
+        "many; 0 turns the penalty off.",
+        INT,
+        check=_atLeast(0),
+    )
+    auth_cache_ttl: int = setting(
+        600,
+        "Seconds a successful check of a slow password hash (argon2, bcrypt, crypt) is "
+        "remembered, so frequent polling costs no hashing; 0 checks every login.",
+        INT,
+        check=_atLeast(0),
+    )
+    plugin_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     base_dir: str = field(default_factory=os.getcwd, compare=False)
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(spec, PassdbSpec) for spec in self.passdb):
+            specs = (self.passdb,) if isinstance(self.passdb, (str, Mapping)) else self.passdb
+            object.__setattr__(self, "passdb", tuple(PassdbSpec.parse(s) for s in specs))
 
     def merged(self, **overrides: Any) -> Config:
         """A copy with the settings that are not None replaced."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for name in _LISTS:
+            if isinstance(given.get(name), str):
+                given[name] = (given[name],)
+            elif name in given:
+                given[name] = tuple(given[name])
+        if "plugin_options" in given:
+            given["plugin_options"] = {**self.plugin_options, **given["plugin_options"]}
+        return replace(self, **given)
 
     def validated(self) -> Config:
         """Check every setting; raise L{ConfigError} naming the first bad one."""
+        for declared in SETTINGS:
+            try:
+                declared.validate(getattr(self, declared.name))
+            except SettingError as e:
+                raise ConfigError(f"{declared.name}: {e}") from None
         if not self.listen and not self.listen_tls:
             raise ConfigError("listen: at least one endpoint is needed")
         if self.listen_tls and not self.tlsEnabled:
             raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
-        if self.tls_cert_user not in CERT_USER_FIELDS:
-            raise ConfigError(f"tls_cert_user: one of {', '.join(CERT_USER_FIELDS)}")
-        try:
-            validateFormat(self.logout_format)
-        except ValueError as e:
-            raise ConfigError(f"logout_format: {e}") from None
-        for name in (
-            "login_timeout",
-            "max_connections",
-            "max_connections_per_ip",
-            "auth_penalty",
-            "auth_cache_ttl",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be 0 or more")
-        if self.login_timeout == 0:
-            raise ConfigError("login_timeout: must be positive")
-        if self.shutdown_grace < 0:
-            raise ConfigError("shutdown_grace: must be 0 or more seconds")
-        if self.plaintext_auth not in ("tls", "always"):
-            raise ConfigError("plaintext_auth: tls or always")
-        for network in self.trusted_networks:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ConfigError(f"trusted_networks: {network!r} is not a network") from None
-        if not self.passwd:
-            raise ConfigError("passwd: a passwd-file is required")
+        if not self.authSources:
+            raise ConfigError("passwd: a passwd-file (or a --passdb) is required")
         if not self.mail_location:
             raise ConfigError("mail_location: required, e.g. maildir:/var/mail/%d/%n/Maildir")
-        try:
-            MailLocation.parse(self.mail_location, self.base_dir)
-        except ValueError as e:
-            raise ConfigError(f"mail_location: {e}") from None
-        if self.timeout <= 0:
-            raise ConfigError("timeout: must be a positive number of seconds")
-        if self.max_bad_commands <= 0:
-            raise ConfigError("max_bad_commands: must be positive")
-        if self.login_delay < 0:
-            raise ConfigError("login_delay: must be 0 or more seconds")
-        try:
-            parseExpire(self.expire)
-        except ValueError:
-            raise ConfigError("expire: must be NEVER or a number of days >= 0") from None
-        if self.language not in LANGUAGES:
-            raise ConfigError(f"language: one of {', '.join(LANGUAGES)}")
-        try:
-            mechanismsByName(list(self.sasl_mechanisms) if self.sasl_mechanisms else None)
-        except ValueError as e:
-            raise ConfigError(f"sasl_mechanisms: {e}") from None
+        self._checkPlugins()
         return self
+
+    def _checkPlugins(self) -> None:
+        from popserv.registry import authSourceKind, storeKind
+
+        try:
+            kind, args = self.store
+            plugin = storeKind(kind)
+            plugin.check(args, self.base_dir)
+            self.pluginOptions(plugin)
+        except (ValueError, SettingError) as e:
+            raise ConfigError(f"mail_location: {e}") from None
+        for spec in self.authSources:
+            try:
+                plugin = authSourceKind(spec.kind)
+                plugin.check(spec.args, self.base_dir)
+                self.pluginOptions(plugin, spec.options)
+            except (ValueError, SettingError) as e:
+                raise ConfigError(f"passdb {spec}: {e}") from None
+        known = {f"{k.name}_{o.name}".replace("-", "_") for k, o in pluginSettings()}
+        for name in self.plugin_options:
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}")
 
     @property
     def tlsEnabled(self) -> bool:
@@ -187,44 +452,79 @@ class Config:
         return os.path.join(self.base_dir, os.path.expanduser(self.passwd))
 
     @property
-    def location(self) -> MailLocation:
+    def authSources(self) -> tuple[PassdbSpec, ...]:
+        """The auth sources in the order they are asked: C{passwd}'s first, then C{passdb}."""
+        shorthand = () if not self.passwd else (PassdbSpec("passwd-file", self.passwdPath),)
+        return shorthand + self.passdb
+
+    @property
+    def store(self) -> tuple[str, str]:
+        """The mail location as (kind, arguments)."""
+        from popserv.registry import splitSpec
+
         assert self.mail_location is not None
-        return MailLocation.parse(self.mail_location, self.base_dir)
+        return splitSpec(self.mail_location, DEFAULT_STORE)
+
+    @property
+    def location(self) -> Any:
+        """The L{popserv.location.MailLocation} of a maildir mail location."""
+        from popserv.location import MailLocation
+
+        kind, args = self.store
+        if kind != DEFAULT_STORE:
+            raise ConfigError(f"mail_location: a {kind} store has no maildir location")
+        return MailLocation.parse(args, self.base_dir)
+
+    def pluginOptions(self, plugin: Any, table: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """
+        The options of one store or auth-source kind: its defaults, then the
+        settings named C{KIND_OPTION}, then a C{[[passdb]]} table's own keys.
+        """
+        from popserv.registry import kindOptions
+
+        declared = {o.name: o for o in kindOptions(plugin)}
+        values = {name: o.default for name, o in declared.items()}
+        prefix = plugin.name.replace("-", "_") + "_"
+        for name, value in self.plugin_options.items():
+            if name.startswith(prefix) and name[len(prefix) :] in declared:
+                values[name[len(prefix) :]] = value
+        for key, value in (table or {}).items():
+            name = key.replace("-", "_")
+            if name not in declared:
+                raise SettingError(
+                    f"unknown option {key!r} (known: {', '.join(declared) or 'none'})"
+                )
+            values[name] = declared[name].fromFile(value)
+        return values
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "listen": (list, str),
-    "passwd": str,
-    "mail_location": str,
-    "timeout": int,
-    "hostname": str,
-    "apop": bool,
-    "max_bad_commands": int,
-    "create_maildirs": bool,
-    "login_delay": int,
-    "expire": (str, int),
-    "language": str,
-    "sasl_mechanisms": list,
-    "master_users": list,
-    "listen_tls": (list, str),
-    "tls_cert": str,
-    "tls_key": str,
-    "tls_selfsigned": bool,
-    "tls_client_ca": str,
-    "tls_cert_user": str,
-    "plaintext_auth": str,
-    "trusted_networks": list,
-    "metrics": str,
-    "logout_format": str,
-    "shutdown_grace": int,
-    "login_timeout": int,
-    "max_connections": int,
-    "max_connections_per_ip": int,
-    "auth_penalty": int,
-    "auth_cache_ttl": int,
-}
+#: Every setting of L{Config}, in declaration order.
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(name=f.name, **f.metadata["setting"]) for f in fields(Config) if f.metadata
+)
 
-_LISTS = ("listen", "sasl_mechanisms", "master_users", "listen_tls", "trusted_networks")
+_LISTS = tuple(s.name for s in SETTINGS if s.kind == LIST)
+
+
+def settingsByKey() -> dict[str, Setting]:
+    """Every spelling a configuration file may use, to its setting."""
+    return {key: s for s in SETTINGS for key in s.keys}
+
+
+def pluginSettings() -> list[tuple[Any, Setting]]:
+    """(kind, option) for every option every installed store and auth-source kind declares."""
+    from popserv.registry import authSourceKinds, kindOptions, storeKinds
+
+    found = []
+    for kinds in (storeKinds(), authSourceKinds()):
+        for plugin in kinds.values():
+            found += [(plugin, option) for option in kindOptions(plugin)]
+    return found
+
+
+def pluginSetting(plugin: Any, option: Setting) -> Setting:
+    """A kind's option as a top-level setting, named C{KIND_OPTION}."""
+    return replace(option, name=f"{plugin.name}_{option.name}".replace("-", "_"), aliases=())
 
 
 def loadConfig(path: str | os.PathLike[str]) -> Config:
@@ -237,20 +537,41 @@ def loadConfig(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    known = {f.name for f in fields(Config)} - {"base_dir"}
+    known = settingsByKey()
     settings: dict[str, Any] = {}
+    pluginOptions: dict[str, Any] = {}
+    plugins: dict[str, Setting] | None = None
     for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(
-                f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
-            )
-        expected = _TYPES[name]
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: {key} has the wrong type")
-        if name in _LISTS:
-            value = (value,) if isinstance(value, str) else tuple(value)
-            if not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{path}: {key} must be a list of strings")
-        settings[name] = value
-    return Config(base_dir=os.path.dirname(os.path.abspath(path)), **settings)
+        if key == "passdb":
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(item, (str, dict)) for item in items):
+                raise ConfigError(f"{path}: passdb must be strings or [[passdb]] tables")
+            settings["passdb"] = tuple(PassdbSpec.parse(item) for item in items)
+            continue
+        declared = known.get(key)
+        if declared is None:
+            if plugins is None:
+                plugins = {}
+                for plugin, option in pluginSettings():
+                    full = pluginSetting(plugin, option)
+                    plugins.update({k: full for k in full.keys})
+            declared = plugins.get(key)
+            if declared is None:
+                raise ConfigError(
+                    f"{path}: unknown setting {key!r} "
+                    f"(known: {', '.join(s.name for s in SETTINGS)}, passdb)"
+                )
+            try:
+                pluginOptions[declared.name] = declared.fromFile(value)
+            except SettingError as e:
+                raise ConfigError(f"{path}: {key} {e}") from None
+            continue
+        try:
+            settings[declared.name] = declared.fromFile(value)
+        except SettingError as e:
+            raise ConfigError(f"{path}: {key} {e}") from None
+    return Config(
+        base_dir=os.path.dirname(os.path.abspath(path)),
+        plugin_options=pluginOptions,
+        **settings,
+    )

@@ -1,7 +1,9 @@
 """
-Abuse limits that span connections: connection caps in total and per client
-address, and the failed-login penalty (a delay that doubles with every
-failure from an address, up to a cap, as Dovecot's anvil does).
+Limits: the defaults that bound one session (timers, bad commands, where a
+password may travel in the clear), and the abuse limits that span
+connections: connection caps in total and per client address, and the
+failed-login penalty (a delay that doubles with every failure from an
+address, up to a cap, as Dovecot's anvil does).
 
 Delays never block the reactor: the failing connection's answer is simply
 sent later, and every other connection is served meanwhile.
@@ -13,7 +15,28 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["AuthPenalty", "ConnectionLimits"]
+__all__ = [
+    "AuthPenalty",
+    "ConnectionLimits",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_LOGIN_TIMEOUT",
+    "DEFAULT_MAX_BAD_COMMANDS",
+    "DEFAULT_TRUSTED_NETWORKS",
+]
+
+#: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
+DEFAULT_TIMEOUT = 600
+
+#: Idle seconds allowed before a login: plenty for a person typing, short
+#: enough that idle unauthenticated connections do not pile up.
+DEFAULT_LOGIN_TIMEOUT = 120
+
+#: Unknown commands and bad arguments tolerated before the connection is
+#: closed: enough for any confused client, few enough to stop a garbage flood.
+DEFAULT_MAX_BAD_COMMANDS = 20
+
+#: Where a password may cross the wire unencrypted by default: this host.
+DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass

@@ -20,7 +20,6 @@ __all__ = ["MailLocation", "splitUser", "checkUserName"]
 
 _VARIABLE = re.compile(r"%(.)")
 _KNOWN = {"u", "n", "d", "%"}
-_KINDS = ("maildir",)
 #: Path separators and control characters: never in a user name used in a path.
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 
@@ -53,19 +52,13 @@ class MailLocation:
     template: str
 
     @classmethod
-    def parse(cls, spec: str, relativeTo: str | None = None) -> MailLocation:
+    def parse(cls, template: str, relativeTo: str | None = None) -> MailLocation:
         """
-        Parse C{kind:template} (a bare template means maildir). A relative
+        Parse a path template (a C{maildir:} in front is allowed). A relative
         template is made absolute against C{relativeTo} (or the working
-        directory). Raises ValueError for an unknown kind or variable.
+        directory). Raises ValueError for an empty one or an unknown variable.
         """
-        kind, sep, template = spec.partition(":")
-        if not sep or kind not in _KINDS:
-            if sep and re.fullmatch(r"[a-z0-9]+", kind):
-                raise ValueError(
-                    f"unsupported mail storage kind {kind!r} (supported: {', '.join(_KINDS)})"
-                )
-            kind, template = "maildir", spec
+        template = template.removeprefix("maildir:")
         if not template:
             raise ValueError("empty mail location")
         for var in _VARIABLE.findall(template):
@@ -73,7 +66,7 @@ class MailLocation:
                 raise ValueError(f"unknown variable %{var} in mail location (known: %u %n %d %%)")
         if not os.path.isabs(template):
             template = os.path.join(relativeTo or os.getcwd(), template)
-        return cls(kind, template)
+        return cls("maildir", template)
 
     @property
     def root(self) -> str:

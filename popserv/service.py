@@ -23,16 +23,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.cache import VerificationCache
-from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
-from popserv.backends.maildir import MaildirStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
-from popserv.interfaces import IMailStore
-from popserv.limits import AuthPenalty, ConnectionLimits
+from popserv.interfaces import ILoginMemory, IMailStore
+from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
 from popserv.metrics import Metrics, metricsSite
 from popserv.policy import SessionPolicy, UserSettings, parseExpire
-from popserv.protocol import DEFAULT_TIMEOUT, POP3Factory
+from popserv.protocol import POP3Factory
+from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
 from popserv.sasl import mechanismsByName
 from popserv.threads import reactorThreads
 from popserv.tls import PlaintextPolicy, ServerTLS, TLSError
@@ -41,6 +40,8 @@ __all__ = [
     "makePortal",
     "makeFactory",
     "makeService",
+    "makeStore",
+    "makeChecker",
     "PopservService",
     "loadKeyFile",
     "freezeStartupObjects",
@@ -76,22 +77,12 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     scramKey = None  # with a portal of the embedder's: each process its own
     if portal is None:
         config.validated()
-        scramKey = _scramKey(config)
-        try:
-            checker = PasswdFileChecker(
-                config.passwdPath,
-                runInThread=run,
-                masterUsers=frozenset(config.master_users),
-                cache=VerificationCache(reactor, ttl=config.auth_cache_ttl),
-                saltKey=scramKey,
-            )
-        except OSError as e:
-            raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None
-        store = MaildirStore(
-            config.location, runInThread=run, createMissing=config.create_maildirs
-        )
+        store = makeStore(config, run)
+        scramKey = _scramKey(store)
+        checker = makeChecker(config, reactor, run, scramKey)
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
-        policy = SessionPolicy(reactor, defaults, checker, memory=store)
+        memory = store if ILoginMemory.providedBy(store) else None
+        policy = SessionPolicy(reactor, defaults, checker, memory=memory)
         portal = makePortal(checker, store, policy)
     tls = None
     if config.tlsEnabled:
@@ -185,10 +176,62 @@ def _readKey(path: str) -> bytes:
     return key
 
 
-def _scramKey(config: Config) -> bytes | None:
-    path = os.path.join(config.location.root, SCRAM_KEY_FILE)
+def makeStore(config: Config, runInThread: Any) -> IMailStore:
+    """The mail store of C{config}'s mail location, made by its kind's plugin."""
+    kind, args = config.store
     try:
-        os.makedirs(config.location.root, exist_ok=True)  # as the shared lock file is
+        plugin = storeKind(kind)
+        context = StoreContext(
+            config.base_dir,
+            runInThread,
+            config.pluginOptions(plugin),
+            createMissing=config.create_maildirs,
+        )
+        return plugin.makeStore(args, context)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"mail_location: {e}") from None
+
+
+def makeChecker(
+    config: Config, reactor: Any, runInThread: Any, saltKey: bytes | None = None
+) -> ICredentialsChecker:
+    """
+    The checker of C{config}'s auth sources, each made by its kind's plugin;
+    several are asked in turn (L{popserv.auth.chain.PassdbChain}).
+    """
+    cache = VerificationCache(reactor, ttl=config.auth_cache_ttl)
+    sources = []
+    for spec in config.authSources:
+        try:
+            plugin = authSourceKind(spec.kind)
+            context = SourceContext(
+                config.base_dir,
+                runInThread,
+                reactor,
+                config.pluginOptions(plugin, spec.options),
+                masterUsers=frozenset(config.master_users),
+                cache=cache,
+                saltKey=saltKey,
+            )
+            sources.append(plugin.makeSource(spec.args, context))
+        except OSError as e:
+            raise ConfigError(f"passdb {spec}: cannot read {spec.args}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"passdb {spec}: {e}") from None
+    if len(sources) == 1:
+        return sources[0]
+    from popserv.auth.chain import PassdbChain
+
+    return PassdbChain(sources)
+
+
+def _scramKey(store: IMailStore) -> bytes | None:
+    location = getattr(store, "location", None)
+    if location is None:
+        return None
+    path = os.path.join(location.root, SCRAM_KEY_FILE)
+    try:
+        os.makedirs(location.root, exist_ok=True)  # as the shared lock file is
         return loadKeyFile(path)
     except (OSError, ValueError) as e:
         _log.warn(

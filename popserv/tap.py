@@ -1,278 +1,158 @@
-"""C{twistd popserv}: command-line options only; the building is in L{popserv.service}."""
+"""
+C{twistd popserv}: command-line options only; the building is in L{popserv.service}.
+
+The options are made from the settings' declarations (L{popserv.config.SETTINGS}
+and the options of every installed store and auth-source kind), never typed here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from popserv.config import Config, ConfigError, loadConfig
-from popserv.service import freezeStartupObjects
-from popserv.service import makeService as _makeService
+from popserv.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    loadConfig,
+    pluginSetting,
+    pluginSettings,
+)
+from popserv.settings import BOOL, LIST, Setting, SettingError
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "optionsClass", "commandLineSettings"]
+
+_LONGDESC = (
+    "Serve POP3 (RFC 1939) to users of an auth source (a passwd-file by default) from "
+    "a mail store (Maildirs by default). Settings come from --config (TOML, keys as the "
+    "long options, '_' or '-' alike) and are overridden by options given here. "
+    "Example: twistd -n popserv --listen tcp:110 --passwd /etc/popserv/passwd "
+    "--mail-location 'maildir:/var/mail/%d/%n/Maildir'"
+)
 
 
-class Options(usage.Options):
+def commandLineSettings() -> list[tuple[Setting, bool]]:
+    """
+    Every setting a command line takes: popserv's own, then each plugin
+    kind's (named C{KIND_OPTION}), with whether it is a plugin's.
+    """
+    found = [(s, False) for s in SETTINGS]
+    found += [(pluginSetting(plugin, option), True) for plugin, option in pluginSettings()]
+    return found
+
+
+def _appender(declared: Setting) -> Any:
+    def opt(self: usage.Options, value: str) -> None:
+        try:
+            self.given.setdefault(declared.name, []).extend(declared.fromText(value))
+        except SettingError as e:
+            raise usage.UsageError(f"--{declared.option}: {e}") from None
+
+    opt.__doc__ = declared.describe()
+    return opt
+
+
+def _flag(declared: Setting, value: bool) -> Any:
+    def opt(self: usage.Options) -> None:
+        self.given[declared.name] = value
+
+    if value:
+        opt.__doc__ = declared.describe()
+    else:
+        opt.__doc__ = f"The opposite of --{declared.option}."
+    return opt
+
+
+def _parameter(declared: Setting) -> Any:
+    def opt(self: usage.Options, value: str) -> None:
+        try:
+            self.given[declared.name] = declared.fromText(value)
+        except SettingError as e:
+            raise usage.UsageError(f"--{declared.option}: {e}") from None
+
+    opt.__doc__ = declared.describe()
+    return opt
+
+
+def _alias(handler: Any, declared: Setting) -> Any:
+    def opt(self: usage.Options, value: str) -> None:
+        handler(self, value)
+
+    opt.__doc__ = f"The same as --{declared.option}."
+    return opt
+
+
+def _methods(settings: Iterable[Setting]) -> dict[str, Any]:
+    """C{opt_NAME} methods (usage.Options' way) for each setting and its spellings."""
+    methods: dict[str, Any] = {}
+    for declared in settings:
+        if declared.kind == BOOL:
+            handler = _flag(declared, True)
+            methods["opt_no_" + declared.name] = _flag(declared, False)
+        elif declared.kind == LIST:
+            handler = _appender(declared)
+        else:
+            handler = _parameter(declared)
+        methods["opt_" + declared.name] = handler
+        for alias in declared.aliases:
+            # A function of its own: usage.Options' help breaks on two long
+            # spellings of one method.
+            methods["opt_" + alias.replace("-", "_")] = _alias(handler, declared)
+        if declared.short:
+            methods["opt_" + declared.short] = handler
+    return methods
+
+
+class _BaseOptions(usage.Options):
     synopsis = "[options]"
-    longdesc = (
-        "Serve POP3 (RFC 1939) from Maildirs to users of a Dovecot-style passwd-file. "
-        "Settings come from --config (TOML) and are overridden by options given here. "
-        "Example: twistd -n popserv --listen tcp:110 --passwd /etc/popserv/passwd "
-        "--mail-location 'maildir:/var/mail/%d/%n/Maildir'"
-    )
-
+    longdesc = _LONGDESC
     optParameters = [
         [
             "config",
             "c",
             None,
-            "TOML configuration file (keys as the long options below, '_' for '-'); "
+            "TOML configuration file (keys as the long options, '_' or '-' alike); "
             "relative paths in it are relative to the file.",
-        ],
-        [
-            "passwd",
-            "p",
-            None,
-            "Passwd-file: lines of user:{SCHEME}secret, SCHEME one of PLAIN, ARGON2ID, "
-            "BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT. Re-read when it changes.",
-        ],
-        [
-            "mail-location",
-            "m",
-            None,
-            "Where maildrops are, e.g. maildir:/var/mail/%d/%n/Maildir; %u is the user "
-            "name, %n its local part, %d its domain.",
-        ],
-        [
-            "timeout",
-            None,
-            None,
-            "Autologout after this many idle seconds [default: 600, the RFC 1939 minimum].",
-            int,
-        ],
-        [
-            "hostname",
-            None,
-            None,
-            "Host name in the APOP greeting timestamp [default: this host's name].",
-        ],
-        [
-            "max-bad-commands",
-            None,
-            None,
-            "Close a connection after this many unknown or malformed commands [default: 20].",
-            int,
-        ],
-        [
-            "login-delay",
-            None,
-            None,
-            "Minimum seconds between two logins of a user (RFC 2449 LOGIN-DELAY); a "
-            "passwd-file line can set its own with login_delay=N [default: 0, none].",
-            int,
-        ],
-        [
-            "expire",
-            None,
-            None,
-            "Days messages stay on the server: NEVER, or a number; 0 removes retrieved "
-            "messages at QUIT (RFC 2449 EXPIRE); per user: expire=N [default: NEVER].",
-        ],
-        ["language", None, None, "Default language of response texts: en or ru [default: en]."],
-        [
-            "tls-cert",
-            None,
-            None,
-            "PEM certificate (followed by its chain) for STLS and --listen-tls; "
-            "re-read on SIGHUP.",
-        ],
-        ["tls-key", None, None, "PEM private key [default: taken from --tls-cert]."],
-        [
-            "tls-client-ca",
-            None,
-            None,
-            "PEM CA certificates: clients may present a certificate they issued and "
-            "log in with SASL EXTERNAL.",
-        ],
-        [
-            "tls-cert-user",
-            None,
-            None,
-            "What in a client certificate is the user name: cn, email or dns [default: cn].",
-        ],
-        [
-            "plaintext-auth",
-            None,
-            None,
-            "tls: passwords in the clear (USER/PASS, PLAIN, LOGIN) only over TLS or from "
-            "--trusted-network; always: anywhere (labs only) [default: tls].",
-        ],
-        [
-            "metrics",
-            None,
-            None,
-            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9110:interface=127.0.0.1 [default: off].",
-        ],
-        [
-            "logout-format",
-            None,
-            None,
-            "The line logged when a session ends, a Python format string over: "
-            "user ip port tls mechanism reason duration retr retr_bytes top top_bytes dele "
-            "removed left bytes_out commands bad_commands.",
-        ],
-        [
-            "shutdown-grace",
-            None,
-            None,
-            "Seconds open sessions get to finish when the server stops [default: 30].",
-            int,
-        ],
-        [
-            "login-timeout",
-            None,
-            None,
-            "Idle seconds allowed before a login [default: 120].",
-            int,
-        ],
-        [
-            "max-connections",
-            None,
-            None,
-            "Connections open at once, server-wide; 0 for no limit [default: 1000].",
-            int,
-        ],
-        [
-            "max-connections-per-ip",
-            None,
-            None,
-            "Connections open at once from one client address; 0 for no limit [default: 50].",
-            int,
-        ],
-        [
-            "auth-penalty",
-            None,
-            None,
-            "Failed logins from an address are answered after 1, 2, 4 ... seconds, up to "
-            "this many; 0 turns the penalty off [default: 15].",
-            int,
-        ],
-        [
-            "auth-cache-ttl",
-            None,
-            None,
-            "Seconds a successful check of a slow password hash (argon2, bcrypt, crypt) is "
-            "remembered, so frequent polling costs no hashing; 0 checks every login "
-            "[default: 600].",
-            int,
-        ],
-        [
-            "sasl-mechanisms",
-            None,
-            None,
-            "Comma-separated SASL mechanisms to offer, from SCRAM-SHA-256, SCRAM-SHA-1, "
-            "CRAM-MD5, PLAIN, LOGIN [default: all that the passwd-file's secrets allow].",
-        ],
-    ]
-    optFlags = [
-        [
-            "tls-selfsigned",
-            None,
-            "Without --tls-cert, make a throw-away self-signed certificate for localhost "
-            "at start-up (demos and tests only).",
-        ],
-        ["no-apop", None, "Do not offer APOP (no timestamp in the greeting)."],
-        [
-            "no-create-maildirs",
-            None,
-            "Refuse a login whose maildrop does not exist instead of creating it.",
-        ],
+        ]
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
-        self["master-users"] = []
-        self["listen-tls"] = []
-        self["trusted-networks"] = []
-
-    def opt_listen(self, description: str) -> None:
-        """
-        Listen on this Twisted server endpoint; repeat for several
-        (e.g. tcp:110, tcp:1110:interface=127.0.0.1, unix:/run/popserv.sock,
-        systemd:domain=INET:index=0) [default: tcp:110].
-        """
-        self["listen"].append(description)
-
-    opt_l = opt_listen
-
-    def opt_listen_tls(self, description: str) -> None:
-        """
-        Listen on this endpoint with implicit TLS (RFC 8314 POP3S), using
-        --tls-cert; repeatable (e.g. tcp:995). An ssl: endpoint given to
-        --listen works too, with its own certificate.
-        """
-        self["listen-tls"].append(description)
-
-    def opt_trusted_network(self, network: str) -> None:
-        """
-        A network (CIDR) where passwords may be sent without TLS; repeatable
-        [default: 127.0.0.0/8 and ::1/128].
-        """
-        self["trusted-networks"].append(network)
-
-    def opt_master_user(self, user: str) -> None:
-        """
-        A user who may log in as anyone else with SASL PLAIN (authorization id:
-        the user to act as); repeatable.
-        """
-        self["master-users"].append(user)
+        #: The settings given on the command line, by name.
+        self.given: dict[str, Any] = {}
 
     def postOptions(self) -> None:
         try:
-            base = loadConfig(self["config"]) if self["config"] else Config()
-            self.config = base.merged(
-                listen=tuple(self["listen"]) or None,
-                passwd=self["passwd"],
-                mail_location=self["mail-location"],
-                timeout=self["timeout"],
-                hostname=self["hostname"],
-                max_bad_commands=self["max-bad-commands"],
-                apop=False if self["no-apop"] else None,
-                create_maildirs=False if self["no-create-maildirs"] else None,
-                login_delay=self["login-delay"],
-                expire=self["expire"],
-                language=self["language"],
-                sasl_mechanisms=(
-                    tuple(m.strip() for m in self["sasl-mechanisms"].split(",") if m.strip())
-                    if self["sasl-mechanisms"]
-                    else None
-                ),
-                master_users=tuple(self["master-users"]) or None,
-                listen_tls=tuple(self["listen-tls"]) or None,
-                tls_cert=self["tls-cert"],
-                tls_key=self["tls-key"],
-                tls_selfsigned=True if self["tls-selfsigned"] else None,
-                tls_client_ca=self["tls-client-ca"],
-                tls_cert_user=self["tls-cert-user"],
-                plaintext_auth=self["plaintext-auth"],
-                trusted_networks=tuple(self["trusted-networks"]) or None,
-                metrics=self["metrics"],
-                logout_format=self["logout-format"],
-                shutdown_grace=self["shutdown-grace"],
-                login_timeout=self["login-timeout"],
-                max_connections=self["max-connections"],
-                max_connections_per_ip=self["max-connections-per-ip"],
-                auth_penalty=self["auth-penalty"],
-                auth_cache_ttl=self["auth-cache-ttl"],
-            ).validated()
+            self.config = buildConfig(self["config"], self.given)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> IService:
+def buildConfig(configPath: str | None, given: dict[str, Any]) -> Config:
+    """The configuration file's settings overridden by those of a command line."""
+    base = loadConfig(configPath) if configPath else Config()
+    own = {s.name for s in SETTINGS}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in own}
+    plugin = {k: v for k, v in given.items() if k not in own}
+    return base.merged(**overrides, plugin_options=plugin or None).validated()
+
+
+def optionsClass() -> type[usage.Options]:
+    """A C{usage.Options} class over every setting of popserv and its installed plugins."""
+    return type("Options", (_BaseOptions,), _methods(s for s, _ in commandLineSettings()))
+
+
+Options = optionsClass()
+
+
+def makeService(options: usage.Options) -> IService:
     """Build the popserv service from parsed options."""
+    from popserv.service import freezeStartupObjects
+    from popserv.service import makeService as _makeService
+
     try:
         service = _makeService(options.config)
     except ConfigError as e:

@@ -31,6 +31,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popserv.limits import DEFAULT_TRUSTED_NETWORKS
+
 __all__ = [
     "ServerTLS",
     "TLSError",
@@ -43,9 +45,6 @@ __all__ = [
 ]
 
 _log = Logger()
-
-#: Where a password may cross the wire unencrypted by default: this host.
-DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 
 #: Ways to turn a verified client certificate into a user name.
 CERT_USER_FIELDS = ("cn", "email", "dns")

@@ -77,7 +77,10 @@ def test_help_documents_every_option():
     [
         ([], "passwd"),
         (["--passwd", "x"], "mail_location"),
-        (["--passwd", "x", "--mail-location", "imap:/x"], "unsupported mail storage"),
+        (
+            ["--passwd", "x", "--mail-location", "imap:/x"],
+            "unknown mail storage kind .imap. \\(installed: maildir, memory\\)",
+        ),
         (["--passwd", "x", "--mail-location", "/m/%q"], "unknown variable"),
         (["--passwd", "x", "--mail-location", "/m/%u", "--timeout", "0"], "timeout"),
         (["--config", "/nonexistent/popserv.conf"], "cannot read"),
