@@ -9,17 +9,49 @@ The public surface for embedders:
 - L{POP3Factory} over any C{Portal} whose realm hands out L{IMailbox}es,
   for example L{MailboxRealm} over L{MaildirStore} or L{MemoryStore};
 - L{popserv.testing} has helpers to test an embedding without sockets.
+
+Each name is imported when first used (PEP 562), so a short-lived command
+such as C{popserv deliver} loads no TLS, metrics or hashing library it does
+not need.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from popserv._version import __version__
-from popserv.auth.passwdfile import PasswdFileChecker
-from popserv.auth.realm import MailboxRealm
-from popserv.backends.maildir import MaildirStore
-from popserv.backends.memory import MemoryStore
-from popserv.config import Config, ConfigError, loadConfig
-from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
-from popserv.protocol import POP3Factory, POP3Protocol, State
-from popserv.service import makeFactory, makePortal, makeService
+
+if TYPE_CHECKING:
+    from popserv.auth.passwdfile import PasswdFileChecker
+    from popserv.auth.realm import MailboxRealm
+    from popserv.backends.maildir import MaildirStore
+    from popserv.backends.memory import MemoryStore
+    from popserv.config import Config, ConfigError, loadConfig
+    from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
+    from popserv.protocol import POP3Factory, POP3Protocol, State
+    from popserv.service import makeFactory, makePortal, makeService
+
+#: Where each public name lives.
+_WHERE = {
+    "Config": "popserv.config",
+    "ConfigError": "popserv.config",
+    "loadConfig": "popserv.config",
+    "makeService": "popserv.service",
+    "makeFactory": "popserv.service",
+    "makePortal": "popserv.service",
+    "POP3Factory": "popserv.protocol",
+    "POP3Protocol": "popserv.protocol",
+    "State": "popserv.protocol",
+    "IMailbox": "popserv.interfaces",
+    "IMailStore": "popserv.interfaces",
+    "IMessageReader": "popserv.interfaces",
+    "MessageInfo": "popserv.interfaces",
+    "MailboxRealm": "popserv.auth.realm",
+    "PasswdFileChecker": "popserv.auth.passwdfile",
+    "MaildirStore": "popserv.backends.maildir",
+    "MemoryStore": "popserv.backends.memory",
+}
 
 __all__ = [
     "__version__",
@@ -41,3 +73,16 @@ __all__ = [
     "MaildirStore",
     "MemoryStore",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'popserv' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

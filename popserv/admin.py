@@ -24,12 +24,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from itertools import count
-from typing import IO
+from typing import IO, Any
 
-from popserv.auth.passwdfile import parsePasswdFile
-from popserv.auth.schemes import HASHING_SCHEMES, UnknownScheme, hashPassword
 from popserv.config import Config, ConfigError, loadConfig
-from popserv.location import MailLocation
 from popserv.wire import CRLFSizer
 
 __all__ = ["main", "deliver", "editPasswdFile"]
@@ -67,6 +64,8 @@ def _readPassword(fromStdin: bool) -> str:
 
 
 def cmdPw(args: argparse.Namespace) -> int:
+    from popserv.auth.schemes import UnknownScheme, hashPassword
+
     try:
         print(hashPassword(args.scheme, _readPassword(args.password_stdin)))
     except (UnknownScheme, ValueError) as e:
@@ -78,6 +77,7 @@ def cmdPw(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The configuration file's settings, overridden by the ones given on the command line."""
     try:
         config = loadConfig(args.config) if getattr(args, "config", None) else Config()
     except ConfigError as e:
@@ -142,6 +142,9 @@ def _checkUserName(user: str) -> None:
 
 
 def cmdUser(args: argparse.Namespace) -> int:
+    from popserv.auth.passwdfile import parsePasswdFile
+    from popserv.auth.schemes import UnknownScheme, hashPassword
+
     path = _passwdPath(args)
     if args.action == "list":
         try:
@@ -214,6 +217,8 @@ def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
 
 
 def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
+    from popserv.auth.passwdfile import parsePasswdFile
+
     if not config.mail_location:
         raise AdminError("say where mail is: --mail-location or --config", EX_USAGE)
     if config.passwd:
@@ -253,6 +258,7 @@ def checkConfig(config: Config) -> list[str]:
     """Every problem of a configuration, one line each (empty: all well)."""
     from twisted.internet import endpoints, reactor
 
+    from popserv.auth.passwdfile import parsePasswdFile
     from popserv.tls import ServerTLS, TLSError
 
     problems: list[str] = []
@@ -312,6 +318,7 @@ def cmdCheckConfig(args: argparse.Namespace) -> int:
 
 def cmdUidl(args: argparse.Namespace) -> int:
     from popserv.backends.maildir import MaildirMailbox, MaildirStore
+    from popserv.location import MailLocation
     from popserv.threads import synchronously
 
     config = _config(args)
@@ -327,12 +334,13 @@ def cmdUidl(args: argparse.Namespace) -> int:
 
 
 def cmdServe(args: argparse.Namespace) -> int:
+    from popserv.tap import buildConfig
     from popserv.workers import Supervisor
 
-    config = _config(args)
+    given = _givenSettings(args)
     try:
-        config.validated()
-        supervisor = Supervisor(args.config, config, args.workers)
+        config = buildConfig(getattr(args, "config", None), given)
+        supervisor = Supervisor(getattr(args, "config", None), config, args.workers, given)
     except (ConfigError, ValueError, OSError) as e:
         raise AdminError(str(e), EX_USAGE) from None
     return supervisor.run()
@@ -356,69 +364,143 @@ def cmdSelfSigned(args: argparse.Namespace) -> int:
 
 # -- the command line ----------------------------------------------------------------
 
+#: The settings most commands take (the server's configuration, where users and mail are).
+_COMMON = ("passwd", "mail_location")
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="popserv", description="Administer a popserv POP3 server."
+
+def _addSettings(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """
+    Options for settings, made from their declarations: C{names} only, or
+    every setting C{twistd popserv} takes. Absent options set nothing, so
+    they may be given before or after a command's name.
+    """
+    from popserv.settings import BOOL, LIST
+
+    parser.add_argument(
+        "--config", "-c", default=argparse.SUPPRESS, help="the server's TOML configuration file"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if names is None:
+        from popserv.tap import commandLineSettings
 
-    def configOptions(p: argparse.ArgumentParser, mail: bool = False) -> None:
-        p.add_argument("--config", "-c", help="the server's TOML configuration file")
-        p.add_argument("--passwd", "-p", help="the passwd-file (overrides the configuration)")
-        if mail:
-            p.add_argument(
-                "--mail-location",
-                "-m",
-                help="e.g. maildir:/var/mail/%%d/%%n/Maildir (overrides the configuration)",
+        settings = [s for s, _ in commandLineSettings()]
+    else:
+        from popserv.config import SETTINGS
+
+        settings = [s for s in SETTINGS if s.name in names]
+    for declared in settings:
+        spellings = [f"--{declared.option}", *(f"--{a}" for a in declared.optionAliases)]
+        if declared.short:
+            spellings.append(f"-{declared.short}")
+        common = dict(dest=declared.name, default=argparse.SUPPRESS)
+        helpText = declared.describe().replace("%", "%%")
+        if declared.kind == BOOL:
+            parser.add_argument(*spellings, action="store_true", help=helpText, **common)
+            parser.add_argument(
+                f"--no-{declared.option}",
+                action="store_false",
+                help=f"the opposite of --{declared.option}",
+                **common,
+            )
+        else:
+            action = "append" if declared.kind == LIST else "store"
+            metavar = declared.metavar or declared.kind.upper()
+            parser.add_argument(
+                *spellings, action=action, metavar=metavar, help=helpText, **common
             )
 
-    schemes = ", ".join(HASHING_SCHEMES)
-    pw = sub.add_parser("pw", aliases=["passwd"], help="hash a password for the passwd-file")
-    pw.add_argument("--scheme", "-s", default="ARGON2ID", help=f"one of {schemes}")
-    pw.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of standard input",
+
+def _givenSettings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given on the command line, converted as their declarations say."""
+    from popserv.settings import LIST, SettingError
+    from popserv.tap import commandLineSettings
+
+    given: dict[str, object] = {}
+    for declared, _ in commandLineSettings():
+        if not hasattr(args, declared.name):
+            continue
+        raw = getattr(args, declared.name)
+        try:
+            if isinstance(raw, bool):
+                given[declared.name] = raw
+            elif declared.kind == LIST:
+                given[declared.name] = tuple(v for r in raw for v in declared.fromText(r))
+            else:
+                given[declared.name] = declared.fromText(raw)
+        except SettingError as e:
+            raise AdminError(f"--{declared.option}: {e}", EX_USAGE) from None
+    return given
+
+
+def _schemes() -> str:
+    from popserv.auth.schemes import HASHING_SCHEMES
+
+    return ", ".join(HASHING_SCHEMES)
+
+
+def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popserv",
+        description="Administer a popserv POP3 server. Options may come before or after "
+        "a command's name.",
     )
-    pw.set_defaults(run=cmdPw)
+    _addSettings(parser, _COMMON)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: object, help: str, settings: bool = True, **kw: object) -> Any:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        if settings:
+            _addSettings(p, _COMMON)
+        p.set_defaults(run=run)
+        return p
+
+    def passwordOptions(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--scheme", "-s", default="ARGON2ID", help=f"one of {_schemes()}")
+        p.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+
+    pw = command(
+        "pw", cmdPw, "hash a password for the passwd-file", settings=False, aliases=["passwd"]
+    )
+    passwordOptions(pw)
 
     user = sub.add_parser("user", help="add, delete or list passwd-file users")
-    user.add_argument("action", choices=["add", "del", "list"])
-    user.add_argument("name", nargs="?", default="")
-    user.add_argument("--scheme", "-s", default="ARGON2ID", help=f"one of {schemes}")
-    user.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of standard input",
-    )
-    configOptions(user)
-    user.set_defaults(run=cmdUser)
+    _addSettings(user, _COMMON)
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help in (("add", "add a user"), ("del", "delete a user"), ("list", "list users")):
+        p = actions.add_parser(action, help=help, description=help)
+        _addSettings(p, _COMMON)
+        if action != "list":
+            p.add_argument("name", help="the user name")
+        if action == "add":
+            passwordOptions(p)
+        p.set_defaults(run=cmdUser)
 
-    deliverCmd = sub.add_parser(
-        "deliver", help="deliver a message from standard input (usable as an MDA)"
+    deliverCmd = command(
+        "deliver", cmdDeliver, "deliver a message from standard input (usable as an MDA)"
     )
     deliverCmd.add_argument("user")
     deliverCmd.add_argument(
         "--verbose", "-v", action="store_true", help="print the delivered file's path"
     )
-    configOptions(deliverCmd, mail=True)
-    deliverCmd.set_defaults(run=cmdDeliver)
 
-    check = sub.add_parser("check-config", help="report every problem of a configuration")
-    configOptions(check, mail=True)
-    check.set_defaults(run=cmdCheckConfig)
+    command("check-config", cmdCheckConfig, "report every problem of a configuration")
 
-    uidl = sub.add_parser("uidl", help="print the UIDLs the server would serve a user")
+    uidl = command("uidl", cmdUidl, "print the UIDLs the server would serve a user")
     uidl.add_argument("user")
     uidl.add_argument("--sizes", action="store_true", help="also print each message's size")
-    configOptions(uidl, mail=True)
-    uidl.set_defaults(run=cmdUidl)
 
-    serve = sub.add_parser(
-        "serve", help="run N worker processes sharing the listening sockets (all cores)"
+    serve = command(
+        "serve",
+        cmdServe,
+        "run N worker processes sharing the listening sockets (all cores); takes every "
+        "setting twistd popserv takes",
+        settings=False,
     )
-    serve.add_argument("--config", "-c", required=True, help="the TOML configuration file")
+    if serveOptions:
+        _addSettings(serve)
     serve.add_argument(
         "--workers",
         "-w",
@@ -426,20 +508,19 @@ def _parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="worker processes [default: one per core]",
     )
-    serve.set_defaults(run=cmdServe)
 
-    cert = sub.add_parser("selfsigned", help="write a self-signed cert.pem and key.pem")
+    cert = command(
+        "selfsigned", cmdSelfSigned, "write a self-signed cert.pem and key.pem", settings=False
+    )
     cert.add_argument("directory")
     cert.add_argument("hosts", nargs="*", help="host names [default: localhost]")
-    cert.set_defaults(run=cmdSelfSigned)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "user" and args.action != "list" and not args.name:
-        print("popserv user add|del: a user name is needed", file=sys.stderr)
-        return EX_USAGE
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # serve's options come from every plugin: found only when serve is asked for.
+    args = _parser(serveOptions="serve" in argv or "-h" in argv).parse_args(argv)
     try:
         return int(args.run(args))
     except AdminError as e:

@@ -113,6 +113,14 @@ class Setting:
             return ", ".join(map(str, value))
         return str(value)
 
+    def toArgs(self, value: Any) -> list[str]:
+        """The command-line arguments that give this setting C{value}."""
+        if self.kind == BOOL:
+            return [f"--{self.option}" if value else f"--no-{self.option}"]
+        if self.kind == LIST:
+            return [arg for item in value for arg in (f"--{self.option}", str(item))]
+        return [f"--{self.option}", str(value)]
+
     def fromText(self, text: str) -> Any:
         """A value from a command line (one occurrence, for L{LIST}: a list)."""
         if self.kind == BOOL:
@@ -124,12 +132,15 @@ class Setting:
             raise SettingError(f"yes or no, not {text!r}")
         if self.kind == INT:
             try:
-                return self._checked(int(text))
+                number = int(text)
             except ValueError:
                 raise SettingError(f"a whole number, not {text!r}") from None
+            return self._checked(number)
         if self.kind == LIST:
             parts = text.split(self.split) if self.split else [text]
             return self._checked(tuple(p.strip() for p in parts if p.strip()))
+        if self.kind == DAYS:
+            return self._checked(_days(text))
         return self._checked(text)
 
     def fromFile(self, value: Any) -> Any:
@@ -142,7 +153,7 @@ class Setting:
         if kind == STR and isinstance(value, str):
             return self._checked(value)
         if kind == DAYS and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return self._checked(value)
+            return self._checked(_days(value))
         if kind == LIST:
             items = [value] if isinstance(value, str) else value
             if isinstance(items, list) and all(isinstance(v, str) for v in items):
@@ -170,6 +181,16 @@ class Setting:
                 raise
             except ValueError as e:
                 raise SettingError(str(e)) from None
+
+
+def _days(value: str | int) -> str | int:
+    """A number of days as an int, C{NEVER} as itself: one value however it was written."""
+    if isinstance(value, str):
+        if value.strip().upper() == "NEVER":
+            return "NEVER"
+        if value.strip().isdigit():
+            return int(value)
+    return value
 
 
 def _values(

@@ -23,7 +23,14 @@ from popserv.config import (
 )
 from popserv.settings import BOOL, LIST, Setting, SettingError
 
-__all__ = ["Options", "makeService", "optionsClass", "commandLineSettings"]
+__all__ = [
+    "Options",
+    "makeService",
+    "optionsClass",
+    "commandLineSettings",
+    "commandLine",
+    "buildConfig",
+]
 
 _LONGDESC = (
     "Serve POP3 (RFC 1939) to users of an auth source (a passwd-file by default) from "
@@ -42,6 +49,12 @@ def commandLineSettings() -> list[tuple[Setting, bool]]:
     found = [(s, False) for s in SETTINGS]
     found += [(pluginSetting(plugin, option), True) for plugin, option in pluginSettings()]
     return found
+
+
+def commandLine(given: dict[str, Any]) -> list[str]:
+    """The options that give these settings (by name), as L{Options} parses them."""
+    declared = {s.name: s for s, _ in commandLineSettings()}
+    return [arg for name, value in given.items() for arg in declared[name].toArgs(value)]
 
 
 def _appender(declared: Setting) -> Any:

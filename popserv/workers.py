@@ -1,12 +1,15 @@
 """
 Several worker processes on one machine's cores, sharing the listening
-sockets: C{popserv serve --workers N --config FILE}.
+sockets: C{popserv serve --workers N [--config FILE] [any twistd popserv option]}.
 
-The supervisor (this module, no reactor) binds every TCP listener of the
-configuration, one socket per worker with C{SO_REUSEPORT} so that the kernel
-spreads connections evenly, then starts N ordinary C{twistd popserv} workers
-that adopt their sockets the way systemd socket activation hands them over
-(C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints). The supervisor
+The supervisor (this module, no reactor) binds every listener of the
+configuration: a TCP listener one socket per worker with C{SO_REUSEPORT}, so
+that the kernel spreads connections evenly; a Unix socket once, shared. A
+C{haproxy:} listener is bound the same way and each worker reads the PROXY
+header itself. Then it starts N ordinary C{twistd popserv} workers that adopt
+their sockets the way systemd socket activation hands them over
+(C{LISTEN_FDS}; the workers listen on C{systemd:} endpoints) and take every
+other setting from the same configuration file and options. The supervisor
 keeps every socket open, so a worker's queue survives its restart. Maildrop
 locks are kernel locks, so they hold across processes; a worker that dies is
 started again; SIGTERM and SIGHUP are passed on to every worker.
@@ -27,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from popserv.config import Config
@@ -35,6 +38,7 @@ from popserv.config import Config
 __all__ = ["Listener", "bindListeners", "Supervisor", "workerArgv"]
 
 _TCP = re.compile(r"^(tcp6?):(\d+)((?::[a-zA-Z]+=[^:]*)*)$")
+_UNIX = re.compile(r"^unix:(?:address=)?([^:]+)((?::[a-zA-Z]+=[^:]*)*)$")
 
 #: A worker that dies sooner than this after its start is restarted only
 #: after a pause, so a broken configuration does not spin.
@@ -47,15 +51,20 @@ class Listener:
 
     option: str  # "--listen" or "--listen-tls"
     sock: socket.socket
-    family: str  # "INET" or "INET6"
+    family: str  # "INET", "INET6" or "UNIX"
+    prefix: str = ""  # "haproxy:" for a PROXY-protocol listener
+
+    def endpoint(self, index: int) -> str:
+        """The worker's endpoint for this socket, the C{index}-th it is handed."""
+        return f"{self.prefix}systemd:domain={self.family}:index={index}"
 
 
 def _parseTCP(description: str) -> tuple[int, int, str, int]:
     m = _TCP.match(description)
     if m is None:
         raise ValueError(
-            f"{description!r}: workers share tcp:/tcp6: listeners only "
-            "(use systemd socket activation for others)"
+            f"{description!r}: workers share tcp:, tcp6:, unix: and haproxy: listeners "
+            "(for TLS use --listen-tls with tcp:; for others, systemd socket activation)"
         )
     family = socket.AF_INET6 if m.group(1) == "tcp6" else socket.AF_INET
     options = dict(part.split("=", 1) for part in m.group(3).split(":")[1:])
@@ -63,23 +72,60 @@ def _parseTCP(description: str) -> tuple[int, int, str, int]:
     return family, int(m.group(2)), interface, int(options.get("backlog", "128"))
 
 
+def _bindTCP(description: str, workers: int) -> list[socket.socket]:
+    family, port, interface, backlog = _parseTCP(description)
+    sockets = []
+    for _ in range(workers):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        port = sock.getsockname()[1]  # port 0: the others join the one chosen
+        sockets.append(sock)
+    return sockets
+
+
+def _bindUnix(path: str, backlog: int) -> socket.socket:
+    """A Unix socket at C{path}; a stale one (nobody accepting) is replaced."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        else:
+            raise OSError(f"{path}: another server is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(backlog)
+    return sock
+
+
 def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
-    """Bind every listener of C{config}: one socket per worker, all on one port."""
+    """Bind every listener of C{config}: for each worker, its sockets in order."""
     perWorker: list[list[Listener]] = [[] for _ in range(workers)]
     for option, descriptions in (("--listen", config.listen), ("--listen-tls", config.listen_tls)):
         for description in descriptions:
-            family, port, interface, backlog = _parseTCP(description)
-            name = "INET6" if family == socket.AF_INET6 else "INET"
-            for sockets in perWorker:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((interface, port))
-                sock.listen(backlog)
+            prefix = ""
+            if description.startswith("haproxy:") and option == "--listen":
+                prefix, description = "haproxy:", description.removeprefix("haproxy:")
+            unix = _UNIX.match(description)
+            if unix:
+                options = dict(part.split("=", 1) for part in unix.group(2).split(":")[1:])
+                sock = _bindUnix(unix.group(1), int(options.get("backlog", "128")))
+                sockets, family, where = [sock] * workers, "UNIX", unix.group(1)
+            else:
+                sockets = _bindTCP(description, workers)
+                family = "INET6" if sockets[0].family == socket.AF_INET6 else "INET"
+                host, port = sockets[0].getsockname()[:2]
+                where = f"{host}:{port}"
+            for listeners, sock in zip(perWorker, sockets, strict=True):
                 sock.set_inheritable(True)
-                port = sock.getsockname()[1]  # port 0: the others join the one chosen
-                sockets.append(Listener(option, sock, name))
-            print(f"popserv: {option[2:]} on {interface}:{port}", flush=True)
+                listeners.append(Listener(option, sock, family, prefix))
+            print(f"popserv: {option[2:]} on {prefix}{where}", flush=True)
     return perWorker
 
 
@@ -92,10 +138,23 @@ def _metricsFor(index: int, metrics: str | None) -> list[str]:
     return ["--metrics", f"{m.group(1)}:{int(m.group(2)) + index}{m.group(3)}"]
 
 
+#: Settings the supervisor turns into each worker's own.
+_PER_WORKER = ("listen", "listen_tls", "metrics")
+
+
 def workerArgv(
-    configPath: str, listeners: Sequence[Listener], index: int, config: Config
+    configPath: str | None,
+    listeners: Sequence[Listener],
+    index: int,
+    config: Config,
+    given: Mapping[str, object] | None = None,
 ) -> list[str]:
-    """The twistd command line of worker C{index}."""
+    """
+    The twistd command line of worker C{index}: the configuration file and
+    the settings given to C{serve}, with its own sockets and metrics port.
+    """
+    from popserv.tap import commandLine
+
     argv = [
         sys.executable,
         "-c",
@@ -103,11 +162,12 @@ def workerArgv(
         "--nodaemon",
         "--pidfile=",
         "popserv",
-        "--config",
-        configPath,
     ]
+    if configPath:
+        argv += ["--config", configPath]
+    argv += commandLine({k: v for k, v in (given or {}).items() if k not in _PER_WORKER})
     for i, listener in enumerate(listeners):
-        argv += [listener.option, f"systemd:domain={listener.family}:index={i}"]
+        argv += [listener.option, listener.endpoint(i)]
     return argv + _metricsFor(index, config.metrics)
 
 
@@ -127,16 +187,23 @@ def _execWorker(fds: list[int], argv: list[str]) -> None:
 class Supervisor:
     """Start, watch and stop the workers."""
 
-    def __init__(self, configPath: str, config: Config, workers: int) -> None:
-        self.configPath = os.path.abspath(configPath)
+    def __init__(
+        self,
+        configPath: str | None,
+        config: Config,
+        workers: int,
+        given: Mapping[str, object] | None = None,
+    ) -> None:
+        self.configPath = os.path.abspath(configPath) if configPath else None
         self.config = config
+        self.given = dict(given or {})
         self.count = workers
         self.listeners = bindListeners(config, workers)
         self.workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
 
     def start(self, index: int) -> None:
-        argv = workerArgv(self.configPath, self.listeners[index], index, self.config)
+        argv = workerArgv(self.configPath, self.listeners[index], index, self.config, self.given)
         fds = [listener.sock.fileno() for listener in self.listeners[index]]
         proc = subprocess.Popen(
             [

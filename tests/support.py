@@ -54,7 +54,7 @@ def startTwistd(
     return subprocess.Popen(
         [*twistdCommand(), *options, *args],
         cwd=cwd,
-        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -171,3 +171,32 @@ def test_help_lists_every_subcommand():
     out = popserv("--help").stdout.decode()
     for command in ("pw", "user", "deliver", "check-config", "uidl", "selfsigned"):
         assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["user", "add", "--passwd", "{passwd}", "carol", "--password-stdin"],
+        ["user", "add", "carol", "--passwd", "{passwd}", "--password-stdin"],
+        ["--passwd", "{passwd}", "user", "add", "--password-stdin", "carol"],
+        ["user", "--passwd", "{passwd}", "add", "carol", "--password-stdin"],
+    ],
+)
+def test_options_before_or_after_command_names(argv, tmp_path):
+    """Options may stand before or after a command's (and an action's) name."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    out = popserv(*(a.format(passwd=passwd) for a in argv), stdin=b"pw\n")
+    assert out.returncode == 0, out.stderr
+    listed = popserv("user", "list", "--passwd", str(passwd))
+    assert b"carol\tARGON2ID" in listed.stdout, listed
+
+
+def test_serve_help_lists_every_setting():
+    """popserv serve takes every setting twistd popserv takes, from the same declarations."""
+    from popserv.config import SETTINGS
+
+    out = popserv("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    for declared in SETTINGS:
+        assert f"--{declared.option}" in out.stdout.decode(), declared.name

@@ -193,8 +193,9 @@ def test_sigterm_stops_every_worker(tmp_path):
             os.kill(pid, 0)
 
 
-def test_non_tcp_listeners_are_refused(tmp_path):
-    server = ServerProcess(tmp_path, {"u": "{PLAIN}pw"}, listen="unix:/tmp/popserv-x.sock")
+def test_unshareable_listeners_are_refused(tmp_path):
+    """A listener kind the supervisor cannot share is refused, with the kinds it can."""
+    server = ServerProcess(tmp_path, {"u": "{PLAIN}pw"}, listen="systemd:domain=INET:index=0")
     out = subprocess.run(
         [
             sys.executable,
@@ -211,4 +212,84 @@ def test_non_tcp_listeners_are_refused(tmp_path):
         text=True,
         timeout=60,
     )
-    assert out.returncode == 64 and "tcp:/tcp6: listeners only" in out.stderr
+    assert out.returncode == 64, out.stderr
+    assert "workers share tcp:, tcp6:, unix: and haproxy: listeners" in out.stderr
+
+
+def dialogue(sock: socket.socket, *commands: bytes) -> list[bytes]:
+    """Send each command after the previous reply; the greeting and every reply line."""
+    stream = sock.makefile("rb")
+    replies = [stream.readline()]
+    for command in commands:
+        sock.sendall(command + b"\r\n")
+        replies.append(stream.readline())
+    return replies
+
+
+def test_serve_takes_settings_and_shares_unix_and_haproxy(tmp_path):
+    """
+    serve takes every setting twistd popserv does (here: no configuration file
+    at all), and shares Unix and PROXY-protocol listeners among its workers.
+    """
+    (tmp_path / "passwd").write_text("u:{PLAIN}pw\n")
+    deliver(tmp_path / "mail" / "u", b"Subject: x\n\nbody\n")
+    sockPath = str(tmp_path / "pop.sock")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "popserv",
+            "serve",
+            "--workers",
+            "2",
+            "--passwd",
+            str(tmp_path / "passwd"),
+            "--mail-location",
+            f"maildir:{tmp_path}/mail/%u",
+            "--listen",
+            f"unix:{sockPath}",
+            "--listen",
+            "haproxy:tcp:0:interface=127.0.0.1",
+            "--auth-penalty",
+            "0",
+            "--trusted-networks",
+            "192.0.2.0/24",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if sum(bool(re.search("POP3Factory.* starting on", x)) for x in lines) >= 4:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(30), "".join(lines)
+        port = int(re.search(r"listen on haproxy:[\d.]+:(\d+)", "".join(lines)).group(1))
+        for _ in range(4):  # whichever worker takes it
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(sockPath)
+                replies = dialogue(sock, b"USER u", b"PASS pw", b"STAT", b"QUIT")
+            assert replies[0].startswith(b"+OK") and replies[3] == b"+OK 1 20\r\n", replies
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 110\r\n")
+                replies = dialogue(sock, b"USER u", b"PASS pw", b"QUIT")
+            assert replies[2].startswith(b"+OK"), replies
+        # The worker read the header: a client from outside the trusted
+        # networks may not send its password in the clear.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 110\r\n")
+            replies = dialogue(sock, b"USER u", b"QUIT")
+        assert b"Plaintext authentication is not allowed" in replies[1], replies
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
