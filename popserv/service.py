@@ -7,8 +7,6 @@ embedders all come through here.
 from __future__ import annotations
 
 import gc
-import os
-import secrets
 import signal
 import threading
 from typing import Any
@@ -25,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from popserv.auth.cache import VerificationCache
 from popserv.auth.passwdfile import PasswdFileChecker
 from popserv.auth.realm import MailboxRealm
+from popserv.auth.scramkeys import loadKeyFile, saltKeyForRoot
 from popserv.backends.maildir import MaildirStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
@@ -42,15 +41,9 @@ __all__ = [
     "makeFactory",
     "makeService",
     "PopservService",
-    "loadKeyFile",
+    "loadKeyFile",  # popserv.auth.scramkeys's, kept where it was first exported
     "freezeStartupObjects",
 ]
-
-#: In the mail root: the key SCRAM derives unknown users' salts from, the
-#: same for every worker, node and restart that shares the mail storage.
-SCRAM_KEY_FILE = ".popserv-scram-key"
-
-_KEY_SIZE = 32
 
 _log = Logger()
 
@@ -73,17 +66,17 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         from twisted.internet import reactor
     run = reactorThreads(reactor)
     policy = None
-    scramKey = None  # with a portal of the embedder's: each process its own
+    saltKey = None  # with a portal of the embedder's: each process its own
     if portal is None:
         config.validated()
-        scramKey = _scramKey(config)
+        saltKey = saltKeyForRoot(config.location.root)
         try:
             checker = PasswdFileChecker(
                 config.passwdPath,
                 runInThread=run,
                 masterUsers=frozenset(config.master_users),
                 cache=VerificationCache(reactor, ttl=config.auth_cache_ttl),
-                saltKey=scramKey,
+                saltKey=saltKey,
             )
         except OSError as e:
             raise ConfigError(f"passwd: cannot read {config.passwdPath}: {e.strerror}") from None
@@ -118,7 +111,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         maxBadCommands=config.max_bad_commands,
         mechanisms=mechanismsByName(
             list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
-            fakeKey=scramKey,
+            saltKey=saltKey,
         ),
         policy=policy,
         language=LANGUAGES[config.language],
@@ -145,60 +138,6 @@ def freezeStartupObjects() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def loadKeyFile(path: str) -> bytes:
-    """
-    The random key kept in C{path}: read it, or make it (mode 0600) if there
-    is none. Processes starting together agree on one: each writes its own
-    candidate aside and links it in place, and whoever comes second reads
-    the winner's. OSError if it cannot be read or made, ValueError if short.
-    """
-    try:
-        return _readKey(path)
-    except FileNotFoundError:
-        pass
-    candidate = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(_KEY_SIZE))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(candidate, path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(candidate)
-    return _readKey(path)
-
-
-def _readKey(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        key = os.read(fd, _KEY_SIZE)
-    finally:
-        os.close(fd)
-    if len(key) < _KEY_SIZE:
-        raise ValueError(f"{path}: {len(key)} bytes, a key needs {_KEY_SIZE}")
-    return key
-
-
-def _scramKey(config: Config) -> bytes | None:
-    path = os.path.join(config.location.root, SCRAM_KEY_FILE)
-    try:
-        os.makedirs(config.location.root, exist_ok=True)  # as the shared lock file is
-        return loadKeyFile(path)
-    except (OSError, ValueError) as e:
-        _log.warn(
-            "cannot use {path} ({error}): SCRAM's salts for unknown users are made "
-            "up per process, so with several workers or nodes they tell unknown "
-            "users from real ones",
-            path=path,
-            error=e,
-        )
-        return None
 
 
 def makeService(

@@ -17,6 +17,7 @@ from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.schemes import UnknownScheme, parseStoredPassword
 from popserv.backends.memory import MemoryStore
+from popserv.errors import UnknownUser, errorReply
 from popserv.interfaces import IMailbox
 from popserv.threads import synchronously
 
@@ -83,9 +84,14 @@ def test_slow_schemes_run_in_the_thread_runner(checker):
 
 
 def test_unknown_user_fails_like_a_wrong_password(checker):
+    """
+    Both are cred failures (the same -ERR [AUTH] on the wire); only a chain
+    of sources is told which it was, by the subclass UnknownUser.
+    """
     unknown = outcome(checker.requestAvatarId(UsernamePassword("nobody", b"pw")))
     wrong = outcome(checker.requestAvatarId(UsernamePassword("plain", b"x")))
-    assert unknown.type is wrong.type is UnauthorizedLogin
+    assert unknown.type is UnknownUser and wrong.type is UnauthorizedLogin
+    assert errorReply(unknown) == errorReply(wrong) == b"-ERR [AUTH] Authentication failed\r\n"
     assert "broken" not in checker.users and "nocolon" not in checker.users
 
 
