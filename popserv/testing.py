@@ -37,7 +37,7 @@ from popserv.backends.memory import MemoryStore
 from popserv.errors import UnknownUser
 from popserv.interfaces import IMailStore
 from popserv.limits import AuthPenalty
-from popserv.policy import SessionPolicy
+from popserv.policy import IUserSettingsSource, SessionPolicy
 from popserv.protocol import POP3Factory, POP3Protocol
 
 __all__ = ["PlaintextChecker", "memoryServer", "connect", "TestClient"]
@@ -83,11 +83,16 @@ def memoryServer(
     users: Mapping[str, str],
     store: IMailStore | None = None,
     policy: SessionPolicy | None = None,
+    checker: ICredentialsChecker | None = None,
     **factoryArgs: Any,
 ) -> tuple[POP3Factory, Any]:
     """
     A factory over a memory store (or C{store}), its clock a L{Clock}. A
     C{policy} is shared by realm and factory.
+
+    @param checker: an auth source of your own instead of a
+        L{PlaintextChecker} over C{users}; unless a C{policy} is given, its
+        per-user settings apply if it is an L{IUserSettingsSource}.
     """
     if store is None:
         store = MemoryStore()
@@ -95,9 +100,12 @@ def memoryServer(
     # Failed logins answered at once (a production factory delays them):
     # pass penalty=AuthPenalty(clock) to test the penalty itself.
     factoryArgs.setdefault("penalty", AuthPenalty(clock, cap=0))
+    if checker is None:
+        checker = PlaintextChecker(users)
     if policy is None:
-        policy = SessionPolicy(clock)
-    portal = Portal(MailboxRealm(store, policy), [PlaintextChecker(users)])
+        source = checker if IUserSettingsSource.providedBy(checker) else None
+        policy = SessionPolicy(clock, source=source)
+    portal = Portal(MailboxRealm(store, policy), [checker])
     factoryArgs.setdefault("hostname", "pop.example")
     return POP3Factory(portal, policy=policy, **factoryArgs), store
 
