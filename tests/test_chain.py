@@ -17,6 +17,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -160,6 +161,22 @@ def test_any_unexpected_error_counts_as_down(passwd, error):
     assert login(chain) == SYS_TEMP
     chain = PassdbChain([DownSource(error), passwd("b", "alice:{PLAIN}pw")])
     assert login(chain).startswith(b"+OK Logged in")
+
+
+def test_every_source_that_is_down_is_logged_even_when_another_accepts(passwd):
+    """The client reads a generic text; the log says which source failed and why."""
+    first, second = DownSource(), DownSource(RuntimeError("boom"))
+    chain = PassdbChain([first, second, passwd("c", "alice:{PLAIN}pw")])
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert verdict(chain) == "alice"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e for e in events if e.get("source") in (first, second)]
+    assert [e["source"] for e in logged] == [first, second]
+    assert logged[0]["error"] == "directory unreachable"
+    assert logged[1]["log_failure"].check(RuntimeError)
 
 
 def test_a_source_that_does_not_answer_in_time_counts_as_down(passwd):

@@ -97,32 +97,29 @@ class PassdbChain:
     ) -> Deferred[str]:
         for index in range(start, len(self.sources)):
             source = self.sources[index]
-            if not any(i.providedBy(credentials) for i in source.credentialInterfaces):
+            for interface in source.credentialInterfaces:
+                if interface.providedBy(credentials):
+                    break
+            else:
                 continue
             d = self._timed(maybeDeferred(source.requestAvatarId, credentials))
-            d.addCallbacks(
-                self._accepted,
-                self._refused,
-                (source,),
-                errbackArgs=(credentials, index, worst, down),
-            )
-            return d
+            return d.addBoth(self._answered, credentials, index, worst, down)
         if worst == _DOWN:
             assert down is not None
             return fail(down)
         return fail(UnauthorizedLogin() if worst == _WRONG else UnknownUser())
 
-    def _accepted(self, avatarId: str, source: ICredentialsChecker) -> str:
-        accepted = self._acceptedBy
-        if accepted.get(avatarId) is not source:
-            if len(accepted) >= _REMEMBERED:
-                accepted.clear()
-            accepted[avatarId] = source
-        return avatarId
-
-    def _refused(
-        self, failure: Failure, credentials: Any, index: int, worst: int, down: Failure | None
-    ) -> Deferred[str] | Failure:
+    def _answered(
+        self, answer: str | Failure, credentials: Any, index: int, worst: int, down: Failure | None
+    ) -> str | Deferred[str] | Failure:
+        if not isinstance(answer, Failure):
+            accepted, source = self._acceptedBy, self.sources[index]
+            if accepted.get(answer) is not source:
+                if len(accepted) >= _REMEMBERED:
+                    accepted.clear()
+                accepted[answer] = source
+            return answer
+        failure = answer
         if failure.check(UnknownUser, UnhandledCredentials):
             pass
         elif failure.check(UnauthorizedLogin):
@@ -131,7 +128,8 @@ class PassdbChain:
             return failure  # AccountDisabled and the like: the source decided
         else:
             worst = _DOWN
-            down = down or self._down(failure, self.sources[index])
+            generic = self._down(failure, self.sources[index])  # logs every source down
+            down = down or generic
         return self._ask(credentials, index + 1, worst, down)
 
     def _timed(self, d: Deferred[Any]) -> Deferred[Any]:
@@ -180,7 +178,8 @@ class PassdbChain:
             return keys
 
         def failed(failure: Failure) -> Deferred[ScramKeys | None]:
-            return self._keysFrom(start + 1, user, mechanism, down or self._down(failure, source))
+            generic = self._down(failure, source)
+            return self._keysFrom(start + 1, user, mechanism, down or generic)
 
         return d.addCallbacks(answered, failed)
 
