@@ -174,3 +174,17 @@ def errorReply(
         exc = TemporaryFailure("Internal server error")
     code = exc.code.value if (codes and exc.code is not None) else None
     return wire.err(exc.message(language), code)
+
+
+class UnknownUser(UnauthorizedLogin):
+    """
+    An auth source does not know the user. Raise it, rather than a bare
+    L{UnauthorizedLogin} (a wrong password), for an unknown user: a chain of
+    sources (L{popserv.auth.chain.PassdbChain}) then knows that this source
+    had no say about the user. It is a cred failure, so the client reads
+    exactly what a wrong password gets (C{-ERR [AUTH]}); take as long to
+    raise it as a check of a real password takes.
+    """
+
+
+__all__ += ["UnknownUser"]

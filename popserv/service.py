@@ -7,8 +7,6 @@ embedders all come through here.
 from __future__ import annotations
 
 import gc
-import os
-import secrets
 import signal
 import threading
 from typing import Any
@@ -23,13 +21,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.cache import VerificationCache
+from popserv.auth.chain import chainSources
 from popserv.auth.realm import MailboxRealm
+from popserv.auth.scramkeys import loadKeyFile, saltKeyForRoot
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import ILoginMemory, IMailStore
 from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
 from popserv.metrics import Metrics, metricsSite
-from popserv.policy import SessionPolicy, UserSettings, parseExpire
+from popserv.policy import IUserSettingsSource, SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import POP3Factory
 from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
 from popserv.sasl import mechanismsByName
@@ -43,15 +43,9 @@ __all__ = [
     "makeStore",
     "makeChecker",
     "PopservService",
-    "loadKeyFile",
+    "loadKeyFile",  # popserv.auth.scramkeys's, kept where it was first exported
     "freezeStartupObjects",
 ]
-
-#: In the mail root: the key SCRAM derives unknown users' salts from, the
-#: same for every worker, node and restart that shares the mail storage.
-SCRAM_KEY_FILE = ".popserv-scram-key"
-
-_KEY_SIZE = 32
 
 _log = Logger()
 
@@ -74,15 +68,16 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         from twisted.internet import reactor
     run = reactorThreads(reactor)
     policy = None
-    scramKey = None  # with a portal of the embedder's: each process its own
+    saltKey = None  # with a portal of the embedder's: each process its own
     if portal is None:
         config.validated()
         store = makeStore(config, run)
-        scramKey = _scramKey(store)
-        checker = makeChecker(config, reactor, run, scramKey)
+        saltKey = _saltKey(store)
+        checker = makeChecker(config, reactor, run, saltKey)
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
         memory = store if ILoginMemory.providedBy(store) else None
-        policy = SessionPolicy(reactor, defaults, checker, memory=memory)
+        source = checker if IUserSettingsSource.providedBy(checker) else None
+        policy = SessionPolicy(reactor, defaults, source, memory=memory)
         portal = makePortal(checker, store, policy)
     tls = None
     if config.tlsEnabled:
@@ -109,7 +104,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         maxBadCommands=config.max_bad_commands,
         mechanisms=mechanismsByName(
             list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
-            fakeKey=scramKey,
+            saltKey=saltKey,
         ),
         policy=policy,
         language=LANGUAGES[config.language],
@@ -136,44 +131,6 @@ def freezeStartupObjects() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def loadKeyFile(path: str) -> bytes:
-    """
-    The random key kept in C{path}: read it, or make it (mode 0600) if there
-    is none. Processes starting together agree on one: each writes its own
-    candidate aside and links it in place, and whoever comes second reads
-    the winner's. OSError if it cannot be read or made, ValueError if short.
-    """
-    try:
-        return _readKey(path)
-    except FileNotFoundError:
-        pass
-    candidate = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(_KEY_SIZE))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(candidate, path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(candidate)
-    return _readKey(path)
-
-
-def _readKey(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        key = os.read(fd, _KEY_SIZE)
-    finally:
-        os.close(fd)
-    if len(key) < _KEY_SIZE:
-        raise ValueError(f"{path}: {len(key)} bytes, a key needs {_KEY_SIZE}")
-    return key
 
 
 def makeStore(config: Config, runInThread: Any) -> IMailStore:
@@ -218,30 +175,13 @@ def makeChecker(
             raise ConfigError(f"passdb {spec}: cannot read {spec.args}: {e.strerror}") from None
         except ValueError as e:
             raise ConfigError(f"passdb {spec}: {e}") from None
-    if len(sources) == 1:
-        return sources[0]
-    from popserv.auth.chain import PassdbChain
-
-    return PassdbChain(sources)
+    return chainSources(sources, clock=reactor)
 
 
-def _scramKey(store: IMailStore) -> bytes | None:
+def _saltKey(store: IMailStore) -> bytes | None:
+    """The SCRAM salt key kept beside the store's maildrops, if it keeps them in files."""
     location = getattr(store, "location", None)
-    if location is None:
-        return None
-    path = os.path.join(location.root, SCRAM_KEY_FILE)
-    try:
-        os.makedirs(location.root, exist_ok=True)  # as the shared lock file is
-        return loadKeyFile(path)
-    except (OSError, ValueError) as e:
-        _log.warn(
-            "cannot use {path} ({error}): SCRAM's salts for unknown users are made "
-            "up per process, so with several workers or nodes they tell unknown "
-            "users from real ones",
-            path=path,
-            error=e,
-        )
-        return None
+    return None if location is None else saltKeyForRoot(location.root)
 
 
 def makeService(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -27,12 +26,19 @@ from zope.interface import implementer
 
 from popserv.auth.credentials import IVerifiedCredentials
 from popserv.auth.realm import MailboxRealm
+from popserv.auth.scramkeys import (
+    PROCESS_SALT_KEY,
+    ISecretSource,
+    ScramKeys,
+    deriveScramKeys,
+    stableSalt,
+)
 from popserv.backends.memory import MemoryStore
+from popserv.errors import UnknownUser
 from popserv.interfaces import IMailStore
 from popserv.limits import AuthPenalty
-from popserv.policy import SessionPolicy
+from popserv.policy import IUserSettingsSource, SessionPolicy
 from popserv.protocol import POP3Factory, POP3Protocol
-from popserv.sasl.base import ISecretSource, ScramKeys
 
 __all__ = ["PlaintextChecker", "memoryServer", "connect", "TestClient"]
 
@@ -42,19 +48,22 @@ class PlaintextChecker:
     """
     An in-memory {user: password} checker for every mechanism popserv offers
     (USER/PASS, APOP, SASL PLAIN, LOGIN, CRAM-MD5, SCRAM). For tests and
-    demos: the passwords are held in the clear.
+    demos: the passwords are held in the clear. Its SCRAM keys are derived
+    as the passwd-file's are, their salts from C{saltKey}.
     """
 
     credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IVerifiedCredentials)
 
-    def __init__(self, users: Mapping[str, str]) -> None:
+    def __init__(self, users: Mapping[str, str], saltKey: bytes = PROCESS_SALT_KEY) -> None:
         self.users = dict(users)
+        self.saltKey = saltKey
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         password = self.users.get(credentials.username)
-        if password is not None and (
-            IVerifiedCredentials.providedBy(credentials)
-            or credentials.checkPassword(password.encode("utf-8"))
+        if password is None:
+            return fail(UnknownUser())
+        if IVerifiedCredentials.providedBy(credentials) or credentials.checkPassword(
+            password.encode("utf-8")
         ):
             return succeed(credentials.username)
         return fail(UnauthorizedLogin())
@@ -66,19 +75,24 @@ class PlaintextChecker:
         password = self.users.get(user)
         if password is None:
             return succeed(None)
-        salt, stored, server, i = scramp.ScramMechanism(mechanism).make_auth_info(password)
-        return succeed(ScramKeys(salt, stored, server, i))
+        salt = stableSalt(self.saltKey, mechanism, user)
+        return succeed(deriveScramKeys(mechanism, password, salt))
 
 
 def memoryServer(
     users: Mapping[str, str],
     store: IMailStore | None = None,
     policy: SessionPolicy | None = None,
+    checker: ICredentialsChecker | None = None,
     **factoryArgs: Any,
 ) -> tuple[POP3Factory, Any]:
     """
     A factory over a memory store (or C{store}), its clock a L{Clock}. A
     C{policy} is shared by realm and factory.
+
+    @param checker: an auth source of your own instead of a
+        L{PlaintextChecker} over C{users}; unless a C{policy} is given, its
+        per-user settings apply if it is an L{IUserSettingsSource}.
     """
     if store is None:
         store = MemoryStore()
@@ -86,9 +100,12 @@ def memoryServer(
     # Failed logins answered at once (a production factory delays them):
     # pass penalty=AuthPenalty(clock) to test the penalty itself.
     factoryArgs.setdefault("penalty", AuthPenalty(clock, cap=0))
+    if checker is None:
+        checker = PlaintextChecker(users)
     if policy is None:
-        policy = SessionPolicy(clock)
-    portal = Portal(MailboxRealm(store, policy), [PlaintextChecker(users)])
+        source = checker if IUserSettingsSource.providedBy(checker) else None
+        policy = SessionPolicy(clock, source=source)
+    portal = Portal(MailboxRealm(store, policy), [checker])
     factoryArgs.setdefault("hostname", "pop.example")
     return POP3Factory(portal, policy=policy, **factoryArgs), store
 

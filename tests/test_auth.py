@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 from passlib.hash import argon2, bcrypt, sha256_crypt, sha512_crypt
@@ -17,8 +19,10 @@ from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.schemes import UnknownScheme, parseStoredPassword
 from popserv.backends.memory import MemoryStore
+from popserv.errors import UnknownUser, errorReply
 from popserv.interfaces import IMailbox
 from popserv.threads import synchronously
+from support import REPO
 
 # Test fixtures: throw-away hashes of the password "pw", cheap parameters.
 HASHES = {
@@ -83,9 +87,14 @@ def test_slow_schemes_run_in_the_thread_runner(checker):
 
 
 def test_unknown_user_fails_like_a_wrong_password(checker):
+    """
+    Both are cred failures (the same -ERR [AUTH] on the wire); only a chain
+    of sources is told which it was, by the subclass UnknownUser.
+    """
     unknown = outcome(checker.requestAvatarId(UsernamePassword("nobody", b"pw")))
     wrong = outcome(checker.requestAvatarId(UsernamePassword("plain", b"x")))
-    assert unknown.type is wrong.type is UnauthorizedLogin
+    assert unknown.type is UnknownUser and wrong.type is UnauthorizedLogin
+    assert errorReply(unknown) == errorReply(wrong) == b"-ERR [AUTH] Authentication failed\r\n"
     assert "broken" not in checker.users and "nocolon" not in checker.users
 
 
@@ -216,3 +225,24 @@ def test_cache_off_checks_every_time(tmp_path):
     for _ in range(3):
         outcome(checker.requestAvatarId(UsernamePassword("slow", b"pw")))
     assert len(runs) == 3
+
+
+def test_auth_imports_nothing_of_sasl():
+    """
+    SASL builds on auth, never the reverse, and the SCRAM library is loaded
+    only to derive keys. Checked under an empty popserv package, so that
+    whatever popserv/__init__ imports does not hide an import from auth.
+    """
+    script = """
+import importlib.util, sys, types
+stub = types.ModuleType("popserv")
+stub.__path__ = list(importlib.util.find_spec("popserv").submodule_search_locations)
+sys.modules["popserv"] = stub
+import popserv.auth, popserv.auth.chain, popserv.auth.passwdfile, popserv.auth.scramkeys
+print(" ".join(m for m in sys.modules if m.startswith(("popserv.sasl", "scramp"))))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ""

@@ -245,6 +245,16 @@ def serve(site: Path, root: Path, *args: str) -> tuple[subprocess.Popen[str], in
     return proc, port[0], lines
 
 
+def stop(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    print("".join(lines))  # shown if the test failed
+
+
 def test_third_party_store_and_auth_source_serve_a_session(thirdParty, tmp_path):
     """
     A store and an auth source from a directory on sys.path serve a real POP3
@@ -267,15 +277,14 @@ def test_third_party_store_and_auth_source_serve_a_session(thirdParty, tmp_path)
             pop.pass_("secret")
         pop.user("alice")
         pop.pass_("secret")  # upper-cased by the source's option
-        assert pop.stat() == (1, 31)
+        assert pop.stat() == (1, 32)
         assert pop.uidl(1).split()[-1] == b"tiny-1"
         assert pop.retr(1)[1] == [b"Subject: tiny", b"", b"from a plugin"]
         pop.dele(1)
         pop.quit()
         assert not (tmp_path / "drops" / "alice" / "1").exists()
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop(proc, lines)
 
 
 def test_third_party_option_from_the_command_line(thirdParty, tmp_path):
@@ -297,5 +306,4 @@ def test_third_party_option_from_the_command_line(thirdParty, tmp_path):
         assert pop.stat() == (0, 0)
         pop.quit()
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop(proc, lines)

@@ -19,9 +19,9 @@ from twisted.application.service import IService, loadApplication
 from twisted.python import usage
 
 import popserv
+from popserv.auth.scramkeys import SCRAM_KEY_FILE, _readKey, loadKeyFile
 from popserv.config import ConfigError, loadConfig
 from popserv.sasl import ScramSHA256
-from popserv.service import SCRAM_KEY_FILE, _readKey, loadKeyFile
 from popserv.tap import Options
 from popserv.tap import makeService as tapMakeService
 from support import REPO, startTwistd, twistdCommand
@@ -172,7 +172,7 @@ def test_key_file_is_made_once_private_and_then_kept(tmp_path, monkeypatch):
             raise FileNotFoundError(p)
         return real(p)
 
-    monkeypatch.setattr("popserv.service._readKey", losing)
+    monkeypatch.setattr("popserv.auth.scramkeys._readKey", losing)
     assert loadKeyFile(str(other)) == b"w" * 32
     assert sorted(os.listdir(tmp_path)) == ["key", "other"]  # no candidate left behind
 

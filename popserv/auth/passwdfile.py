@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -25,11 +24,17 @@ from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
-from popserv.auth.schemes import Scheme, UnknownScheme, parseScramSecret, parseStoredPassword
-from popserv.errors import AccountDisabled
+from popserv.auth.schemes import Scheme, UnknownScheme, parseStoredPassword
+from popserv.auth.scramkeys import (
+    PROCESS_SALT_KEY,
+    ISecretSource,
+    ScramKeys,
+    deriveScramKeys,
+    parseScramSecret,
+    stableSalt,
+)
+from popserv.errors import AccountDisabled, UnknownUser
 from popserv.policy import IUserSettingsSource, parseExpire
-from popserv.sasl.base import ISecretSource, ScramKeys
-from popserv.sasl.scram import ITERATIONS, PROCESS_KEY, stableSalt
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
@@ -108,7 +113,10 @@ class PasswdFileChecker:
     (L{IVerifiedCredentials}: the keys came from here) and master-user logins
     (L{IImpersonation}, for the users in C{masterUsers}).
 
-    Unknown users and wrong passwords fail identically (L{UnauthorizedLogin}).
+    Unknown users and wrong passwords fail alike, with L{UnauthorizedLogin},
+    after the same work and with the same answer on the wire; an unknown
+    user's failure is its subclass L{UnknownUser}, so that a chain of
+    sources can tell the two apart.
 
     @param runInThread: runs slow hashes (argon2, bcrypt, crypt, PBKDF2) off
         the reactor thread.
@@ -135,8 +143,8 @@ class PasswdFileChecker:
         self.recheck = recheck
         #: SCRAM salts for plaintext passwords derive from it, so a user keeps
         #: one salt across reloads of the file (and, given one key, across
-        #: workers): see L{popserv.sasl.scram.stableSalt}.
-        self.saltKey = saltKey or PROCESS_KEY
+        #: workers): see L{popserv.auth.scramkeys}.
+        self.saltKey = saltKey or PROCESS_SALT_KEY
         self._runInThread = runInThread or reactorThreads()
         self.masterUsers = frozenset(masterUsers)
         #: Remembers recent successful slow-hash checks (see L{VerificationCache}).
@@ -242,23 +250,25 @@ class PasswdFileChecker:
         """
         decoy = self._decoy
         if decoy is None or not IUsernamePassword.providedBy(credentials):
-            return fail(UnauthorizedLogin())
+            return fail(UnknownUser())
         d = self._runInThread(decoy.scheme.verify, credentials.password, decoy.secret)
-        return d.addCallback(lambda _: self._verdict(False, credentials.username))
+        return d.addCallback(_unknown)
 
     def _verdict(self, matched: bool, username: str) -> str:
         if not matched:
             raise UnauthorizedLogin()
         entry = self._users.get(username)
         if entry is None:
-            raise UnauthorizedLogin()
+            raise UnknownUser()
         if entry.disabled:
             raise AccountDisabled()
         return username
 
     def _impersonate(self, credentials: Any) -> Deferred[str]:
         actor = credentials.credentials
-        if actor.username not in self.masterUsers or credentials.username not in self._users:
+        if credentials.username not in self._users:
+            return fail(UnknownUser())
+        if actor.username not in self.masterUsers:
             return fail(UnauthorizedLogin())
         d = self.requestAvatarId(actor)
         return d.addCallback(lambda _actor: self._verdict(True, credentials.username))
@@ -282,7 +292,7 @@ class PasswdFileChecker:
         if key in self._derived:
             return succeed(self._derived[key])
         salt = stableSalt(self.saltKey, mechanism, user)
-        d = self._runInThread(_deriveScramKeys, mechanism, entry.secret, salt)
+        d = self._runInThread(deriveScramKeys, mechanism, entry.secret, salt)
         d.addCallback(lambda keys: self._derived.setdefault(key, keys))
         return d
 
@@ -298,8 +308,5 @@ class PasswdFileChecker:
         return self._overridden
 
 
-def _deriveScramKeys(mechanism: str, password: str, salt: bytes) -> ScramKeys:
-    salt, stored, server, iterations = scramp.ScramMechanism(mechanism).make_auth_info(
-        password, ITERATIONS, salt
-    )
-    return ScramKeys(salt, stored, server, iterations)
+def _unknown(_matched: object) -> str:
+    raise UnknownUser()

@@ -9,18 +9,14 @@ off the reactor thread, and whether it yields a plaintext-equivalent secret
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from passlib import hash as _hashes
 
-if TYPE_CHECKING:
-    from popserv.sasl.base import ScramKeys
+from popserv.auth.scramkeys import deriveScramKeys, formatScramSecret, parseScramSecret
 
 __all__ = [
     "Scheme",
@@ -68,30 +64,6 @@ def _libpass(handler: object, maxBytes: int | None = None) -> Callable[[bytes, s
             return False  # a malformed hash never matches
 
     return verify
-
-
-def parseScramSecret(secret: str) -> ScramKeys:
-    """
-    Dovecot's stored SCRAM form C{iterations,salt,StoredKey,ServerKey} (the
-    last three in base64). Raises ValueError if malformed.
-    """
-    from popserv.sasl.base import ScramKeys
-
-    try:
-        iterations, salt, stored, server = secret.split(",")
-        keys = ScramKeys(
-            base64.b64decode(salt, validate=True),
-            base64.b64decode(stored, validate=True),
-            base64.b64decode(server, validate=True),
-            int(iterations),
-        )
-    except (ValueError, binascii.Error):
-        raise ValueError(
-            "malformed SCRAM secret (want iterations,salt,storedkey,serverkey)"
-        ) from None
-    if keys.iterations < 1 or not keys.salt:
-        raise ValueError("malformed SCRAM secret")
-    return keys
 
 
 def _scram(hashName: str) -> Callable[[bytes, str], bool]:
@@ -165,11 +137,7 @@ def parseStoredPassword(field: str) -> tuple[Scheme, str]:
 
 
 def _scramField(mechanism: str, password: str) -> str:
-    import scramp
-
-    salt, stored, server, i = scramp.ScramMechanism(mechanism).make_auth_info(password)
-    b64 = base64.b64encode
-    return f"{i},{b64(salt).decode()},{b64(stored).decode()},{b64(server).decode()}"
+    return formatScramSecret(deriveScramKeys(mechanism, password))
 
 
 #: Schemes L{hashPassword} can produce, the recommended one first. Costs are

@@ -56,18 +56,18 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
 
 
 def mechanismsByName(
-    names: list[str] | None = None, fakeKey: bytes | None = None
+    names: list[str] | None = None, saltKey: bytes | None = None
 ) -> dict[str, ISASLMechanism]:
     """
     The mechanisms named (all if None), by upper-case name; ValueError if unknown.
 
-    @param fakeKey: the key SCRAM derives unknown users' salts from (see
-        L{popserv.sasl.scram}); the same in every process that answers.
+    @param saltKey: the key SCRAM derives unknown users' salts from (see
+        L{popserv.auth.scramkeys}); the same in every process that answers.
     """
     known = {m.name: m for m in ALL_MECHANISMS}
-    if fakeKey is not None:
+    if saltKey is not None:
         known = {
-            name: type(m)(fakeKey) if isinstance(m, _Scram) else m for name, m in known.items()
+            name: type(m)(saltKey) if isinstance(m, _Scram) else m for name, m in known.items()
         }
     if names is None:
         return known

@@ -1,4 +1,9 @@
-"""The small interface every SASL mechanism module implements."""
+"""
+The small interface every SASL mechanism module implements.
+
+L{ScramKeys} and L{ISecretSource} belong to L{popserv.auth.scramkeys} (auth
+sources provide them); they are re-exported here and from L{popserv.sasl}.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from popserv.auth.scramkeys import ISecretSource, ScramKeys
 from popserv.errors import CommandError, ResponseCode
 
 __all__ = [
@@ -41,30 +47,6 @@ class Outcome:
     """The exchange is over: log in through the Portal with C{credentials}."""
 
     credentials: Any
-
-
-@dataclass(frozen=True)
-class ScramKeys:
-    """What a server stores for SCRAM (RFC 5802 section 3): no password needed."""
-
-    salt: bytes
-    storedKey: bytes = field(repr=False)
-    serverKey: bytes = field(repr=False)
-    iterations: int
-
-
-class ISecretSource(Interface):
-    """
-    What the credentials store can offer beyond checking a password: which
-    kinds of secret some account holds (so only mechanisms that can succeed
-    are advertised), and SCRAM keys.
-    """
-
-    def secretKinds() -> frozenset[str]:
-        """Kinds held by at least one account: C{"plaintext"}, C{"SCRAM-SHA-256"}, ..."""
-
-    def scramKeys(user: str, mechanism: str) -> Deferred[ScramKeys | None]:
-        """The SCRAM keys of C{user} for C{mechanism} (e.g. SCRAM-SHA-256), or None."""
 
 
 @dataclass

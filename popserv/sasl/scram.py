@@ -7,13 +7,11 @@ The server needs only the stored keys (salt, StoredKey, ServerKey, iteration
 count), which a passwd-file can hold as C{{SCRAM-SHA-256}} instead of the
 password. An unknown user gets a made-up but stable salt, so the exchange
 does not reveal which users exist; it fails at the proof like a wrong password.
+The keys and salts themselves are L{popserv.auth.scramkeys}'s (L{stableSalt}
+and L{ITERATIONS} are re-exported from there).
 """
 
 from __future__ import annotations
-
-import hashlib
-import hmac
-import secrets
 
 import scramp
 from twisted.cred.error import UnauthorizedLogin
@@ -21,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from popserv.auth.credentials import Impersonation, VerifiedCredentials
+from popserv.auth.scramkeys import ITERATIONS, PROCESS_SALT_KEY, fakeScramKeys, stableSalt
 from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
@@ -39,31 +38,10 @@ __all__ = [
     "parseClientFirst",
     "stableSalt",
     "ITERATIONS",
-    "PROCESS_KEY",
 ]
 
 #: The channel-binding type the -PLUS variants use (RFC 5929 section 4).
 CHANNEL_BINDING = "tls-server-end-point"
-
-#: The default key of the salts popserv makes up: stable for the process,
-#: unguessable. Where several processes answer, give every one the same key
-#: kept on disk (C{fakeKey}, and the secret source's): a salt that differs
-#: from one connection to the next tells an unknown user from a real one.
-PROCESS_KEY = secrets.token_bytes(32)
-
-#: The iteration count of the keys popserv makes (for unknown users, and
-#: from plaintext passwords): scramp's and Dovecot's default.
-ITERATIONS = 4096
-
-
-def stableSalt(key: bytes, mechanism: str, user: str) -> bytes:
-    """
-    A salt for C{user} that is the same wherever C{key} is: for keys derived
-    from a plaintext password, and for the made-up keys of unknown users, so
-    the two look alike. C{mechanism} is the base name (no C{-PLUS}), as a
-    stored secret serves both variants.
-    """
-    return hmac.new(key, f"salt\0{mechanism}\0{user}".encode(), hashlib.sha256).digest()[:16]
 
 
 def _unescape(name: str) -> str:
@@ -170,12 +148,15 @@ class _Scram:
     base = ""
     plus = False
     plaintext = False
-    _digest = hashlib.sha256
 
-    def __init__(self, fakeKey: bytes | None = None) -> None:
+    def __init__(self, saltKey: bytes | None = None) -> None:
+        """
+        @param saltKey: the key unknown users' salts derive from (see
+            L{popserv.auth.scramkeys}); the same in every process that answers.
+        """
         self.name = self.base + ("-PLUS" if self.plus else "")
         self.scram = scramp.ScramMechanism(self.name)
-        self._fakeKey = fakeKey or PROCESS_KEY
+        self.saltKey = saltKey or PROCESS_SALT_KEY
 
     def available(self, context: SASLContext) -> bool:
         source = context.source
@@ -189,18 +170,15 @@ class _Scram:
 
     def fakeKeys(self, user: str) -> ScramKeys:
         """Made-up keys for an unknown user: nothing can match them."""
-        seed = hmac.new(self._fakeKey, f"{self.base}\0{user}".encode(), self._digest).digest()
-        return ScramKeys(stableSalt(self._fakeKey, self.base, user), seed, seed, ITERATIONS)
+        return fakeScramKeys(self.saltKey, self.base, user)
 
 
 class ScramSHA1(_Scram):
     base = "SCRAM-SHA-1"
-    _digest = hashlib.sha1
 
 
 class ScramSHA256(_Scram):
     base = "SCRAM-SHA-256"
-    _digest = hashlib.sha256
 
 
 class ScramSHA1Plus(ScramSHA1):
