@@ -10,6 +10,8 @@ A connection is built in layers, each in its own module:
     per-class command tables and CAPA;
   - L{popserv.login}: the AUTHORIZATION state: USER/PASS, APOP, SASL, STLS;
   - L{popserv.transaction}: the TRANSACTION commands, QUIT and UPDATE;
+  - L{popserv.states}: the RFC 1939 L{State} and the connection's L{Lifecycle};
+  - L{popserv.recorder}: the session's counters, metrics and logout line;
   - this module: connection events, the autologout and shutdown, CAPA, UTF8
     and LANG, and the capabilities that come with no command.
 
