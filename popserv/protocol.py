@@ -146,7 +146,8 @@ class POP3Protocol(TransactionCommands):
             # answer (over TLS: never does the handshake) is cut after a while.
             self._refusal = self.factory.clock.callLater(self.factory.abortGrace, self._abort)
             return
-        stats.opened(self.secure)
+        if stats.metrics is not None:  # (no TLS lookup for nothing)
+            stats.opened(self.secure)
         if ITCPTransport.providedBy(self.transport):
             # Responses are written whole; don't let Nagle hold the last
             # segment of one back until the client's delayed ACK.
@@ -171,8 +172,9 @@ class POP3Protocol(TransactionCommands):
             # UPDATE is still removing messages; it ends the session when done.
             self._moveTo(Lifecycle.ABANDONED)
             return
-        # A session that ends without QUIT removes nothing (RFC 1939 s. 6).
-        self._runLogout()
+        if self.state is not State.UPDATE:
+            # A session that ends without QUIT removes nothing (RFC 1939 s. 6).
+            self._runLogout()
         self._endSession()
 
     def _endSession(self) -> None:

@@ -18,6 +18,10 @@ class State(Enum):
     TRANSACTION = "TRANSACTION"
     UPDATE = "UPDATE"
 
+    # Members are singletons: hash by identity, in C. (Enum's own hashes the
+    # name in Python, and every command looks its state up in a table.)
+    __hash__ = object.__hash__
+
 
 class Lifecycle(Enum):
     """
@@ -47,19 +51,22 @@ class Lifecycle(Enum):
     #: The connection is gone and the session accounted for.
     ENDED = "ended"
 
+    __hash__ = object.__hash__  # as State's
+
     @property
     def connected(self) -> bool:
         """Is the connection still there?"""
-        return self not in _GONE
+        return self is not _ENDED and self is not _ABANDONED  # identity: no hashing
 
     @property
     def silent(self) -> bool:
         """Must nothing more be written (the connection is gone, or timed out)?"""
-        return self in _SILENT
+        return self is _TIMED_OUT or not self.connected
 
 
-_GONE = frozenset({Lifecycle.ABANDONED, Lifecycle.ENDED})
-_SILENT = frozenset({Lifecycle.TIMED_OUT, Lifecycle.ABANDONED, Lifecycle.ENDED})
+_ENDED = Lifecycle.ENDED
+_ABANDONED = Lifecycle.ABANDONED
+_TIMED_OUT = Lifecycle.TIMED_OUT
 
 #: The moves a lifecycle may make; anything else is a bug.
 TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
