@@ -1,9 +1,11 @@
 """
-Errors popserv raises, and the one place that turns any failure into a
-C{-ERR} line.
+Errors popserv raises, and the one place that turns any failure into the
+error a client is told of: L{errorFor}.
 
 Backends and checkers raise these (or plain OSErrors); the protocol never
-chooses a response code itself, it calls L{errorReply}.
+chooses a response code or a text itself: every C{-ERR} line it sends is a
+L{POP3Error}, through L{errorFor}, formatted by the protocol (this module
+imports nothing of popserv but the text catalogue).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from popserv import wire
 from popserv.i18n import DEFAULT_LANGUAGE, Language
 
 __all__ = [
     "ResponseCode",
+    "UnknownUser",
     "POP3Error",
     "CommandError",
     "NoSuchMessage",
@@ -32,7 +34,13 @@ __all__ = [
     "AccountDisabled",
     "LoginDelayed",
     "PlaintextRefused",
-    "errorReply",
+    "TooManyConnections",
+    "ShuttingDown",
+    "AutologoutExpired",
+    "TooManyBadCommands",
+    "RemovalIncomplete",
+    "AuthenticationCancelled",
+    "errorFor",
 ]
 
 _log = Logger()
@@ -141,39 +149,66 @@ class PlaintextRefused(POP3Error):
     text = "Plaintext authentication is not allowed on this connection; use STLS first"
 
 
+class TooManyConnections(TemporaryFailure):
+    """A connection over a limit (L{popserv.limits.ConnectionLimits}) is refused."""
+
+    text = "Too many connections, try again later"
+
+
+class ShuttingDown(TemporaryFailure):
+    """The server is stopping and ends the session."""
+
+    text = "Server shutting down"
+
+
+class AutologoutExpired(POP3Error):
+    """The autologout timer ran out (RFC 1939 section 3)."""
+
+    text = "Disconnected for inactivity"
+
+
+class TooManyBadCommands(POP3Error):
+    """The client sent too many unknown or malformed commands; it is disconnected."""
+
+    text = "Too many bad commands, closing connection"
+
+
+class RemovalIncomplete(TemporaryFailure):
+    """UPDATE could not remove every message it was to remove (RFC 1939 section 6)."""
+
+    text = "Some deleted messages not removed"
+
+
+class AuthenticationCancelled(POP3Error):
+    """The client cancelled a SASL exchange with C{*} (RFC 5034 section 4)."""
+
+    text = "Authentication cancelled"
+
+
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP})
 
 
-def errorReply(
-    reason: BaseException | Failure,
-    language: Language = DEFAULT_LANGUAGE,
-    codes: bool = True,
-) -> bytes:
+def errorFor(reason: BaseException | Failure) -> POP3Error:
     """
-    The C{-ERR} line for any failure.
+    The error a client is told of for any failure: its code is
+    C{error.code}, its text C{error.message(language)}.
 
-    POP3Errors carry their own text and code. Cred failures become the one
+    POP3Errors are their own answer. Cred failures become the one
     authentication failure. OS errors become [SYS/TEMP] or [SYS/PERM] by errno.
     Anything else is a bug: it is logged with its traceback and the client gets
     a generic line, never a class name or a Python message.
     """
     exc = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(exc, POP3Error):
+        return exc
     if isinstance(exc, (UnauthorizedLogin, UnhandledCredentials)):
-        exc = AuthenticationFailed()
-    elif isinstance(exc, OSError) and not isinstance(exc, POP3Error):
-        _log.failure(
-            "storage error",
-            reason if isinstance(reason, Failure) else Failure(exc),
-        )
-        exc = PermanentFailure() if exc.errno in _PERMANENT_ERRNOS else TemporaryFailure()
-    elif not isinstance(exc, POP3Error):
-        _log.failure(
-            "unexpected error while handling a command",
-            reason if isinstance(reason, Failure) else Failure(exc),
-        )
-        exc = TemporaryFailure("Internal server error")
-    code = exc.code.value if (codes and exc.code is not None) else None
-    return wire.err(exc.message(language), code)
+        return AuthenticationFailed()
+    failure = reason if isinstance(reason, Failure) else Failure(exc)
+    if isinstance(exc, OSError):
+        _log.failure("storage error", failure)
+        return PermanentFailure() if exc.errno in _PERMANENT_ERRNOS else TemporaryFailure()
+    _log.failure("unexpected error while handling a command", failure)
+    return TemporaryFailure("Internal server error")
 
 
 class UnknownUser(UnauthorizedLogin):
@@ -185,6 +220,3 @@ class UnknownUser(UnauthorizedLogin):
     exactly what a wrong password gets (C{-ERR [AUTH]}); take as long to
     raise it as a check of a real password takes.
     """
-
-
-__all__ += ["UnknownUser"]

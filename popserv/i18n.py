@@ -21,6 +21,10 @@ class Language:
     @ivar tag: the RFC 5646 language tag.
     @ivar description: the language's name, in that language (LANG listing).
     @ivar changed: the text of a successful C{LANG} reply.
+    @ivar catalog: the translation of each English template.
+    @ivar nouns: the forms of each counted noun (L{count}).
+    @ivar source: the templates are written in this language (English): it
+        needs no catalog.
     """
 
     tag: str
@@ -28,6 +32,11 @@ class Language:
     changed: str
     catalog: dict[str, str] = field(default_factory=dict, repr=False)
     nouns: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    source: bool = False
+
+    def translates(self, template: str) -> bool:
+        """Does this language have its own words for C{template}?"""
+        return self.source or template in self.catalog
 
     def text(self, template: str, **params: Any) -> str:
         """The template in this language, with C{params} filled in."""
@@ -55,6 +64,7 @@ ENGLISH = Language(
     "English",
     "Language changed",
     nouns={"message": ("message", "messages"), "octet": ("octet", "octets")},
+    source=True,
 )
 
 RUSSIAN = Language(
@@ -83,6 +93,9 @@ RUSSIAN = Language(
         "Server shutting down": "Сервер останавливается",
         "Too many connections, try again later": "Слишком много соединений, повторите позже",
         "Too many bad commands, closing connection": "Слишком много ошибочных команд, соединение закрывается",
+        "Begin TLS negotiation": "Начинайте согласование TLS",
+        "STLS is not available": "STLS недоступна",
+        "TLS is already active": "TLS уже включён",
         # errors
         "Command failed": "Команда не выполнена",
         "No such message": "Нет такого сообщения",

@@ -51,7 +51,7 @@ LOGOUT_FIELDS = (
 
 @dataclass(slots=True)
 class SessionStats:
-    """Counters of one connection, kept by the protocol."""
+    """Counters of one connection (kept by L{popserv.recorder.SessionRecorder})."""
 
     ip: str = "-"
     port: int = 0
@@ -87,7 +87,10 @@ class SessionStats:
 
     def log(self, template: str) -> None:
         """Emit the logout line: one event, all fields in it."""
-        fields = self.fields()
+        self.logFields(template, self.fields())
+
+    def logFields(self, template: str, fields: dict[str, Any]) -> None:
+        """Emit the logout line for C{fields} (as L{fields} gave them)."""
         # str.format does the template once; the logger then only drops the
         # finished line in (its own formatter is several times slower).
         _log.info("{session_line}", session_line=template.format(**fields), **fields)

@@ -87,7 +87,12 @@ def ok(text: str | bytes = "") -> bytes:
 
 
 def err(text: str | bytes = "", code: str | None = None) -> bytes:
-    """Format a negative status line, with an RFC 2449 response code if given."""
+    """
+    Format a negative status line, with an RFC 2449 response code if given.
+
+    The server sends none but through L{popserv.pipeline.errorReply}: texts
+    and codes come from L{popserv.errors}, never from the caller.
+    """
     return _status(b"-ERR", text, code)
 
 

@@ -19,8 +19,9 @@ from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.schemes import UnknownScheme, parseStoredPassword
 from popserv.backends.memory import MemoryStore
-from popserv.errors import UnknownUser, errorReply
+from popserv.errors import UnknownUser
 from popserv.interfaces import IMailbox
+from popserv.pipeline import errorReply
 from popserv.threads import synchronously
 from support import REPO
 
