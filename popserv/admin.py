@@ -30,7 +30,7 @@ from popserv.auth.passwdfile import parsePasswdFile
 from popserv.auth.schemes import HASHING_SCHEMES, UnknownScheme, hashPassword
 from popserv.config import Config, ConfigError, loadConfig
 from popserv.location import MailLocation
-from popserv.wire import CRLFSizer
+from popserv.octets import CRLFSizer
 
 __all__ = ["main", "deliver", "editPasswdFile"]
 

@@ -56,8 +56,8 @@ from popserv.interfaces import (
     validUID,
 )
 from popserv.location import MailLocation
+from popserv.octets import CRLFSizer
 from popserv.threads import RunInThread, reactorThreads
-from popserv.wire import CRLFSizer
 
 __all__ = [
     "MaildirStore",

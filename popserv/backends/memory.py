@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from popserv.errors import MaildropInUse, MessageVanished
 from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
-from popserv.wire import crlfSize
+from popserv.octets import crlfSize
 
 __all__ = ["MemoryStore", "MemoryMaildrop", "MemoryMailbox"]
 
