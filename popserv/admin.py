@@ -18,19 +18,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import socket
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from itertools import count
 from typing import IO
 
 from popserv.auth.passwdfile import parsePasswdFile
 from popserv.auth.schemes import HASHING_SCHEMES, UnknownScheme, hashPassword
 from popserv.config import Config, ConfigError, loadConfig
 from popserv.location import MailLocation
-from popserv.octets import CRLFSizer
 
 __all__ = ["main", "deliver", "editPasswdFile"]
 
@@ -39,8 +35,6 @@ EX_PROBLEMS = 1
 EX_USAGE = 64
 EX_NOUSER = 67
 EX_TEMPFAIL = 75
-
-_deliveries = count(1)
 
 
 class AdminError(Exception):
@@ -175,42 +169,25 @@ def cmdUser(args: argparse.Namespace) -> int:
 
 def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
     """
-    Deliver a message into a Maildir the safe way: write it under a unique
-    name in tmp/, fsync, rename into new/ with its ,S= (size on disk) and ,W=
-    (CRLF size, what POP3 reports) fields, fsync the directory. Returns the
-    new file's path. Streams: the message is never held in memory whole.
+    Deliver a message into a Maildir the safe way (see
+    L{popserv.backends.maildir.delivery}): written in tmp/, synced, renamed
+    into new/ with its ,S= (size on disk) and ,W= (CRLF size, what POP3
+    reports) fields, the directory synced. Returns the new file's path.
+    Streams: the message is never held in memory whole.
     """
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    unique = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_deliveries)}.{host}"
-    temporary = os.path.join(maildir, "tmp", unique)
-    sizer = CRLFSizer()
-    size = 0
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    from popserv.backends.maildir.delivery import MaildirDelivery, makeMaildir
+
+    makeMaildir(maildir)
+    delivery = MaildirDelivery(maildir)
     try:
-        with os.fdopen(fd, "wb") as out:
-            while data := source.read(chunk):
-                out.write(data)
-                sizer.feed(data)
-                size += len(data)
-            out.flush()
-            os.fsync(out.fileno())
-        final = os.path.join(maildir, "new", f"{unique},S={size},W={sizer.size}")
-        os.rename(temporary, final)
+        while data := source.read(chunk):
+            delivery.write(data)
+        delivery.commit()
     except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+        delivery.abort()
         raise
-    directory = os.open(os.path.join(maildir, "new"), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return final
+    assert delivery.path is not None
+    return delivery.path
 
 
 def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
