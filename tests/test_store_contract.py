@@ -269,3 +269,18 @@ def test_ordinary_delivery_names_are_their_uidls(tmp_path):
     unique = names.newUnique(time.time())
     assert names.uidFor(unique) == unique
     assert names.uidFor(names.uniquePart(names.messageName(unique, 1, 2))) == unique
+
+
+def test_maildir_duplicate_check_reads_names_as_the_listing_does(tmp_path):
+    """A digest UIDL (an odd name) is taken; a line feed in a name fools no search."""
+    store = MaildirStore(f"{tmp_path}/%n", runInThread=synchronously)
+    deliver(store, [b"x\n"])
+    new = tmp_path / "alice" / "new"
+    (new / "1.odd name").write_bytes(b"odd\n")
+    (new / "2.X\nfoo").write_bytes(b"lf\n")
+    taken = names.uidFor("1.odd name")
+    writer = result(store.deliverMessage("alice", uid=taken))
+    with pytest.raises(UIDConflict):
+        result(writer.commit())
+    assert deliver(store, [b"y\n"], uid="foo") == "foo"
+    assert "foo" in [i.uid for i in listing(store)]
