@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import socket
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from itertools import count
 from typing import IO, Any
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
 from popserv.config import Config, ConfigError, loadConfig
-from popserv.wire import CRLFSizer
+from popserv.errors import InvalidUserName
 
 __all__ = ["main", "deliver", "editPasswdFile"]
 
@@ -37,7 +37,8 @@ EX_USAGE = 64
 EX_NOUSER = 67
 EX_TEMPFAIL = 75
 
-_deliveries = count(1)
+#: Bytes read from standard input at a time by deliver.
+_CHUNK = 1024 * 1024
 
 
 class AdminError(Exception):
@@ -178,45 +179,29 @@ def cmdUser(args: argparse.Namespace) -> int:
 
 def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
     """
-    Deliver a message into a Maildir the safe way: write it under a unique
-    name in tmp/, fsync, rename into new/ with its ,S= (size on disk) and ,W=
-    (CRLF size, what POP3 reports) fields, fsync the directory. Returns the
-    new file's path. Streams: the message is never held in memory whole.
+    Deliver a message into a Maildir the safe way (see
+    L{popserv.backends.maildir.delivery}): written in tmp/, synced, renamed
+    into new/ with its ,S= (size on disk) and ,W= (CRLF size, what POP3
+    reports) fields, the directory synced. Returns the new file's path.
+    Streams: the message is never held in memory whole.
     """
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    unique = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_deliveries)}.{host}"
-    temporary = os.path.join(maildir, "tmp", unique)
-    sizer = CRLFSizer()
-    size = 0
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    from popserv.backends.maildir.delivery import MaildirDelivery, makeMaildir
+
+    makeMaildir(maildir)
+    delivery = MaildirDelivery(maildir)
     try:
-        with os.fdopen(fd, "wb") as out:
-            while data := source.read(chunk):
-                out.write(data)
-                sizer.feed(data)
-                size += len(data)
-            out.flush()
-            os.fsync(out.fileno())
-        final = os.path.join(maildir, "new", f"{unique},S={size},W={sizer.size}")
-        os.rename(temporary, final)
+        while data := source.read(chunk):
+            delivery.write(data)
+        delivery.commit()
     except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+        delivery.abort()
         raise
-    directory = os.open(os.path.join(maildir, "new"), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return final
+    assert delivery.path is not None
+    return delivery.path
 
 
-def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
+def _checkRecipient(config: Config, user: str) -> None:
+    """With a passwd-file configured, a user not in it is refused (EX_NOUSER)."""
     from popserv.auth.passwdfile import parsePasswdFile
 
     if not config.mail_location:
@@ -231,6 +216,10 @@ def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
             ) from None
         if user not in known:
             raise AdminError(f"no user {user}", EX_NOUSER)
+
+
+def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
+    _checkRecipient(config, user)
     try:
         path = config.location.expand(user)
     except Exception as e:
@@ -241,14 +230,55 @@ def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
 
 
 def cmdDeliver(args: argparse.Namespace) -> int:
-    maildir = _maildirOf(_config(args), args.user, mustExist=False)
+    """Deliver standard input into the user's maildrop, through the configured store."""
+    from popserv.build import makeStore
+    from popserv.threads import synchronously
+
+    config = _config(args)
+    _checkRecipient(config, args.user)
     try:
-        path = deliver(maildir, sys.stdin.buffer)
-    except OSError as e:
-        raise AdminError(f"delivery to {maildir} failed: {e}", EX_TEMPFAIL) from None
+        store = makeStore(config, synchronously, createMissing=True)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    outcome: list[object] = []
+    store.deliverMessage(args.user).addCallback(_stream, sys.stdin.buffer, outcome).addBoth(
+        outcome.append
+    )
+    result = outcome[-1]
+    if isinstance(result, Failure):
+        if result.check(InvalidUserName):
+            raise AdminError(f"user {args.user!r}: {result.getErrorMessage()}", EX_NOUSER)
+        raise AdminError(
+            f"delivery to {args.user} failed: {result.getErrorMessage()}", EX_TEMPFAIL
+        )
     if args.verbose:
-        print(path)
+        print(outcome[0])
     return EX_OK
+
+
+def _stream(writer: Any, source: IO[bytes], outcome: list[object]) -> Any:
+    """Copy C{source} into a store's message writer in chunks; its UIDL or path."""
+    try:
+        while data := source.read(_CHUNK):
+            _settled(writer.write(data))
+        uid = _settled(writer.commit())
+    except BaseException:
+        writer.abort()
+        raise
+    delivery = getattr(writer, "delivery", None)
+    outcome.append(getattr(delivery, "path", None) or uid)
+    return uid
+
+
+def _settled(result: Any) -> Any:
+    """The value of a store call made with a synchronous thread runner."""
+    if not isinstance(result, Deferred):
+        return result
+    values: list[Any] = []
+    result.addBoth(values.append)
+    if isinstance(values[0], Failure):
+        values[0].raiseException()
+    return values[0]
 
 
 # -- check-config ------------------------------------------------------------------

@@ -11,7 +11,7 @@ message content is C{bytes}, always; UIDs are C{str} of printable ASCII.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -20,10 +20,13 @@ from zope.interface import Attribute, Interface
 __all__ = [
     "MessageInfo",
     "IMessageReader",
+    "IMessageWriter",
     "IMailbox",
     "IMailStore",
     "ILoginMemory",
     "validUID",
+    "InvalidUID",
+    "UIDConflict",
 ]
 
 
@@ -32,6 +35,14 @@ def validUID(uid: str) -> bool:
     # Printable ASCII is 0x20-0x7E; these C-level checks beat a regex for
     # the 100,000 names of a big maildrop.
     return 0 < len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid
+
+
+class InvalidUID(ValueError):
+    """A UIDL given for a delivery is not an RFC 1939 UIDL (see L{validUID})."""
+
+
+class UIDConflict(ValueError):
+    """A UIDL given for a delivery is already present in the maildrop."""
 
 
 class MessageInfo(NamedTuple):
@@ -66,6 +77,39 @@ class IMessageReader(Interface):
         """Release the message; called exactly once, also on a dropped connection."""
 
 
+class IMessageWriter(Interface):
+    """
+    One message being delivered, written sequentially in chunks and made
+    visible in the maildrop, whole, only by L{commit}.
+
+    Exactly one of L{commit} and L{abort} is called, once, and nothing after
+    it. The caller waits for each call's result before the next call (a
+    returned Deferred is the back-pressure of a slow store).
+    """
+
+    def write(data: bytes) -> None | Deferred[None]:
+        """
+        Append C{data} to the message as stored (line endings as given: the
+        listed size is still the exact CRLF size). The store never needs
+        the whole message in memory.
+        """
+
+    def commit() -> str | Deferred[str]:
+        """
+        Make the message visible, atomically: a session listing the maildrop
+        sees all of it or nothing. It is durable (synced to disk, or
+        committed by the database) before the result is given.
+
+        @return: the message's UIDL: the one given to
+            L{IMailStore.deliverMessage}, else the one the store chose.
+        @raise UIDConflict: the given UIDL is present in the maildrop now;
+            nothing is delivered (as after L{abort}).
+        """
+
+    def abort() -> None | Deferred[None]:
+        """Give up the delivery: nothing becomes visible, nothing is left behind."""
+
+
 class IMailbox(Interface):
     """
     One locked maildrop for the length of one session.
@@ -93,7 +137,11 @@ class IMailbox(Interface):
 
 
 class IMailStore(Interface):
-    """Where maildrops live: turns an authenticated user into a locked mailbox."""
+    """
+    Where maildrops live: turns an authenticated user into a locked mailbox,
+    takes deliveries (LMTP, C{popserv deliver}, migration) and says which
+    maildrops exist (migration).
+    """
 
     description = Attribute("A short human-readable description for logs.")
 
@@ -104,6 +152,35 @@ class IMailStore(Interface):
         Fails with L{popserv.errors.MaildropInUse} when another session holds
         it, L{popserv.errors.InvalidUserName} for a name that cannot name a
         maildrop, or another L{popserv.errors.POP3Error}.
+        """
+
+    def deliverMessage(
+        user: str, uid: str | None = None, received: float | None = None
+    ) -> IMessageWriter | Deferred[IMessageWriter]:
+        """
+        Start delivering one message to C{user}'s maildrop (created if the
+        store creates missing maildrops at login).
+
+        Delivery takes no session lock and never fails with
+        L{popserv.errors.MaildropInUse}: it is safe while a session has the
+        maildrop open, which lists the new message at its next login (or
+        never, if it was delivered after the session's listing).
+
+        @param uid: store the message under exactly this UIDL, kept for good
+            (migration keeps the UIDLs clients know); None: the store
+            chooses a new one.
+        @param received: the delivery time (POSIX), which EXPIRE and the
+            listing order use; None: now.
+        @raise InvalidUID: C{uid} is not an RFC 1939 UIDL.
+        @raise popserv.errors.InvalidUserName: C{user} cannot name a maildrop.
+        @raise popserv.errors.PermanentFailure: there is no maildrop and the
+            store does not create one.
+        """
+
+    def listMaildrops() -> Iterable[str] | Deferred[Iterable[str]]:
+        """
+        The users that have a maildrop, each once, by the name that opens it
+        (L{openMailbox} and L{deliverMessage} accept it).
         """
 
 

@@ -20,10 +20,9 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from popserv.auth.cache import VerificationCache
-from popserv.auth.chain import chainSources
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.scramkeys import loadKeyFile, saltKeyForRoot
+from popserv.build import makeChecker, makeStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import ILoginMemory, IMailStore
@@ -31,7 +30,6 @@ from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
 from popserv.metrics import Metrics, metricsSite
 from popserv.policy import IUserSettingsSource, SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import POP3Factory
-from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
 from popserv.sasl import mechanismsByName
 from popserv.threads import reactorThreads
 from popserv.tls import PlaintextPolicy, ServerTLS, TLSError
@@ -40,8 +38,6 @@ __all__ = [
     "makePortal",
     "makeFactory",
     "makeService",
-    "makeStore",
-    "makeChecker",
     "PopservService",
     "loadKeyFile",  # popserv.auth.scramkeys's, kept where it was first exported
     "freezeStartupObjects",
@@ -131,51 +127,6 @@ def freezeStartupObjects() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def makeStore(config: Config, runInThread: Any) -> IMailStore:
-    """The mail store of C{config}'s mail location, made by its kind's plugin."""
-    kind, args = config.store
-    try:
-        plugin = storeKind(kind)
-        context = StoreContext(
-            config.base_dir,
-            runInThread,
-            config.pluginOptions(plugin),
-            createMissing=config.create_maildirs,
-        )
-        return plugin.makeStore(args, context)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"mail_location: {e}") from None
-
-
-def makeChecker(
-    config: Config, reactor: Any, runInThread: Any, saltKey: bytes | None = None
-) -> ICredentialsChecker:
-    """
-    The checker of C{config}'s auth sources, each made by its kind's plugin;
-    several are asked in turn (L{popserv.auth.chain.PassdbChain}).
-    """
-    cache = VerificationCache(reactor, ttl=config.auth_cache_ttl)
-    sources = []
-    for spec in config.authSources:
-        try:
-            plugin = authSourceKind(spec.kind)
-            context = SourceContext(
-                config.base_dir,
-                runInThread,
-                reactor,
-                config.pluginOptions(plugin, spec.options),
-                masterUsers=frozenset(config.master_users),
-                cache=cache,
-                saltKey=saltKey,
-            )
-            sources.append(plugin.makeSource(spec.args, context))
-        except OSError as e:
-            raise ConfigError(f"passdb {spec}: cannot read {spec.args}: {e.strerror}") from None
-        except ValueError as e:
-            raise ConfigError(f"passdb {spec}: {e}") from None
-    return chainSources(sources, clock=reactor)
 
 
 def _saltKey(store: IMailStore) -> bytes | None:

@@ -200,3 +200,27 @@ def test_serve_help_lists_every_setting():
     assert out.returncode == 0, out.stderr
     for declared in SETTINGS:
         assert f"--{declared.option}" in out.stdout.decode(), declared.name
+
+
+def test_deliver_loads_no_tls_metrics_or_hash_library(config, tmp_path):
+    """An MTA runs `popserv deliver` once per message: it loads only what delivery needs."""
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print(' '.join(sys.modules), file=sys.stderr))\n"
+        f"sys.argv = ['popserv', 'deliver', '--config', {str(config)!r}, 'alice']\n"
+        "runpy.run_module('popserv', run_name='__main__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=b"Subject: x\n\nhi\n",
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stderr.decode().split())
+    assert "popserv.backends.maildir.delivery" in loaded  # it did deliver, through the store
+    heavy = {"OpenSSL", "cryptography", "prometheus_client", "passlib", "scramp", "argon2"}
+    heavy |= {"bcrypt", "popserv.tls", "popserv.metrics", "popserv.protocol", "popserv.sasl"}
+    assert not heavy & loaded, heavy & loaded
+    assert len(list((tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir())) == 1

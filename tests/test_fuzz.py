@@ -24,9 +24,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from popserv.octets import crlfSize
 from popserv.protocol import MAX_BUFFERED_INPUT
 from popserv.testing import connect, memoryServer
-from popserv.wire import crlfSize
 
 EXAMPLES = int(os.environ.get("POPSERV_FUZZ_EXAMPLES", "300"))
 

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from popserv.auth.realm import MailboxRealm
 from popserv.backends import maildir as md
-from popserv.backends.maildir import MaildirStore, uidFor, uniquePart
+from popserv.backends.maildir import MaildirStore, scan, uidFor, uniquePart
 from popserv.errors import InvalidUserName, MaildropInUse, MessageVanished, PermanentFailure
 from popserv.interfaces import IMailbox, IMailStore, IMessageReader, validUID
 from popserv.protocol import POP3Factory
@@ -109,8 +109,8 @@ def test_w_size_hint_is_trusted_and_sizes_are_cached(store, box, monkeypatch):
     deliver(box, b"abc\n", name="2.B.h")
     mailbox = open_(store)
     calls = []
-    real = md._countSize
-    monkeypatch.setattr(md, "_countSize", lambda fd: calls.append(fd) or real(fd))
+    real = scan._countSize
+    monkeypatch.setattr(scan, "_countSize", lambda fd: calls.append(fd) or real(fd))
     assert [i.size for i in result(mailbox.listMessages())] == [6, 5]
     assert len(calls) == 1  # only the file without W=
     assert [i.size for i in result(mailbox.listMessages())] == [6, 5]
@@ -399,14 +399,14 @@ def test_a_listing_made_again_matches_one_made_from_scratch(tmp_path, box, seed,
     """
     rng = random.Random(seed)
     paths = {"reused": 0, "scratch": 0}
-    relisted = md.MaildirMailbox._relisted
+    relisted = scan.relisted
 
-    def spy(self, *args):
-        infos, counted = relisted(self, *args)
+    def spy(*args):
+        infos, counted = relisted(*args)
         paths["reused" if infos is not None else "scratch"] += 1
         return infos, counted
 
-    monkeypatch.setattr(md.MaildirMailbox, "_relisted", spy)
+    monkeypatch.setattr(scan, "relisted", spy)
     cached = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
     files: list[Path] = []
     clock = time.time() - 10_000
@@ -453,7 +453,7 @@ def test_sizes_persist_in_the_index_for_other_processes(tmp_path, box, monkeypat
     mailbox.close()
     lines = (box / md.INDEX_FILE).read_text().splitlines()
     assert lines[0] == "popserv-index 1" and sorted(lines[1:]) == ["1.A.h\t6", "2.B.h\t5"]
-    monkeypatch.setattr(md, "_countSize", lambda fd: pytest.fail("file read again"))
+    monkeypatch.setattr(scan, "_countSize", lambda fd: pytest.fail("file read again"))
     fresh = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
     assert [i.size for i in result(open_(fresh).listMessages())] == first
 

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popserv import wire
+from popserv import octets, wire
 
 
 def encode(message: bytes, chunks: list[int] | None = None, top: int | None = None) -> bytes:
@@ -83,12 +83,12 @@ def test_lone_dot_line_is_stuffed():
 
 def test_empty_message_is_just_the_terminator():
     assert encode(b"") == b".\r\n"
-    assert wire.crlfSize(b"") == 0
+    assert octets.crlfSize(b"") == 0
 
 
 def test_no_final_newline_still_ends_with_crlf_dot_crlf():
     assert encode(b"Subject: x\n\nbody") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
-    assert wire.crlfSize(b"Subject: x\n\nbody") == len(b"Subject: x\r\n\r\nbody\r\n")
+    assert octets.crlfSize(b"Subject: x\n\nbody") == len(b"Subject: x\r\n\r\nbody\r\n")
 
 
 def test_mixed_line_endings_and_lone_cr():
@@ -137,9 +137,9 @@ def test_encoding_matches_line_by_line_reference(message):
 @given(messages, st.lists(st.integers(0, 8), max_size=12))
 def test_size_is_exact_wire_octets_before_stuffing(message, chunks):
     """RFC 1939: the size is what RETR sends before byte-stuffing, whatever the chunking."""
-    sizer = wire.CRLFSizer()
+    sizer = octets.CRLFSizer()
     # The same chunks read into one reused buffer, stale bytes left after each.
-    reused, buffer = wire.CRLFSizer(), bytearray(b"\r\n\r" * 400)
+    reused, buffer = octets.CRLFSizer(), bytearray(b"\r\n\r" * 400)
     pos = 0
     for n in [*chunks, len(message)]:
         chunk = message[pos : pos + n]

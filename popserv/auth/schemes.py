@@ -13,8 +13,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from passlib import hash as _hashes
+from typing import Any
 
 from popserv.auth.scramkeys import deriveScramKeys, formatScramSecret, parseScramSecret
 
@@ -53,13 +52,21 @@ def _plain(password: bytes, secret: str) -> bool:
     return hmac.compare_digest(password, secret.encode("utf-8"))
 
 
-def _libpass(handler: object, maxBytes: int | None = None) -> Callable[[bytes, str], bool]:
+def _handler(name: str) -> Any:
+    """libpass's handler C{name}, imported at first use: a command that never
+    checks a hash (C{popserv deliver}) loads no hashing library."""
+    from passlib import hash as hashes
+
+    return getattr(hashes, name)
+
+
+def _libpass(name: str, maxBytes: int | None = None) -> Callable[[bytes, str], bool]:
     def verify(password: bytes, secret: str) -> bool:
         if maxBytes is not None:
             # crypt(3) and Dovecot look at the first 72 bytes only.
             password = password[:maxBytes]
         try:
-            return bool(handler.verify(password, secret))  # type: ignore[attr-defined]
+            return bool(_handler(name).verify(password, secret))
         except (ValueError, TypeError):
             return False  # a malformed hash never matches
 
@@ -77,11 +84,11 @@ def _scram(hashName: str) -> Callable[[bytes, str], bool]:
     return verify
 
 
-_argon2 = _libpass(_hashes.argon2)
-_bcrypt = _libpass(_hashes.bcrypt, maxBytes=72)
-_sha512 = _libpass(_hashes.sha512_crypt)
-_sha256 = _libpass(_hashes.sha256_crypt)
-_md5crypt = _libpass(_hashes.md5_crypt)
+_argon2 = _libpass("argon2")
+_bcrypt = _libpass("bcrypt", maxBytes=72)
+_sha512 = _libpass("sha512_crypt")
+_sha256 = _libpass("sha256_crypt")
+_md5crypt = _libpass("md5_crypt")
 
 #: Scheme names as Dovecot spells them.
 SCHEMES: dict[str, Scheme] = {
@@ -145,10 +152,10 @@ def _scramField(mechanism: str, password: str) -> str:
 #: RFC 9106's second recommended parameters (64 MiB, t=3), bcrypt cost 10 and
 #: 100,000 SHA-crypt rounds each take tens of milliseconds here, not seconds.
 HASHING_SCHEMES: dict[str, Callable[[str], str]] = {
-    "ARGON2ID": lambda pw: _hashes.argon2.using(type="ID").hash(pw),
-    "BLF-CRYPT": lambda pw: _hashes.bcrypt.using(ident="2y", rounds=10).hash(pw),
-    "SHA512-CRYPT": lambda pw: _hashes.sha512_crypt.using(rounds=100_000).hash(pw),
-    "SHA256-CRYPT": lambda pw: _hashes.sha256_crypt.using(rounds=100_000).hash(pw),
+    "ARGON2ID": lambda pw: _handler("argon2").using(type="ID").hash(pw),
+    "BLF-CRYPT": lambda pw: _handler("bcrypt").using(ident="2y", rounds=10).hash(pw),
+    "SHA512-CRYPT": lambda pw: _handler("sha512_crypt").using(rounds=100_000).hash(pw),
+    "SHA256-CRYPT": lambda pw: _handler("sha256_crypt").using(rounds=100_000).hash(pw),
     "SCRAM-SHA-256": lambda pw: _scramField("SCRAM-SHA-256", pw),
     "SCRAM-SHA-1": lambda pw: _scramField("SCRAM-SHA-1", pw),
     "PLAIN": lambda pw: pw,

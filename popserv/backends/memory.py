@@ -12,10 +12,19 @@ from collections.abc import Iterable, Sequence
 from zope.interface import implementer
 
 from popserv.errors import MaildropInUse, MessageVanished
-from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
-from popserv.wire import crlfSize
+from popserv.interfaces import (
+    IMailbox,
+    IMailStore,
+    IMessageReader,
+    IMessageWriter,
+    InvalidUID,
+    MessageInfo,
+    UIDConflict,
+    validUID,
+)
+from popserv.octets import crlfSize
 
-__all__ = ["MemoryStore", "MemoryMaildrop", "MemoryMailbox"]
+__all__ = ["MemoryStore", "MemoryMaildrop", "MemoryMailbox", "MemoryWriter"]
 
 
 class MemoryMaildrop:
@@ -35,8 +44,12 @@ class MemoryMaildrop:
         """Add a message (as a delivery would) and return its UID."""
         if uid is None:
             uid = f"mem{next(self._counter):08d}"
+            while uid in self.messages:
+                uid = f"mem{next(self._counter):08d}"
+        elif not validUID(uid):
+            raise InvalidUID(f"not an RFC 1939 UIDL: {uid!r}")
         if uid in self.messages:
-            raise ValueError(f"UID {uid} already present")
+            raise UIDConflict(f"UIDL {uid!r} is already in the maildrop")
         self.messages[uid] = message
         self.received[uid] = time.time() if received is None else received
         return uid
@@ -55,6 +68,31 @@ class _BytesReader:
 
     def close(self) -> None:
         self._view.release()
+
+
+@implementer(IMessageWriter)
+class MemoryWriter:
+    """A delivery into a L{MemoryMaildrop}: the chunks are kept until commit."""
+
+    def __init__(self, maildrop: MemoryMaildrop, uid: str | None, received: float | None):
+        self._maildrop = maildrop
+        self._uid = uid
+        self._received = received
+        self._chunks: list[bytes] | None = []
+
+    def write(self, data: bytes) -> None:
+        if self._chunks is None:
+            raise ValueError("write after the delivery ended")
+        self._chunks.append(bytes(data))
+
+    def commit(self) -> str:
+        if self._chunks is None:
+            raise ValueError("commit after the delivery ended")
+        data, self._chunks = b"".join(self._chunks), None
+        return self._maildrop.deliver(data, self._uid, self._received)
+
+    def abort(self) -> None:
+        self._chunks = None
 
 
 @implementer(IMailbox)
@@ -109,3 +147,14 @@ class MemoryStore:
             raise MaildropInUse()
         drop.locked = True
         return MemoryMailbox(drop)
+
+    def deliverMessage(
+        self, user: str, uid: str | None = None, received: float | None = None
+    ) -> MemoryWriter:
+        """A delivery to C{user}'s maildrop (made if missing); no lock taken."""
+        if uid is not None and not validUID(uid):
+            raise InvalidUID(f"not an RFC 1939 UIDL: {uid!r}")
+        return MemoryWriter(self.maildrop(user), uid, received)
+
+    def listMaildrops(self) -> list[str]:
+        return sorted(self.maildrops)

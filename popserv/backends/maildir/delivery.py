@@ -1,0 +1,162 @@
+"""
+Delivering a message into a Maildir the safe way, as an MDA does.
+
+The message is written under a fresh unique name in C{tmp/}, synced, renamed
+into C{new/} under its final name (with C{,S=} and C{,W=} size fields, so no
+listing has to read it), and C{new/} is synced: once the delivery reports
+success the message survives a crash, and no listing ever sees half of it.
+It takes no session lock: a rename is atomic for every reader.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from popserv.backends.maildir import names
+from popserv.interfaces import IMessageWriter, UIDConflict
+from popserv.octets import CRLFSizer
+from popserv.threads import RunInThread
+
+__all__ = ["MaildirDelivery", "MaildirWriter", "makeMaildir", "holdsUID"]
+
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def makeMaildir(path: str) -> None:
+    """Create C{tmp/}, C{new/} and C{cur/} (mode 0700) where missing."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+def holdsUID(path: str, uid: str) -> bool:
+    """
+    Whether a message of the maildrop has the UIDL C{uid} now, from the names
+    alone (a directory read, no file read). Only names that contain C{uid} or
+    its escaped form are parsed, found by one search of all the names
+    joined: for 100k names, little more than the directory read
+    (60 ms instead of 200).
+    """
+    digest = uid[0] == "~" and len(uid) == 65  # the UIDL of an odd name
+    forms = {uid, names.escapeUID(uid)}
+    either = "|".join(map(re.escape, forms))
+    wanted = re.compile(f"^.*(?:{either}).*$", re.MULTILINE)
+    for sub in ("cur", "new"):
+        try:
+            listed = os.listdir(os.path.join(path, sub))
+        except FileNotFoundError:
+            continue
+        joined = "\n".join(listed)
+        if digest or joined.count("\n") != len(listed) - 1:
+            candidates = listed  # a name with a line feed in it: parse them all
+        elif any(form in joined for form in forms):
+            candidates = wanted.findall(joined)
+        else:
+            continue
+        for name in candidates:
+            if name[0] != "." and names.uidFor(names.uniquePart(name)) == uid:
+                return True
+    return False
+
+
+def _syncDirectory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MaildirDelivery:
+    """
+    One delivery into the Maildir at C{path}, blocking (L{MaildirWriter} runs
+    it off the reactor thread; C{popserv deliver} runs it as it is).
+
+    @param uid: the UIDL to store the message under (checked already), or
+        None for a new one.
+    @param received: the delivery time, or None for now.
+    @ivar path: the message's file once committed.
+    """
+
+    def __init__(self, maildir: str, uid: str | None = None, received: float | None = None):
+        self.maildir = maildir
+        self.uid = uid
+        self.received = received
+        self.path: str | None = None
+        self._unique = names.newUnique(received, uid)
+        self._temporary = os.path.join(maildir, "tmp", self._unique)
+        self._sizer = CRLFSizer()
+        self._size = 0
+        self._fd: int | None = os.open(self._temporary, _TMP_FLAGS, 0o600)
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise ValueError("write after the delivery ended")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._sizer.feed(data)
+        self._size += len(data)
+
+    def commit(self) -> str:
+        """Make the message visible and durable; its UIDL."""
+        fd = self._fd
+        if fd is None:
+            raise ValueError("commit after the delivery ended")
+        self._fd = None
+        try:
+            try:
+                os.fsync(fd)
+                if self.received is not None:
+                    os.utime(fd, (self.received, self.received))
+            finally:
+                os.close(fd)
+            uid = names.uidFor(self._unique)
+            if self.uid is not None and holdsUID(self.maildir, self.uid):
+                raise UIDConflict(f"UIDL {self.uid!r} is already in {self.maildir}")
+            final = os.path.join(
+                self.maildir,
+                "new",
+                names.messageName(self._unique, self._size, self._sizer.size),
+            )
+            os.rename(self._temporary, final)
+        except BaseException:
+            self.abort()
+            raise
+        self.path = final
+        _syncDirectory(os.path.join(self.maildir, "new"))
+        return uid
+
+    def abort(self) -> None:
+        """Remove the temporary file (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        if self.path is None:
+            try:
+                os.unlink(self._temporary)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+
+
+@implementer(IMessageWriter)
+class MaildirWriter:
+    """L{IMessageWriter} for a L{MaildirDelivery}: each step in a thread."""
+
+    def __init__(self, delivery: MaildirDelivery, runInThread: RunInThread) -> None:
+        self.delivery = delivery
+        self._run = runInThread
+
+    def write(self, data: bytes) -> Deferred[None]:
+        return self._run(self.delivery.write, data)
+
+    def commit(self) -> Deferred[str]:
+        return self._run(self.delivery.commit)
+
+    def abort(self) -> Deferred[None]:
+        return self._run(self.delivery.abort)

@@ -1,0 +1,264 @@
+"""
+Listing a maildrop: which messages are in C{cur/} and C{new/}, in delivery
+order, with their UIDLs and exact sizes.
+
+- C{tmp/}, dot-files, symlinks and directories are not messages.
+- Sizes come from the index (L{popserv.backends.maildir.index}), else a
+  C{,W=} field, else from reading the file once.
+- A listing is reused while the directories' stamps (inode and mtime) say
+  nothing changed, and made again from the previous one (only new files
+  read) when they do; from scratch if a new file would not sort last.
+- The order is the delivery time: a name's leading number, else the file's
+  mtime; then the unique part.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from functools import partial
+from operator import itemgetter
+
+from twisted.logger import Logger
+
+from popserv.backends.maildir.index import MaildropCache
+from popserv.backends.maildir.names import LEADING_DIGITS, baseName, sizeHints, uidFor, uniquePart
+from popserv.interfaces import MessageInfo, validUID
+from popserv.octets import CRLFSizer
+
+__all__ = [
+    "Found",
+    "ORDER",
+    "UNIQUE",
+    "UID",
+    "SIZE",
+    "PATH",
+    "SUBDIRS",
+    "stamps",
+    "cachedListing",
+    "listing",
+    "OPEN_FLAGS",
+]
+
+_log = Logger()
+
+#: Subdirectories holding messages. cur/ is scanned first: a message moved
+#: from new/ to cur/ during the scan is then missed once (it shows up next
+#: session) rather than listed twice.
+SUBDIRS = ("cur", "new")
+
+_READ_CHUNK = 1024 * 1024
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: A directory whose mtime is this recent may still change within the same
+#: timestamp tick: its listing is not trusted from the cache (nanoseconds).
+_RACY_NS = 2_000_000_000
+
+Stamps = tuple[int, ...]
+
+
+#: One message file met while listing, before the listing is sorted:
+#: C{(order, unique, uid, size, path)}, fields named by the indexes below;
+#: C{order} is the delivery time in seconds (the sort key), C{unique} the
+#: unique part (the tie-break). A plain tuple, not a named one: with named
+#: tuples the first listing of 100,000 messages took 20% longer (the garbage
+#: collector never untracks a tuple subclass, and each costs a copy).
+Found = tuple[int, str, str, int, str]
+ORDER, UNIQUE, UID, SIZE, PATH = range(5)
+
+_newInfo = partial(tuple.__new__, MessageInfo)
+_unique = itemgetter(UNIQUE)
+
+
+def stamps(path: str) -> Stamps | None:
+    """What says whether the maildrop changed: None if too fresh to vouch for."""
+    found: list[int] = []
+    for sub in SUBDIRS:
+        try:
+            st = os.stat(os.path.join(path, sub))
+        except FileNotFoundError:
+            found += [0, 0]
+            continue
+        found += [st.st_ino, st.st_mtime_ns]
+    if time.time_ns() - max(found[1::2]) < _RACY_NS:
+        return None
+    return tuple(found)
+
+
+def cachedListing(path: str, cache: MaildropCache | None) -> tuple[MessageInfo, ...] | None:
+    """The cached listing if it still holds (two stat calls), else None."""
+    if cache is None or cache.listing is None:
+        return None
+    now = stamps(path)
+    if now is not None and cache.listing[0] == now:
+        return cache.listing[1]
+    return None
+
+
+def listing(path: str, cache: MaildropCache) -> tuple[tuple[MessageInfo, ...], Stamps | None]:
+    """
+    The listing of the maildrop at C{path} (blocking: run it in a thread),
+    and the stamps it was made under (None: not to be trusted later).
+    """
+    before = stamps(path)
+    if before is not None and cache.listing is not None and cache.listing[0] == before:
+        return cache.listing[1], before  # nothing was added, removed or renamed
+    if not cache.loaded:
+        cache.load()
+    entries: list[os.DirEntry[str]] = []
+    for sub in SUBDIRS:
+        try:
+            entries += list(os.scandir(os.path.join(path, sub)))
+        except FileNotFoundError:
+            continue
+    infos, counted = None, 0
+    if cache.listing is not None:
+        infos, counted = relisted(path, cache, cache.listing[1], entries)
+    if infos is None:
+        infos = listed(path, cache, entries, counted)
+    return infos, before
+
+
+def listed(
+    path: str, cache: MaildropCache, entries: list[os.DirEntry[str]], counted: int = 0
+) -> tuple[MessageInfo, ...]:
+    """The listing made from scratch (C{counted} sizes were counted already)."""
+    sizes = cache.sizes
+    found, more, indexed, width = collect(path, sizes, entries, set())
+    counted += more
+    if width:
+        # Every name starts with a number of the same width (the delivery
+        # time, as Maildir names do): the names alone sort the same, and
+        # sorting strings is three times faster than sorting tuples.
+        found.sort(key=_unique)
+    else:
+        found.sort()
+    infos = _infos(found)
+    stale = len(sizes) - indexed  # sizes of messages no longer present
+    if counted or stale > 1024:
+        cache.save({baseName(info.key) for info in infos} if stale else None)
+    return infos
+
+
+def relisted(
+    path: str,
+    cache: MaildropCache,
+    previous: tuple[MessageInfo, ...],
+    entries: list[os.DirEntry[str]],
+) -> tuple[tuple[MessageInfo, ...] | None, int]:
+    """
+    The listing again after a change, from the previous one, and how many
+    sizes were counted for it. A message still at its path keeps its entry,
+    and only the other files are read: new mail in a big leave-on-server
+    maildrop costs a directory read, not the whole listing made again (100k:
+    480 -> 200 ms). No listing if a new file would not sort after the
+    messages kept (a rename, an older name): it is then made from scratch.
+    """
+    known = {info.key for info in previous}
+    present = {entry.path for entry in entries if entry.is_file(follow_symlinks=False)}
+    kept = [info for info in previous if info.key in present]
+    fresh = [entry for entry in entries if entry.path not in known]
+    sizes = cache.sizes
+    found, counted, _, _ = collect(path, sizes, fresh, {info.uid for info in kept})
+    found.sort()
+    if found and kept:
+        last = kept[-1]
+        first = found[0]
+        if (first[ORDER], first[UNIQUE]) <= (last.received, uniquePart(baseName(last.key))):
+            return None, counted
+    infos = (*kept, *_infos(found))
+    if counted:
+        # Rewritten whole anyway: drop the sizes of messages gone meanwhile.
+        cache.save({baseName(info.key) for info in infos})
+    return infos, counted
+
+
+def collect(
+    path: str, sizes: dict[str, int], entries: list[os.DirEntry[str]], seen: set[str]
+) -> tuple[list[Found], int, int, int | None]:
+    """
+    What the files C{entries} hold, unsorted; how many sizes were counted
+    now; how many of them have a size in C{sizes}; the width of every name's
+    leading number (0: not all alike). A UID already in C{seen} is a
+    duplicate and skipped.
+    """
+    counted = indexed = 0
+    width: int | None = None
+    found: list[Found] = []
+    for entry in entries:
+        name = entry.name
+        if name[0] == "." or not entry.is_file(follow_symlinks=False):
+            continue
+        base = name.partition(":")[0]
+        if "," in base:
+            unique = uniquePart(base)
+            uid = uidFor(unique) if ",U=" in unique or not validUID(unique) else unique
+        else:
+            unique = base
+            uid = unique if validUID(unique) else uidFor(unique)
+        if uid in seen:
+            _log.warn(
+                "{maildir}: two files share the unique name {unique}; serving the first only",
+                maildir=path,
+                unique=unique,
+            )
+            continue
+        size = sizes.get(base)
+        if size is None and ",W=" in base:
+            size = sizeHints(name).get("W")
+        leading = LEADING_DIGITS.match(unique)
+        try:
+            if size is None:
+                fd = os.open(entry.path, OPEN_FLAGS)
+                try:
+                    size = _countSize(fd)
+                finally:
+                    os.close(fd)
+                sizes[base] = size
+                counted += 1
+            if leading:
+                order = int(leading.group())
+                if width != leading.end():
+                    width = leading.end() if width is None else 0
+            else:
+                order = int(entry.stat(follow_symlinks=False).st_mtime)
+                width = 0
+        except FileNotFoundError:
+            continue  # moved or removed by another program meanwhile
+        seen.add(uid)
+        if base in sizes:
+            indexed += 1
+        found.append((order, unique, uid, size, entry.path))
+    return found, counted, indexed, width
+
+
+def _infos(found: list[Found]) -> tuple[MessageInfo, ...]:
+    """
+    The listing's entries for sorted C{found}. Shared by sessions, never
+    copied; made in listing order, with fresh copies of the values LIST,
+    UIDL and STAT read: objects made while reading the directory lie in its
+    (hashed) order, and walking them in listing order missed the CPU cache
+    for each (100k: LIST and UIDL took 36 ms instead of 14).
+    """
+    return tuple(
+        [
+            _newInfo((uid.encode().decode(), size + 0, path, order))
+            for order, _, uid, size, path in found
+        ]
+    )
+
+
+_buffers = threading.local()
+
+
+def _countSize(fd: int) -> int:
+    # Read into one buffer per thread: a fresh megabyte for each of 100,000
+    # files costs more in allocation and page faults than the counting.
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = bytearray(_READ_CHUNK)
+    sizer = CRLFSizer()
+    while n := os.readv(fd, (buffer,)):
+        sizer.feed(buffer, n)
+    return sizer.size

@@ -1,0 +1,71 @@
+"""
+What a configuration names, built by the plugins of its kinds: the mail
+store (C{mail_location}) and the checker of its auth sources (C{passwd},
+C{passdb}). The server (L{popserv.service}) and the admin commands (such as
+C{popserv deliver}, which needs the store alone) both build them here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+
+from popserv.config import Config, ConfigError
+from popserv.interfaces import IMailStore
+from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
+
+__all__ = ["makeStore", "makeChecker"]
+
+
+def makeStore(config: Config, runInThread: Any, createMissing: bool | None = None) -> IMailStore:
+    """
+    The mail store of C{config}'s mail location, made by its kind's plugin.
+
+    @param createMissing: whether a missing maildrop is made at first use
+        (default: as C{create_maildirs} says; a delivery always makes it).
+    """
+    kind, args = config.store
+    try:
+        plugin = storeKind(kind)
+        context = StoreContext(
+            config.base_dir,
+            runInThread,
+            config.pluginOptions(plugin),
+            createMissing=config.create_maildirs if createMissing is None else createMissing,
+        )
+        return plugin.makeStore(args, context)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"mail_location: {e}") from None
+
+
+def makeChecker(
+    config: Config, reactor: Any, runInThread: Any, saltKey: bytes | None = None
+) -> ICredentialsChecker:
+    """
+    The checker of C{config}'s auth sources, each made by its kind's plugin;
+    several are asked in turn (L{popserv.auth.chain.PassdbChain}).
+    """
+    from popserv.auth.cache import VerificationCache
+    from popserv.auth.chain import chainSources
+
+    cache = VerificationCache(reactor, ttl=config.auth_cache_ttl)
+    sources = []
+    for spec in config.authSources:
+        try:
+            plugin = authSourceKind(spec.kind)
+            context = SourceContext(
+                config.base_dir,
+                runInThread,
+                reactor,
+                config.pluginOptions(plugin, spec.options),
+                masterUsers=frozenset(config.master_users),
+                cache=cache,
+                saltKey=saltKey,
+            )
+            sources.append(plugin.makeSource(spec.args, context))
+        except OSError as e:
+            raise ConfigError(f"passdb {spec}: cannot read {spec.args}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"passdb {spec}: {e}") from None
+    return chainSources(sources, clock=reactor)
