@@ -97,7 +97,9 @@ def test_example_plugin_serves_a_session(tmp_path):
         import sys
         from twisted.cred.portal import Portal
         from popserv.auth.realm import MailboxRealm
+        from twisted.internet.task import Clock
         from popserv.config import Config
+        from popserv.limits import AuthPenalty
         from popserv.protocol import POP3Factory
         from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
         from popserv.testing import connect
@@ -121,22 +123,24 @@ def test_example_plugin_serves_a_session(tmp_path):
                 config.base_dir, synchronously, options=config.pluginOptions(plugin, spec.options)
             ),
         )
-        client = connect(POP3Factory(Portal(MailboxRealm(store), [checker])))
+        clock = Clock()
+        portal = Portal(MailboxRealm(store), [checker])
+        client = connect(POP3Factory(portal, clock=clock, penalty=AuthPenalty(clock, cap=0)))
         client.send(b"USER bob\\r\\nPASS secret\\r\\nUSER ALICE\\r\\nPASS secret\\r\\n")
         client.send(b"STAT\\r\\nUIDL\\r\\nRETR 1\\r\\nQUIT\\r\\n")
-        sys.stdout.write(client.output().decode())
+        sys.stdout.buffer.write(client.output())
         """
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)],
         env={"PYTHONPATH": f"{examples}:{REPO}", "PATH": "/usr/bin:/bin"},
         capture_output=True,
-        text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.split("\r\n")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().split("\r\n")
     assert lines[1].startswith("-ERR [AUTH]"), lines  # bob is nobody's user
-    assert "+OK 1 " in result.stdout
+    assert lines[3].startswith("+OK"), lines  # ALICE: the ignore_case option
+    assert lines[4].startswith("+OK 1 "), lines
     assert "1 welcome-1" in lines
     assert "Subject: hello" in lines and "Hi Alice!" in lines
