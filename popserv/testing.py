@@ -1,5 +1,5 @@
 """
-Helpers for testing code that embeds popserv, without sockets.
+Helpers for testing code that embeds popserv, without sockets::
 
     from popserv.testing import memoryServer, connect
     factory, store = memoryServer({"alice": "secret"})
