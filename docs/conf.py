@@ -31,21 +31,10 @@ intersphinx_mapping: dict[str, tuple[str, str]] = {}
 # pydoctor warnings that are known and waiting for a fix in code owned
 # elsewhere; each entry is a substring of the warning. Remove an entry as
 # soon as its warning is gone.
-pydoctor_expected_warnings: list[str] = [
-    # Epytext lists and literal blocks in module docstrings (issue 12 review):
-    # a list needs indenting under its paragraph, a literal block a "::" before it.
-    "popserv/__init__.py:6: bad docstring: Lists must be indented",
-    "popserv/backends/maildir.py:4: bad docstring: Lists must be indented",
-    "popserv/admin.py:4: bad docstring: Improper paragraph indentation",
-    # Names that other branches of issue 12 add or move.
-    'Cannot find link target for "popserv.errors.UnknownUser"',
-    'Cannot find link target for "popserv.auth.secrets.ISecretSource"',
-    'Cannot find link target for "popserv.auth.chain.PassdbChain"',
-]
+#: pydoctor warnings tolerated for now; each one names where it comes from.
+pydoctor_expected_warnings: list[str] = []
 
-# The same for the pages: popserv.errors.UnknownUser arrives with the auth
-# sources' chain (issue 12); remove this once it has.
-nitpick_ignore = [("py:exc", "popserv.errors.UnknownUser")]
+nitpick_ignore: list[tuple[str, str]] = []
 
 html_theme = "furo"
 html_title = f"popserv {release}"

@@ -3,12 +3,12 @@ popserv: a POP3 server (RFC 1939 and extensions) built on Twisted.
 
 The public surface for embedders:
 
-- L{makeService} builds a listening service from settings or a L{Config};
-- L{makeFactory} gives the protocol factory to listen on with any endpoint;
-- L{loadConfig} reads the TOML configuration file;
-- L{POP3Factory} over any C{Portal} whose realm hands out L{IMailbox}es,
-  for example L{MailboxRealm} over L{MaildirStore} or L{MemoryStore};
-- L{popserv.testing} has helpers to test an embedding without sockets.
+  - L{makeService} builds a listening service from settings or a L{Config};
+  - L{makeFactory} gives the protocol factory to listen on with any endpoint;
+  - L{loadConfig} reads the TOML configuration file;
+  - L{POP3Factory} over any C{Portal} whose realm hands out L{IMailbox}es,
+    for example L{MailboxRealm} over L{MaildirStore} or L{MemoryStore};
+  - L{popserv.testing} has helpers to test an embedding without sockets.
 
 Each name is imported when first used (PEP 562), so a short-lived command
 such as C{popserv deliver} loads no TLS, metrics or hashing library it does

@@ -1,12 +1,12 @@
 """
-C{popserv}: the administrator's command (also C{python -m popserv}).
+C{popserv}: the administrator's command (also C{python -m popserv})::
 
     popserv pw [--scheme ARGON2ID]            hash a password for the passwd-file
     popserv user add|del|list ...             edit a passwd-file safely
-    popserv deliver USER < message            deliver into a Maildir (MDA)
+    popserv deliver USER < message            deliver into the mail store (MDA)
     popserv check-config --config FILE        report every problem, one a line
     popserv uidl USER --config FILE           the UIDLs the server would serve
-    popserv serve --workers N --config FILE   N worker processes on shared sockets
+    popserv serve --workers N [OPTIONS]       N worker processes on shared sockets
     popserv selfsigned DIR [HOST...]          a self-signed certificate to try TLS
 
 Exit codes follow sysexits(3) where Postfix and scripts look at them:

@@ -1,6 +1,6 @@
 """
 The AUTHORIZATION state: USER/PASS, APOP, SASL (RFC 5034) and STLS (RFC
-2595), and the one login flow they all end in:
+2595), and the one login flow they all end in::
 
     _login -> _loggedIn -> _opened            (TRANSACTION)
            \\-> _loginFailed -> _penalize      (still AUTHORIZATION)

@@ -81,7 +81,7 @@ class IAuthSourceKind(_IKind):
         C{UnauthorizedLogin}, and its own outages with
         L{popserv.errors.TemporaryFailure}, so that a chain of sources can
         tell them apart. It may also provide
-        L{popserv.auth.secrets.ISecretSource} (SASL mechanisms beyond PLAIN)
+        L{popserv.auth.scramkeys.ISecretSource} (SASL mechanisms beyond PLAIN)
         and L{popserv.policy.IUserSettingsSource} (per-user settings).
         """
 

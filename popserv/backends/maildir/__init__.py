@@ -3,13 +3,13 @@ Maildir storage (cr.yp.to/proto/maildir.html), as Dovecot and Postfix lay it out
 
 One module per concern:
 
-- L{names}: what a file name says (unique part, size fields, UIDL) and the
-  names deliveries get;
-- L{index}: the C{.popserv.index} size index and the per-maildrop cache;
-- L{scan}: listing a maildrop, reusing and extending the previous listing;
-- L{delivery}: writing a message in C{tmp/} and renaming it into C{new/};
-- L{walk}: finding every maildrop a mail location names;
-- L{store}: the store and the session mailbox, locks and login records.
+  - L{names}: what a file name says (unique part, size fields, UIDL) and the
+    names deliveries get;
+  - L{index}: the C{.popserv.index} size index and the per-maildrop cache;
+  - L{scan}: listing a maildrop, reusing and extending the previous listing;
+  - L{delivery}: writing a message in C{tmp/} and renaming it into C{new/};
+  - L{walk}: finding every maildrop a mail location names;
+  - L{store}: the store and the session mailbox, locks and login records.
 
 The public names are imported lazily from here, so C{popserv deliver} loads
 the delivery without the store.

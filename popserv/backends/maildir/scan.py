@@ -2,14 +2,14 @@
 Listing a maildrop: which messages are in C{cur/} and C{new/}, in delivery
 order, with their UIDLs and exact sizes.
 
-- C{tmp/}, dot-files, symlinks and directories are not messages.
-- Sizes come from the index (L{popserv.backends.maildir.index}), else a
-  C{,W=} field, else from reading the file once.
-- A listing is reused while the directories' stamps (inode and mtime) say
-  nothing changed, and made again from the previous one (only new files
-  read) when they do; from scratch if a new file would not sort last.
-- The order is the delivery time: a name's leading number, else the file's
-  mtime; then the unique part.
+  - C{tmp/}, dot-files, symlinks and directories are not messages.
+  - Sizes come from the index (L{popserv.backends.maildir.index}), else a
+    C{,W=} field, else from reading the file once.
+  - A listing is reused while the directories' stamps (inode and mtime) say
+    nothing changed, and made again from the previous one (only new files
+    read) when they do; from scratch if a new file would not sort last.
+  - The order is the delivery time: a name's leading number, else the file's
+    mtime; then the unique part.
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@ The Maildir store: maildrops found by expanding a mail location, opened and
 locked for one session each, delivered into, listed for migration; and the
 users' last logins.
 
-- A message's UIDL, size and order come from its name and the index (see
-  L{popserv.backends.maildir.names}, L{popserv.backends.maildir.scan}).
-- The maildrop is locked for the session with a byte-range lock in one shared
-  lock file (see L{popserv.backends.locking}): exclusive between sessions in
-  this and other processes, one descriptor per process rather than per
-  session, and released by the kernel if the process dies, so a crash never
-  leaves a stale lock. Deliveries take no lock.
-- Directory scans, removals and deliveries run off the reactor thread.
-- For LOGIN-DELAY, a user's last login is the mtime of C{.popserv.login} in
-  the maildrop, so every worker and node serving it sees the same one.
+  - A message's UIDL, size and order come from its name and the index (see
+    L{popserv.backends.maildir.names}, L{popserv.backends.maildir.scan}).
+  - The maildrop is locked for the session with a byte-range lock in one shared
+    lock file (see L{popserv.backends.locking}): exclusive between sessions in
+    this and other processes, one descriptor per process rather than per
+    session, and released by the kernel if the process dies, so a crash never
+    leaves a stale lock. Deliveries take no lock.
+  - Directory scans, removals and deliveries run off the reactor thread.
+  - For LOGIN-DELAY, a user's last login is the mtime of C{.popserv.login} in
+    the maildrop, so every worker and node serving it sees the same one.
 """
 
 from __future__ import annotations
