@@ -1,10 +1,16 @@
 """
 Prometheus metrics (text format, via prometheus-client on twisted.web),
 served on their own endpoint when C{--metrics} is given; off otherwise.
+
+Under C{popserv serve}, every worker keeps its metrics in files in the
+directory C{PROMETHEUS_MULTIPROC_DIR} names (prometheus-client's
+multiprocess mode), and whichever worker answers a scrape serves the sum
+of them all: one endpoint for the whole server.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,7 +20,10 @@ from popserv.logs import SessionStats
 if TYPE_CHECKING:
     from twisted.web.server import Site
 
-__all__ = ["Metrics", "metricsSite"]
+__all__ = ["Metrics", "metricsSite", "MULTIPROCESS_DIR"]
+
+#: The environment variable naming the directory of the workers' metrics files.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 _DURATIONS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 _LATENCIES = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
@@ -25,11 +34,24 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        #: What a scrape shows: this registry, or in multiprocess mode every
+        #: process's files added up.
+        self.exposed = self.registry
+        if os.environ.get(MULTIPROCESS_DIR):
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
         r = self.registry
         self.connections = Counter(
             "popserv_connections", "Connections accepted", ["tls"], registry=r
         )
-        self.open = Gauge("popserv_connections_open", "Connections open now", registry=r)
+        self.open = Gauge(
+            "popserv_connections_open",
+            "Connections open now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.logins = Counter(
             "popserv_logins",
             "Login attempts by result and mechanism",
@@ -87,5 +109,5 @@ def metricsSite(metrics: Metrics) -> Site:
     from twisted.web.server import Site
 
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", MetricsResource(registry=metrics.exposed))
     return Site(root)

@@ -15,9 +15,11 @@ locks are kernel locks, so they hold across processes; a worker that dies is
 started again; SIGTERM and SIGHUP are passed on to every worker.
 
 What is shared through the mail storage: LOGIN-DELAY (the maildrop keeps the
-last login) and the key of SCRAM's made-up salts. What is per process: the
-failed-login penalty, connection limits (each worker applies the configured
-ones), and metrics (worker I serves them on the configured port + I).
+last login) and the key of SCRAM's made-up salts. Metrics are shared through
+files in a directory of the supervisor's (prometheus-client's multiprocess
+mode): the metrics listener is shared like the others, and whichever worker
+answers serves every worker's sums. What is per process: the failed-login
+penalty and connection limits (each worker applies the configured ones).
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from popserv.config import Config
+from popserv.metrics import MULTIPROCESS_DIR
 
 __all__ = ["Listener", "bindListeners", "Supervisor", "workerArgv"]
 
@@ -107,7 +112,12 @@ def _bindUnix(path: str, backlog: int) -> socket.socket:
 def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
     """Bind every listener of C{config}: for each worker, its sockets in order."""
     perWorker: list[list[Listener]] = [[] for _ in range(workers)]
-    for option, descriptions in (("--listen", config.listen), ("--listen-tls", config.listen_tls)):
+    metrics = (config.metrics,) if config.metrics else ()
+    for option, descriptions in (
+        ("--listen", config.listen),
+        ("--listen-tls", config.listen_tls),
+        ("--metrics", metrics),
+    ):
         for description in descriptions:
             prefix = ""
             if description.startswith("haproxy:") and option == "--listen":
@@ -129,15 +139,6 @@ def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
     return perWorker
 
 
-def _metricsFor(index: int, metrics: str | None) -> list[str]:
-    if not metrics:
-        return []
-    m = _TCP.match(metrics)
-    if m is None:
-        return ["--metrics", metrics] if index == 0 else []
-    return ["--metrics", f"{m.group(1)}:{int(m.group(2)) + index}{m.group(3)}"]
-
-
 #: Settings the supervisor turns into each worker's own.
 _PER_WORKER = ("listen", "listen_tls", "metrics")
 
@@ -151,7 +152,7 @@ def workerArgv(
 ) -> list[str]:
     """
     The twistd command line of worker C{index}: the configuration file and
-    the settings given to C{serve}, with its own sockets and metrics port.
+    the settings given to C{serve}, with its own sockets.
     """
     from popserv.tap import commandLine
 
@@ -168,7 +169,7 @@ def workerArgv(
     argv += commandLine({k: v for k, v in (given or {}).items() if k not in _PER_WORKER})
     for i, listener in enumerate(listeners):
         argv += [listener.option, listener.endpoint(i)]
-    return argv + _metricsFor(index, config.metrics)
+    return argv
 
 
 def _execWorker(fds: list[int], argv: list[str]) -> None:
@@ -201,6 +202,8 @@ class Supervisor:
         self.listeners = bindListeners(config, workers)
         self.workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
+        #: Where the workers keep their metrics, if the server has metrics.
+        self.metricsDir = tempfile.mkdtemp(prefix="popserv-metrics-") if config.metrics else None
 
     def start(self, index: int) -> None:
         argv = workerArgv(self.configPath, self.listeners[index], index, self.config, self.given)
@@ -214,9 +217,24 @@ class Supervisor:
                 *argv,
             ],
             pass_fds=fds,
+            env=self._environment(),
         )
         self.workers[index] = (proc, time.monotonic())
         print(f"popserv: worker {index} started, pid {proc.pid}", flush=True)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.metricsDir is not None:
+            env[MULTIPROCESS_DIR] = self.metricsDir
+        return env
+
+    def _exited(self, pid: int) -> None:
+        """A worker is gone: its live gauges (connections open) no longer count."""
+        if self.metricsDir is not None:
+            os.environ[MULTIPROCESS_DIR] = self.metricsDir
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metricsDir)
 
     def signal(self, signum: int) -> None:
         for proc, _ in self.workers.values():
@@ -233,12 +251,15 @@ class Supervisor:
             if self.stopping:
                 for proc, _ in self.workers.values():
                     proc.wait()
+                if self.metricsDir is not None:
+                    shutil.rmtree(self.metricsDir, ignore_errors=True)
                 return 0
             for index, (proc, started) in list(self.workers.items()):
                 status = proc.poll()
                 if status is None or self.stopping:
                     continue
                 print(f"popserv: worker {index} (pid {proc.pid}) exited with {status}", flush=True)
+                self._exited(proc.pid)
                 if time.monotonic() - started < _RESTART_PAUSE:
                     time.sleep(_RESTART_PAUSE)
                 self.start(index)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -293,3 +294,50 @@ def test_serve_takes_settings_and_shares_unix_and_haproxy(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_workers_metrics_on_one_endpoint(tmp_path):
+    """
+    The workers' metrics are summed on one shared endpoint: whichever worker
+    answers a scrape counts every worker's logins (prometheus-client's
+    multiprocess mode), and the files go with the supervisor.
+    """
+
+    def metricsDirs() -> set[str]:
+        return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("popserv-metrics-")}
+
+    before = metricsDirs()
+    w = Workers(
+        tmp_path,
+        {"u0": "{PLAIN}pw"},
+        count=2,
+        extra='metrics = "tcp:0:interface=127.0.0.1"\n',
+    )
+    try:
+        ours = metricsDirs() - before
+        assert len(ours) == 1
+        port = int(re.search(r"metrics on [\d.]+:(\d+)", "".join(w.lines)).group(1))
+        for _ in range(12):  # fresh source ports: spread over both workers
+            s, f, reply = login(w.port, "u0")
+            assert reply.startswith(b"+OK Logged in"), reply
+            s.sendall(b"QUIT\r\n")
+            f.readline()
+            s.close()
+        deadline = time.time() + 10
+        while True:
+            scrapes = []
+            for _ in range(8):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as m:
+                    m.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    scrapes.append(b"".join(iter(lambda m=m: m.recv(65536), b"")).decode())
+            counts = [
+                re.search(r'popserv_logins_total\{mechanism="USER",result="ok"\} (\S+)', text)
+                for text in scrapes
+            ]
+            if all(c and float(c.group(1)) == 12 for c in counts) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert all(c and float(c.group(1)) == 12 for c in counts), scrapes[0]
+    finally:
+        w.stop()
+    assert not ours & metricsDirs()
