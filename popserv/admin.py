@@ -21,12 +21,13 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from popserv.config import Config, ConfigError, loadConfig
+from popserv.config import DEFAULT_STORE, Config, ConfigError, loadConfig
 from popserv.errors import InvalidUserName
 
 __all__ = ["main", "deliver", "editPasswdFile"]
@@ -288,19 +289,39 @@ def checkConfig(config: Config) -> list[str]:
     """Every problem of a configuration, one line each (empty: all well)."""
     from twisted.internet import endpoints, reactor
 
-    from popserv.auth.passwdfile import parsePasswdFile
-    from popserv.tls import ServerTLS, TLSError
+    from popserv.build import makeChecker, makeStore
+    from popserv.threads import synchronously
 
     problems: list[str] = []
     try:
         config.validated()
     except ConfigError as e:
         return [str(e)]
-    for description in (*config.listen, *config.listen_tls):
+    metrics = (config.metrics,) if config.metrics else ()
+    for description in (*config.listen, *config.listen_tls, *metrics):
         try:
             endpoints.serverFromString(reactor, description)
         except Exception as e:  # endpoint parsers raise all sorts
             problems.append(f"listen: bad endpoint {description!r}: {e!r}")
+    try:
+        makeStore(config, synchronously)
+    except ConfigError as e:
+        problems.append(str(e))
+    if config.passdb:  # the passwd shorthand is read below, user by user
+        try:
+            makeChecker(replace(config, passwd=None), reactor, synchronously)
+        except ConfigError as e:
+            problems.append(str(e))
+    if config.passwd:
+        problems += _passwdProblems(config)
+    return problems + _tlsProblems(config)
+
+
+def _passwdProblems(config: Config) -> list[str]:
+    """What is wrong with the passwd-file and, for Maildirs, its users' maildrops."""
+    from popserv.auth.passwdfile import parsePasswdFile
+
+    problems: list[str] = []
     users: dict[str, object] = {}
     try:
         with open(config.passwdPath, encoding="utf-8") as f:
@@ -309,6 +330,8 @@ def checkConfig(config: Config) -> list[str]:
         problems.append(f"passwd: cannot read {config.passwdPath}: {e.strerror}")
     if not users and not problems:
         problems.append(f"passwd: {config.passwdPath} has no users")
+    if config.store[0] != DEFAULT_STORE:
+        return problems
     location = config.location
     for user in users:
         try:
@@ -321,6 +344,13 @@ def checkConfig(config: Config) -> list[str]:
                 problems.append(f"user {user}: {path} is not readable and writable")
         elif not config.create_maildirs:
             problems.append(f"user {user}: {path} does not exist")
+    return problems
+
+
+def _tlsProblems(config: Config) -> list[str]:
+    from popserv.tls import ServerTLS, TLSError
+
+    problems = []
     if config.tlsEnabled:
         try:
             ServerTLS(

@@ -224,3 +224,21 @@ def test_deliver_loads_no_tls_metrics_or_hash_library(config, tmp_path):
     heavy |= {"bcrypt", "popserv.tls", "popserv.metrics", "popserv.protocol", "popserv.sasl"}
     assert not heavy & loaded, heavy & loaded
     assert len(list((tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir())) == 1
+
+
+def test_check_config_builds_every_source_and_the_store(tmp_path):
+    """check-config builds the configured store and each --passdb source through its plugin."""
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    conf = tmp_path / "popserv.conf"
+    conf.write_text(
+        'passwd = "passwd"\nmail_location = "memory:"\n'
+        '[[passdb]]\nkind = "passwd-file"\nargs = "missing"\n'
+    )
+    out = popserv("check-config", "--config", str(conf))
+    assert out.returncode == 1
+    assert "passdb passwd-file:missing: cannot read" in out.stdout.decode(), out
+    conf.write_text(
+        'passwd = "passwd"\nmail_location = "memory:"\npassdb = ["passwd-file:passwd"]\n'
+    )
+    out = popserv("check-config", "--config", str(conf))
+    assert out.returncode == 0 and out.stdout == b"configuration OK\n", out
