@@ -613,6 +613,8 @@ class Bench:
 
     def servers(self) -> list[str]:
         names = [n for n in self.args.servers.split(",") if n]
+        if self.args.baseline_src and "baseline" not in names:
+            names.insert(names.index("popserv") + 1 if "popserv" in names else 0, "baseline")
         if "dovecot" in names and (dovecotBinary() is None or os.getuid() == 0):
             names.remove("dovecot")
         return names
@@ -624,6 +626,9 @@ class Bench:
                 self._profiles += 1
                 profile = self.workdir / f"profile-{self._profiles:02d}-{tag}.pstats"
             return Popserv(self.workdir, self.root, self.passwd, Path(self.args.source), profile)
+        if name == "baseline":
+            source = Path(self.args.baseline_src).resolve()
+            return Popserv(self.workdir, self.root, self.passwd, source, name="baseline")
         if name == "twisted":
             return TwistedPeer(self.workdir, self.root, self.passwd, self.args.peer_nodelay)
         if name == "dovecot":
@@ -991,14 +996,17 @@ class Bench:
         rows = [r for r in _rows(self.plan) if r.group in groups]
         if not self.args.size_hints:
             rows = [r for r in rows if not r.key.endswith("-hints")]
-        servers = ["popserv", "twisted", "dovecot"]
-        installed = dovecotBinary() is not None
         wanted = self.servers()
+        baseline = "baseline" in wanted
+        servers = ["popserv", *(["baseline"] if baseline else []), "twisted", "dovecot"]
+        installed = dovecotBinary() is not None
         header = [
             "row",
             "popserv",
+            *(["baseline"] if baseline else []),
             "twisted.mail.pop3",
             "dovecot",
+            *(["popserv/baseline"] if baseline else []),
             "popserv/twisted",
             "popserv/dovecot",
             "target",
@@ -1022,6 +1030,9 @@ class Bench:
             pv = byServer.get("popserv", Result()).value
             tv = byServer.get("twisted", Result()).value
             dv = byServer.get("dovecot", Result()).value
+            if baseline:
+                bv = byServer.get("baseline", Result()).value
+                cells.append(f"{pv / bv:,.2f}x" if pv is not None and bv else "-")
             ratio = pv / tv if pv is not None and tv else None
             cells.append(f"{ratio:,.2f}x" if ratio is not None else "-")
             cells.append(f"{pv / dv:,.2f}x" if pv is not None and dv else "-")
@@ -1041,14 +1052,14 @@ class Bench:
         for row in rows:
             byServer = self.results.get(row.key, {})
             cells = [row.title]
-            for s in ("popserv", "twisted", "dovecot"):
+            for s in servers:
                 g = byServer.get(s, Result()).genShare
                 cells.append(
                     "-" if g is None else f"{g:.0%}" + (" SATURATED" if g >= SATURATED else "")
                 )
             others = [
                 f"{s} {self.otherLoad[(row.group, s)]:.0%}"
-                for s in ("popserv", "twisted", "dovecot")
+                for s in servers
                 if (row.group, s) in self.otherLoad
             ]
             cells.append(", ".join(others) or "-")
@@ -1057,9 +1068,7 @@ class Bench:
             "\nLoad generator CPU (share of its core, core 1) during each measurement, and CPU"
             " used by\nother processes on the machine during the row (share of one core; "
             f"over {NOISY:.0%} may disturb figures):\n"
-            + self._grid(
-                ["row", "popserv", "twisted.mail.pop3", "dovecot", "other processes"], genLines
-            )
+            + self._grid(["row", *header[1 : 1 + len(servers)], "other processes"], genLines)
         )
         return "\n".join(out)
 
@@ -1183,6 +1192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/popserv-bench", help="Maildirs, logs, configs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     parser.add_argument(
+        "--baseline-src",
+        help="also measure the popserv source tree in this directory (a git archive of an "
+        "earlier revision), as a 'baseline' column beside popserv in the same run",
+    )
+    parser.add_argument(
         "--popserv-src",
         help="popserv source tree to run as is (default: a copy of this repository's working "
         "tree taken at start, so that edits during the run do not mix versions)",
@@ -1211,9 +1225,12 @@ def main(argv: list[str] | None = None) -> int:
             groups.append(name)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    unknown = set(args.servers.split(",")) - {"popserv", "twisted", "dovecot", ""}
+    known = {"popserv", "baseline", "twisted", "dovecot", ""}
+    unknown = set(args.servers.split(",")) - known
     if unknown:
-        parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: popserv, twisted, dovecot")
+        parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: {', '.join(sorted(known))}")
+    if "baseline" in args.servers.split(",") and not args.baseline_src:
+        parser.error("the baseline server needs --baseline-src")
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()

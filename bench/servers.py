@@ -225,11 +225,13 @@ class Popserv(Server):
         passwd: Path,
         source: Path = REPO,
         profile: Path | None = None,
+        name: str = "popserv",
     ) -> None:
+        self.name = self.label = name  # "baseline": an earlier revision beside this one
         super().__init__(workdir, root, passwd)
         self.source = source
         self.profile = profile
-        self.config = workdir / "popserv.conf"
+        self.config = workdir / f"{name}.conf"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         self.config.write_text(
