@@ -161,12 +161,17 @@ class POP3Protocol(TransactionCommands):
         self.setTimeout(None)
         if self._refusal is not None and self._refusal.active():
             self._refusal.cancel()
-        if self._producer is not None:
-            self._producer.stopProducing()
-        if self.lifecycle is Lifecycle.UPDATING:
+        lifecycle = self.lifecycle
+        if lifecycle is Lifecycle.UPDATING:
             # UPDATE is still removing messages; it ends the session when done.
             self._moveTo(Lifecycle.ABANDONED)
             return
+        if lifecycle is not Lifecycle.REFUSED:
+            # First of all: no pipelined command may run once the client is
+            # gone (stopping a stream below lets the pipeline go on).
+            self._moveTo(Lifecycle.LOST)
+        if self._producer is not None:
+            self._producer.stopProducing()
         if self.state is not State.UPDATE:
             # A session that ends without QUIT removes nothing (RFC 1939 s. 6).
             self._runLogout()

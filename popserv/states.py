@@ -48,6 +48,9 @@ class Lifecycle(Enum):
     UPDATED = "updated"
     #: The connection went away during UPDATE, which ends the session when done.
     ABANDONED = "abandoned"
+    #: The connection went away (not during UPDATE): nothing more runs or is
+    #: written while what it had open is released and the session accounted for.
+    LOST = "lost"
     #: The connection is gone and the session accounted for.
     ENDED = "ended"
 
@@ -56,7 +59,7 @@ class Lifecycle(Enum):
     @property
     def connected(self) -> bool:
         """Is the connection still there?"""
-        return self is not _ENDED and self is not _ABANDONED  # identity: no hashing
+        return self is not _ENDED and self is not _ABANDONED and self is not _LOST
 
     @property
     def silent(self) -> bool:
@@ -66,6 +69,7 @@ class Lifecycle(Enum):
 
 _ENDED = Lifecycle.ENDED
 _ABANDONED = Lifecycle.ABANDONED
+_LOST = Lifecycle.LOST
 _TIMED_OUT = Lifecycle.TIMED_OUT
 
 #: The moves a lifecycle may make; anything else is a bug.
@@ -76,15 +80,16 @@ TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
             Lifecycle.CLOSING,
             Lifecycle.TIMED_OUT,
             Lifecycle.UPDATING,
-            Lifecycle.ENDED,
+            Lifecycle.LOST,
         }
     ),
     Lifecycle.REFUSED: frozenset({Lifecycle.ENDED}),
-    Lifecycle.CLOSING: frozenset({Lifecycle.ENDED}),
-    Lifecycle.TIMED_OUT: frozenset({Lifecycle.ENDED}),
+    Lifecycle.CLOSING: frozenset({Lifecycle.LOST}),
+    Lifecycle.TIMED_OUT: frozenset({Lifecycle.LOST}),
     Lifecycle.UPDATING: frozenset({Lifecycle.UPDATED, Lifecycle.ABANDONED}),
-    Lifecycle.UPDATED: frozenset({Lifecycle.ENDED}),
+    Lifecycle.UPDATED: frozenset({Lifecycle.LOST}),
     Lifecycle.ABANDONED: frozenset({Lifecycle.ENDED}),
+    Lifecycle.LOST: frozenset({Lifecycle.ENDED}),
     Lifecycle.ENDED: frozenset(),
 }
 

@@ -156,7 +156,7 @@ def test_parsers_reject_before_the_handler_runs():
 
 
 def test_lifecycle_of_a_session_that_quits_after_update(pop):
-    """OPEN -> UPDATING -> UPDATED -> ENDED; the session is accounted once, at the end."""
+    """OPEN -> UPDATING -> UPDATED -> LOST -> ENDED; the session is accounted once, at the end."""
     factory, _ = pop
     client = login(factory)
     protocol = client.protocol
@@ -216,12 +216,16 @@ def test_a_forbidden_move_is_a_bug():
     protocol = POP3Protocol()
     with pytest.raises(BadTransition):
         protocol._moveTo(Lifecycle.UPDATED)
+    with pytest.raises(BadTransition):
+        protocol._moveTo(Lifecycle.ENDED)  # a gone connection is LOST first
+    protocol._moveTo(Lifecycle.LOST)
     protocol._moveTo(Lifecycle.ENDED)
     for target in Lifecycle:
         with pytest.raises(BadTransition):
             protocol._moveTo(target)
     assert TRANSITIONS[Lifecycle.ENDED] == frozenset()
-    assert all(not s.connected for s in (Lifecycle.ABANDONED, Lifecycle.ENDED))
+    gone = (Lifecycle.ABANDONED, Lifecycle.LOST, Lifecycle.ENDED)
+    assert all(not s.connected and s.silent for s in gone)
 
 
 # -- the recorder ------------------------------------------------------------------

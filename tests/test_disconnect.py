@@ -1,0 +1,68 @@
+"""
+A dropped connection is an implicit RSET (RFC 1939 section 6): whatever the
+client pipelined behind a response that was cut off never runs.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+
+from popserv.backends.memory import MemoryStore
+from popserv.states import Lifecycle
+from popserv.testing import connect, memoryServer
+
+
+class StalledReader:
+    """A message whose storage never answers: the stream waits mid-RETR."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def read(self, size: int) -> Deferred[bytes]:
+        return Deferred()
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class StallingStore(MemoryStore):
+    """A memory store whose messages stall once opened."""
+
+    def openMailbox(self, user):
+        mailbox = super().openMailbox(user)
+        mailbox.openMessage = lambda info: StalledReader()
+        return mailbox
+
+
+def stalledSession(expire: bool = False):
+    store = StallingStore()
+    store.maildrop("alice").deliver(b"Subject: one\r\n\r\nbody\r\n")
+    store.maildrop("alice").deliver(b"Subject: two\r\n\r\nbody\r\n")
+    factory, _ = memoryServer({"alice": "pw"}, store=store)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\n")
+    assert client.lines()[-1].startswith(b"+OK Logged in")
+    return client, store
+
+
+def test_pipelined_dele_and_quit_after_a_cut_retr_never_run():
+    """RETR 1, DELE 1, QUIT in one go, and the link drops mid-RETR: nothing is removed."""
+    client, store = stalledSession()
+    client.send(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    assert client.protocol._producer is not None  # RETR is streaming, the rest waits
+    client.disconnect()
+    assert len(store.maildrop("alice").messages) == 2
+    assert client.protocol.lifecycle is Lifecycle.ENDED
+    assert client.protocol.stats.dele == 0
+    assert not store.maildrop("alice").locked  # the implicit RSET released the lock
+
+
+def test_pipelined_login_after_a_drop_never_runs():
+    """Commands pipelined behind a cut-off listing do not log a gone client in."""
+    factory, store = memoryServer({"alice": "pw"})
+    client = connect(factory)
+    client.protocol.transport.loseConnection()
+    client.protocol.connectionLost(None)
+    client.protocol.dataReceived(b"USER alice\r\nPASS pw\r\n")
+    assert not store.maildrop("alice").locked
+    assert client.protocol.user is None
