@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 
 from popserv.config import DEFAULT_STORE, Config, ConfigError, loadConfig
@@ -202,21 +202,24 @@ def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
 
 
 def _checkRecipient(config: Config, user: str) -> None:
-    """With a passwd-file configured, a user not in it is refused (EX_NOUSER)."""
-    from popserv.auth.passwdfile import parsePasswdFile
+    """
+    A user none of the auth sources knows is refused (EX_NOUSER), when every
+    source can list its users (a passwd-file can; a directory may not).
+    """
+    from popserv.build import makeChecker
+    from popserv.threads import synchronously
 
     if not config.mail_location:
         raise AdminError("say where mail is: --mail-location or --config", EX_USAGE)
-    if config.passwd:
-        try:
-            with open(config.passwdPath, encoding="utf-8") as f:
-                known = parsePasswdFile(f.read(), config.passwdPath, [])
-        except OSError as e:
-            raise AdminError(
-                f"cannot read {config.passwdPath}: {e.strerror}", EX_TEMPFAIL
-            ) from None
-        if user not in known:
-            raise AdminError(f"no user {user}", EX_NOUSER)
+    if not config.authSources:
+        return
+    try:
+        checker = makeChecker(config, None, synchronously)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_TEMPFAIL) from None
+    sources = getattr(checker, "sources", (checker,))
+    if all(hasattr(source, "users") for source in sources) and user not in checker.users:
+        raise AdminError(f"no user {user}", EX_NOUSER)
 
 
 def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
@@ -241,45 +244,47 @@ def cmdDeliver(args: argparse.Namespace) -> int:
         store = makeStore(config, synchronously, createMissing=True)
     except ConfigError as e:
         raise AdminError(str(e), EX_USAGE) from None
-    outcome: list[object] = []
-    store.deliverMessage(args.user).addCallback(_stream, sys.stdin.buffer, outcome).addBoth(
-        outcome.append
-    )
-    result = outcome[-1]
-    if isinstance(result, Failure):
-        if result.check(InvalidUserName):
-            raise AdminError(f"user {args.user!r}: {result.getErrorMessage()}", EX_NOUSER)
+    outcome = _wait(_deliver(store, args.user, sys.stdin.buffer))
+    if isinstance(outcome, Failure):
+        if outcome.check(InvalidUserName):
+            raise AdminError(f"user {args.user!r}: {outcome.getErrorMessage()}", EX_NOUSER)
         raise AdminError(
-            f"delivery to {args.user} failed: {result.getErrorMessage()}", EX_TEMPFAIL
+            f"delivery to {args.user} failed: {outcome.getErrorMessage()}", EX_TEMPFAIL
         )
     if args.verbose:
-        print(outcome[0])
+        print(outcome)
     return EX_OK
 
 
-def _stream(writer: Any, source: IO[bytes], outcome: list[object]) -> Any:
-    """Copy C{source} into a store's message writer in chunks; its UIDL or path."""
+@inlineCallbacks
+def _deliver(store: Any, user: str, source: IO[bytes]) -> Any:
+    """Copy C{source} into a delivery to C{user}, in chunks; its path if it has one, or UIDL."""
+    writer = yield maybeDeferred(store.deliverMessage, user)
     try:
         while data := source.read(_CHUNK):
-            _settled(writer.write(data))
-        uid = _settled(writer.commit())
+            yield maybeDeferred(writer.write, data)
+        uid = yield maybeDeferred(writer.commit)
     except BaseException:
-        writer.abort()
+        yield maybeDeferred(writer.abort)
         raise
     delivery = getattr(writer, "delivery", None)
-    outcome.append(getattr(delivery, "path", None) or uid)
-    return uid
+    return getattr(delivery, "path", None) or uid
 
 
-def _settled(result: Any) -> Any:
-    """The value of a store call made with a synchronous thread runner."""
-    if not isinstance(result, Deferred):
-        return result
-    values: list[Any] = []
-    result.addBoth(values.append)
-    if isinstance(values[0], Failure):
-        values[0].raiseException()
-    return values[0]
+def _wait(d: Deferred[Any]) -> Any:
+    """
+    The result (or Failure) of C{d}: at once from a store that answers at
+    once (files, with a synchronous thread runner), else once the reactor,
+    run for this alone, brings it (a store across the network).
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        from twisted.internet import reactor
+
+        d.addBoth(lambda _: reactor.stop())
+        reactor.run()
+    return results[0]
 
 
 # -- check-config ------------------------------------------------------------------

@@ -495,6 +495,8 @@ class Config:
                     f"unknown option {key!r} (known: {', '.join(declared) or 'none'})"
                 )
             values[name] = declared[name].fromFile(value)
+        for name, value in values.items():
+            declared[name].validate(value)
         return values
 
 

@@ -144,22 +144,26 @@ class Setting:
         return self._checked(text)
 
     def fromFile(self, value: Any) -> Any:
-        """A value from the configuration file, type-checked."""
+        """
+        A value from the configuration file, type-checked and normalized; its
+        checks run when the configuration is validated, so reading a file
+        (as C{popserv deliver} does) loads no registry.
+        """
         kind = self.kind
         if kind == BOOL and isinstance(value, bool):
-            return self._checked(value)
+            return value
         if kind == INT and isinstance(value, int) and not isinstance(value, bool):
-            return self._checked(value)
+            return value
         if kind == STR and isinstance(value, str):
-            return self._checked(value)
+            return value
         if kind == DAYS and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return self._checked(_days(value))
+            return _days(value)
         if kind == LIST:
             items = [value] if isinstance(value, str) else value
             if isinstance(items, list) and all(isinstance(v, str) for v in items):
                 if self.split:
                     items = [p.strip() for v in items for p in v.split(self.split) if p.strip()]
-                return self._checked(tuple(items))
+                return tuple(items)
             raise SettingError("must be a list of strings")
         raise SettingError("has the wrong type")
 

@@ -204,6 +204,8 @@ def test_serve_help_lists_every_setting():
 
 def test_deliver_loads_no_tls_metrics_or_hash_library(config, tmp_path):
     """An MTA runs `popserv deliver` once per message: it loads only what delivery needs."""
+    with open(config, "a") as f:  # settings whose checks need TLS and SASL
+        f.write('tls_cert_user = "email"\nsasl_mechanisms = ["PLAIN"]\n')
     code = (
         "import atexit, runpy, sys\n"
         "atexit.register(lambda: print(' '.join(sys.modules), file=sys.stderr))\n"
@@ -242,3 +244,19 @@ def test_check_config_builds_every_source_and_the_store(tmp_path):
     )
     out = popserv("check-config", "--config", str(conf))
     assert out.returncode == 0 and out.stdout == b"configuration OK\n", out
+
+
+def test_deliver_through_any_store_and_passdb(tmp_path):
+    """
+    deliver goes through the store's contract, whether its calls answer with
+    Deferreds (maildir) or at once (memory), and refuses a user no auth
+    source knows, also when they come from --passdb.
+    """
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    conf = tmp_path / "popserv.conf"
+    conf.write_text('mail_location = "memory:"\npassdb = ["passwd-file:passwd"]\n')
+    out = popserv("deliver", "alice", "-v", "--config", str(conf), stdin=b"Subject: x\n\nhi\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(b"mem"), out.stdout  # the memory store's UIDL
+    out = popserv("deliver", "bob", "--config", str(conf), stdin=b"Subject: x\n\nhi\n")
+    assert out.returncode == 67 and b"no user bob" in out.stderr, out
