@@ -496,6 +496,12 @@ def _givenSettings(args: argparse.Namespace) -> dict[str, object]:
     return given
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of workers, 1 or more, not {text!r}")
+    return int(text)
+
+
 def _schemes() -> str:
     from popserv.auth.schemes import HASHING_SCHEMES
 
@@ -569,7 +575,7 @@ def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         "-w",
-        type=int,
+        type=_positive,
         default=os.cpu_count() or 1,
         help="worker processes [default: one per core]",
     )

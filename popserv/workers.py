@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -91,9 +92,22 @@ def _bindTCP(description: str, workers: int) -> list[socket.socket]:
     return sockets
 
 
-def _bindUnix(path: str, backlog: int) -> socket.socket:
-    """A Unix socket at C{path}; a stale one (nobody accepting) is replaced."""
-    if os.path.exists(path):
+def _bindUnix(path: str, options: dict[str, str]) -> socket.socket:
+    """
+    A Unix socket at C{path}, with the C{mode} (octal, as Twisted's C{unix:}
+    endpoint takes it; default 0666) and C{backlog} given. A stale socket
+    (nobody accepting) is replaced; anything else there is left alone.
+    """
+    unknown = set(options) - {"mode", "backlog"}
+    if unknown:
+        raise ValueError(f"unix:{path}: workers take mode= and backlog= only, not {unknown}")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path}: exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -105,7 +119,8 @@ def _bindUnix(path: str, backlog: int) -> socket.socket:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    sock.listen(backlog)
+    os.chmod(path, int(options.get("mode", "666"), 8))
+    sock.listen(int(options.get("backlog", "128")))
     return sock
 
 
@@ -125,7 +140,7 @@ def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
             unix = _UNIX.match(description)
             if unix:
                 options = dict(part.split("=", 1) for part in unix.group(2).split(":")[1:])
-                sock = _bindUnix(unix.group(1), int(options.get("backlog", "128")))
+                sock = _bindUnix(unix.group(1), options)
                 sockets, family, where = [sock] * workers, "UNIX", unix.group(1)
             else:
                 sockets = _bindTCP(description, workers)

@@ -276,6 +276,7 @@ def test_serve_takes_settings_and_shares_unix_and_haproxy(tmp_path):
     try:
         assert ready.wait(30), "".join(lines)
         port = int(re.search(r"listen on haproxy:[\d.]+:(\d+)", "".join(lines)).group(1))
+        assert os.stat(sockPath).st_mode & 0o777 == 0o666  # as twistd's unix: endpoint makes it
         for _ in range(4):  # whichever worker takes it
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(sockPath)
@@ -341,3 +342,15 @@ def test_workers_metrics_on_one_endpoint(tmp_path):
     finally:
         w.stop()
     assert not ours & metricsDirs()
+
+
+def test_unix_listener_path_that_is_no_socket_is_left_alone(tmp_path):
+    """A mistyped unix: path naming a file is refused, and the file kept; --workers 0 too."""
+    server = ServerProcess(tmp_path, {"u": "{PLAIN}pw"}, listen=f"unix:{tmp_path}/passwd")
+    base = [sys.executable, "-m", "popserv", "serve", "--config", str(server.config)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([*base, "--workers", "2"], env=env, capture_output=True, text=True)
+    assert out.returncode == 64 and "exists and is not a socket" in out.stderr, out.stderr
+    assert (tmp_path / "passwd").read_text() == "u:{PLAIN}pw\n"
+    out = subprocess.run([*base, "--workers", "0"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "1 or more" in out.stderr, out.stderr
