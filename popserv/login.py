@@ -143,6 +143,9 @@ class Authorization(CommandPipeline):
     ) -> Deferred[bytes] | bytes:
         _, mailbox, logout = avatar
         self._logout = logout
+        # The auth source's name for the user (a realm of popserv's says it):
+        # the maildrop, the settings and the login record go by it.
+        user = getattr(logout, "avatarId", user)
         if not self.lifecycle.connected:
             self._runLogout()
             return b""

@@ -15,8 +15,9 @@ import pytest
 import scramp
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -583,3 +584,36 @@ def test_apop_timestamp_only_when_some_account_can_use_it(tmp_path, monkeypatch)
     assert b"<" not in connect(factory).greeting  # the last check still stands
     now[0] += checker.recheck / 2
     assert b"<" in connect(factory).greeting
+
+
+@implementer(ICredentialsChecker)
+class CaseFoldingChecker:
+    """An auth source that names its users in lower case, whatever the client typed."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials):
+        if credentials.password != b"pw":
+            return fail(UnauthorizedLogin())
+        return succeed(credentials.username.lower())
+
+
+def test_login_delay_and_session_go_by_the_auth_sources_name():
+    """
+    A source that names the user canonically (ALICE -> alice): the lock, the
+    delay check and the login record all use its name, so typing the name
+    another way does not escape LOGIN-DELAY.
+    """
+    clock = Clock()
+    clock.advance(1_000_000)
+    policy = SessionPolicy(clock, UserSettings(loginDelay=60))
+    factory, store = memoryServer({}, policy=policy, clock=clock, checker=CaseFoldingChecker())
+    client = connect(factory)
+    client.send(b"USER ALICE\r\nPASS pw\r\n")
+    assert client.lines()[-1].startswith(b"+OK Logged in")
+    assert client.protocol.user == "alice" and store.maildrop("alice").locked
+    client.send(b"QUIT\r\n")
+    client = connect(factory)
+    client.send(b"USER alice\r\n")
+    client.output()
+    assert reply(client, b"PASS pw")[0].startswith(b"-ERR [LOGIN-DELAY]")

@@ -48,16 +48,25 @@ class MailboxRealm:
             d = maybeDeferred(self.store.openMailbox, avatarId)
         else:
             d = checked.addCallback(lambda _: self.store.openMailbox(avatarId))
-        return d.addCallback(lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox)))
+        return d.addCallback(
+            lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox, avatarId))
+        )
 
 
 class _LogoutOnce:
-    """The logout callable: closes the mailbox the first time it is called."""
+    """
+    The logout callable: closes the mailbox the first time it is called.
 
-    __slots__ = ("_mailbox",)
+    @ivar avatarId: the user as the auth source named it (which may differ
+        from what the client typed: a canonical spelling), for the protocol
+        to record the login and look the user's settings up under.
+    """
 
-    def __init__(self, mailbox: IMailbox) -> None:
+    __slots__ = ("_mailbox", "avatarId")
+
+    def __init__(self, mailbox: IMailbox, avatarId: str) -> None:
         self._mailbox: IMailbox | None = mailbox
+        self.avatarId = avatarId
 
     def __call__(self) -> None:
         mailbox, self._mailbox = self._mailbox, None
