@@ -104,10 +104,16 @@ class MaildropInUse(POP3Error):
 
 
 class TemporaryFailure(POP3Error):
-    """A problem that retrying later may cure: storage unavailable, I/O error."""
+    """
+    A problem that retrying later may cure: storage unavailable, I/O error.
+
+    @ivar penalize: a login that fails with it still counts as a failed one
+        (a source rejected the password while another was down).
+    """
 
     code = ResponseCode.SYS_TEMP
     text = "Temporary server failure, try again later"
+    penalize = False
 
 
 class PermanentFailure(POP3Error):

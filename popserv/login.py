@@ -199,7 +199,9 @@ class Authorization(CommandPipeline):
             user=user,
             why=failure.getErrorMessage() or failure.type.__name__,
         )
-        return self._penalize(failure) if result == "failed" else failure
+        if result == "failed" or getattr(failure.value, "penalize", False):
+            return self._penalize(failure)
+        return failure
 
     def _penalize(self, failure: Failure) -> Failure | Deferred[bytes]:
         """Answer a failed login late, the later the more failures came from this address."""

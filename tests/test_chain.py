@@ -148,6 +148,27 @@ def test_a_wrong_password_and_a_source_down_give_sys_temp_in_either_order(passwd
         assert login(PassdbChain(sources)) == SYS_TEMP
 
 
+def test_a_wrong_password_beside_a_source_down_is_still_penalized(passwd):
+    """An outage must not switch the failed-login penalty off for wrong passwords."""
+    from twisted.internet.task import Clock
+
+    from popserv.limits import AuthPenalty
+
+    clock = Clock()
+    for sources, penalized in (
+        ([passwd("a", "alice:{PLAIN}old"), DownSource()], True),
+        ([DownSource(), passwd("b", "bob:{PLAIN}b")], False),  # nobody said no
+    ):
+        factory, _ = memoryServer(
+            {}, checker=PassdbChain(sources), clock=clock, penalty=AuthPenalty(clock)
+        )
+        client = connect(factory)
+        client.send(b"USER alice\r\nPASS pw\r\n")
+        assert (client.lines()[-1] != SYS_TEMP) is penalized  # the answer waits 1 s
+        clock.advance(1)
+        assert client.lines()[-1:] == ([SYS_TEMP] if penalized else [])
+
+
 @pytest.mark.parametrize(
     "error",
     [

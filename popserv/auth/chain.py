@@ -48,7 +48,8 @@ _REMEMBERED = 100_000
 
 _log = Logger()
 
-# How a source's failure bears on the outcome, from no bearing to the worst.
+#: What the sources asked so far said, as bits: nothing but unknown user,
+#: a wrong password, a source down.
 _UNKNOWN, _WRONG, _DOWN = 0, 1, 2
 
 
@@ -104,10 +105,14 @@ class PassdbChain:
                 continue
             d = self._timed(maybeDeferred(source.requestAvatarId, credentials))
             return d.addBoth(self._answered, credentials, index, worst, down)
-        if worst == _DOWN:
+        if worst & _DOWN:
             assert down is not None
+            # A wrong password counts as a failed login even if another
+            # source's outage is what the client is told: an outage must not
+            # switch the failed-login penalty off.
+            down.value.penalize = bool(worst & _WRONG)
             return fail(down)
-        return fail(UnauthorizedLogin() if worst == _WRONG else UnknownUser())
+        return fail(UnauthorizedLogin() if worst & _WRONG else UnknownUser())
 
     def _answered(
         self, answer: str | Failure, credentials: Any, index: int, worst: int, down: Failure | None
@@ -123,11 +128,11 @@ class PassdbChain:
         if failure.check(UnknownUser, UnhandledCredentials):
             pass
         elif failure.check(UnauthorizedLogin):
-            worst = max(worst, _WRONG)
+            worst |= _WRONG
         elif failure.check(POP3Error) and not failure.check(TemporaryFailure):
             return failure  # AccountDisabled and the like: the source decided
         else:
-            worst = _DOWN
+            worst |= _DOWN
             generic = self._down(failure, self.sources[index])  # logs every source down
             down = down or generic
         return self._ask(credentials, index + 1, worst, down)

@@ -48,9 +48,7 @@ class MailboxRealm:
             d = maybeDeferred(self.store.openMailbox, avatarId)
         else:
             d = checked.addCallback(lambda _: self.store.openMailbox(avatarId))
-        return d.addCallback(
-            lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox, avatarId))
-        )
+        return d.addCallback(lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox, avatarId)))
 
 
 class _LogoutOnce:
