@@ -36,6 +36,8 @@ __all__ = [
     "authSourceKind",
     "splitSpec",
     "UnknownKind",
+    "DuplicateKind",
+    "forgetPlugins",
 ]
 
 #: A plugin's name: what stands before the colon of a spec.
@@ -44,6 +46,10 @@ _KIND = re.compile(r"[a-z][a-z0-9-]*")
 
 class UnknownKind(ValueError):
     """No plugin of that name is installed; the message lists those that are."""
+
+
+class DuplicateKind(ValueError):
+    """Two installed plugins claim one name; the message names both."""
 
 
 class _IKind(Interface):
@@ -125,15 +131,33 @@ class SourceContext:
     saltKey: bytes | None = None
 
 
+#: The plugins found, by interface: looked for once per process.
+_found: dict[type[Interface], dict[str, Any]] = {}
+
+
 def _plugins(interface: type[Interface]) -> dict[str, Any]:
-    from twisted.plugin import getPlugins
+    found = _found.get(interface)
+    if found is None:
+        from twisted.plugin import getPlugins
 
-    import popserv.plugins
+        import popserv.plugins
 
-    found: dict[str, Any] = {}
-    for plugin in getPlugins(interface, popserv.plugins):
-        found.setdefault(plugin.name, plugin)
+        found = {}
+        for plugin in getPlugins(interface, popserv.plugins):
+            other = found.setdefault(plugin.name, plugin)
+            if other is not plugin:
+                raise DuplicateKind(
+                    f"two plugins are called {plugin.name!r}: "
+                    f"{type(other).__module__}.{type(other).__name__} and "
+                    f"{type(plugin).__module__}.{type(plugin).__name__}"
+                )
+        _found[interface] = found
     return found
+
+
+def forgetPlugins() -> None:
+    """Look for plugins again at the next lookup (after C{sys.path} changed)."""
+    _found.clear()
 
 
 def storeKinds() -> dict[str, Any]:

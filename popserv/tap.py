@@ -47,7 +47,16 @@ def commandLineSettings() -> list[tuple[Setting, bool]]:
     kind's (named C{KIND_OPTION}), with whether it is a plugin's.
     """
     found = [(s, False) for s in SETTINGS]
-    found += [(pluginSetting(plugin, option), True) for plugin, option in pluginSettings()]
+    taken = {spelling for s in SETTINGS for spelling in s.keys}
+    for plugin, option in pluginSettings():
+        declared = pluginSetting(plugin, option)
+        if declared.name in taken:
+            raise ConfigError(
+                f"the {plugin.name} plugin's option {option.name!r} would be "
+                f"--{declared.option}, which is taken"
+            )
+        taken.add(declared.name)
+        found.append((declared, True))
     return found
 
 

@@ -307,3 +307,29 @@ def test_third_party_option_from_the_command_line(thirdParty, tmp_path):
         pop.quit()
     finally:
         stop(proc, lines)
+
+
+def test_two_plugins_of_one_name_are_refused(tmp_path):
+    """A third party's kind named like another is an error naming both, not a coin toss."""
+    plugins = tmp_path / "popserv" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "clash.py").write_text(
+        "from twisted.plugin import IPlugin\n"
+        "from zope.interface import implementer\n"
+        "from popserv.registry import IStoreKind\n"
+        "@implementer(IPlugin, IStoreKind)\n"
+        "class Other:\n"
+        "    name = 'maildir'\n"
+        "    description = options = ''\n"
+        "other = Other()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "from popserv.registry import storeKind; storeKind('maildir')"],
+        env=dict(os.environ, PYTHONPATH=pythonPath(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "two plugins are called 'maildir'" in out.stderr, out.stderr
+    assert "clash.Other" in out.stderr and "MaildirKind" in out.stderr
