@@ -284,3 +284,38 @@ def test_maildir_duplicate_check_reads_names_as_the_listing_does(tmp_path):
         result(writer.commit())
     assert deliver(store, [b"y\n"], uid="foo") == "foo"
     assert "foo" in [i.uid for i in listing(store)]
+
+
+def test_concurrent_deliveries_of_one_uidl_store_it_once(tmp_path):
+    """Two migrations delivering one UIDL at the same moment: one wins, one is refused."""
+    import threading
+
+    from popserv.backends.maildir.delivery import MaildirDelivery, makeMaildir
+    from popserv.interfaces import UIDConflict
+
+    maildir = str(tmp_path / "Maildir")
+    makeMaildir(maildir)
+    for attempt in range(20):
+        uid = f"migrated-{attempt}"
+        deliveries = [MaildirDelivery(maildir, uid) for _ in range(4)]
+        for d in deliveries:
+            d.write(b"Subject: same\r\n\r\nbody\r\n")
+        start = threading.Barrier(len(deliveries))
+        outcomes: list[object] = []
+
+        def commit(d: MaildirDelivery, start=start, outcomes=outcomes) -> None:
+            start.wait()
+            try:
+                outcomes.append(d.commit())
+            except UIDConflict as e:
+                outcomes.append(e)
+
+        threads = [threading.Thread(target=commit, args=(d,)) for d in deliveries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes.count(uid) == 1, outcomes
+        assert sum(isinstance(o, UIDConflict) for o in outcomes) == 3
+    assert len(os.listdir(os.path.join(maildir, "new"))) == 20
+    assert os.listdir(os.path.join(maildir, "tmp")) == []

@@ -11,6 +11,7 @@ It takes no session lock: a rename is atomic for every reader.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 
@@ -22,9 +23,13 @@ from popserv.interfaces import IMessageWriter, UIDConflict
 from popserv.octets import CRLFSizer
 from popserv.threads import RunInThread
 
-__all__ = ["MaildirDelivery", "MaildirWriter", "makeMaildir", "holdsUID"]
+__all__ = ["MaildirDelivery", "MaildirWriter", "makeMaildir", "holdsUID", "UIDL_LOCK_FILE"]
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+#: In a maildrop: the file deliveries with given UIDLs take turns on.
+UIDL_LOCK_FILE = ".popserv.uidl-lock"
 
 
 def makeMaildir(path: str) -> None:
@@ -116,20 +121,37 @@ class MaildirDelivery:
             finally:
                 os.close(fd)
             uid = names.uidFor(self._unique)
-            if self.uid is not None and holdsUID(self.maildir, self.uid):
-                raise UIDConflict(f"UIDL {self.uid!r} is already in {self.maildir}")
             final = os.path.join(
                 self.maildir,
                 "new",
                 names.messageName(self._unique, self._size, self._sizer.size),
             )
-            os.rename(self._temporary, final)
+            if self.uid is None:
+                os.rename(self._temporary, final)
+            else:
+                self._renameUnique(final)
         except BaseException:
             self.abort()
             raise
         self.path = final
         _syncDirectory(os.path.join(self.maildir, "new"))
         return uid
+
+    def _renameUnique(self, final: str) -> None:
+        """
+        Move the message in unless its given UIDL is there already. Deliveries
+        with given UIDLs into one maildrop take turns (a lock on a file of the
+        maildrop's), so two of the same UIDL at once cannot both pass the
+        check; other deliveries need no turn, their UIDLs being new.
+        """
+        lock = os.open(os.path.join(self.maildir, UIDL_LOCK_FILE), _LOCK_FLAGS, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if holdsUID(self.maildir, self.uid):
+                raise UIDConflict(f"UIDL {self.uid!r} is already in {self.maildir}")
+            os.rename(self._temporary, final)
+        finally:
+            os.close(lock)  # releases the lock
 
     def abort(self) -> None:
         """Remove the temporary file (idempotent)."""
