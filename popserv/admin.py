@@ -387,6 +387,8 @@ def cmdUidl(args: argparse.Namespace) -> int:
     from popserv.threads import synchronously
 
     config = _config(args)
+    if config.mail_location and config.store[0] != DEFAULT_STORE:
+        raise AdminError(f"reads Maildirs only, not a {config.store[0]} store", EX_USAGE)
     path = _maildirOf(config, args.user, mustExist=True)
     store = MaildirStore(MailLocation("maildir", path), runInThread=synchronously)
     # Read-only: a scan without taking the lock, so a live session is not disturbed.

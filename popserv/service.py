@@ -21,12 +21,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.realm import MailboxRealm
-from popserv.auth.scramkeys import loadKeyFile, saltKeyForRoot
+from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
 from popserv.build import makeChecker, makeStore
 from popserv.config import Config, ConfigError
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import ILoginMemory, IMailStore
 from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
+from popserv.location import MailLocation
 from popserv.metrics import Metrics, metricsSite
 from popserv.policy import IUserSettingsSource, SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import POP3Factory
@@ -39,7 +40,8 @@ __all__ = [
     "makeFactory",
     "makeService",
     "PopservService",
-    "loadKeyFile",  # popserv.auth.scramkeys's, kept where it was first exported
+    "loadKeyFile",  # popserv.auth.scramkeys's, kept where they were first exported
+    "SCRAM_KEY_FILE",
     "freezeStartupObjects",
 ]
 
@@ -130,9 +132,20 @@ def freezeStartupObjects() -> None:
 
 
 def _saltKey(store: IMailStore) -> bytes | None:
-    """The SCRAM salt key kept beside the store's maildrops, if it keeps them in files."""
+    """
+    The SCRAM salt key kept beside a Maildir store's maildrops, shared by
+    every process serving them; other stores get this process's own key.
+    """
     location = getattr(store, "location", None)
-    return None if location is None else saltKeyForRoot(location.root)
+    if isinstance(location, MailLocation):
+        return saltKeyForRoot(location.root)
+    _log.info(
+        "{store} keeps no shared key for SCRAM's made-up salts: each process uses "
+        "its own, so with several workers or nodes they tell unknown users from "
+        "real ones",
+        store=getattr(store, "description", store),
+    )
+    return None
 
 
 def makeService(

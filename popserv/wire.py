@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# Where they lived before popserv.octets (which storage uses without the wire).
+from popserv.octets import CRLFSizer, crlfSize  # noqa: F401
+
 __all__ = [
     "MAX_COMMAND_LINE",
     "MAX_RESPONSE_LINE",

@@ -30,6 +30,10 @@ from popserv.sasl.base import (
     ScramKeys,
 )
 
+#: The name this module gave the per-process salt key before
+#: L{popserv.auth.scramkeys} owned it.
+PROCESS_KEY = PROCESS_SALT_KEY
+
 __all__ = [
     "ScramSHA1",
     "ScramSHA256",
