@@ -165,10 +165,6 @@ def makeService(
     """
     if reactor is None:
         from twisted.internet import reactor
-    if "listen" in settings and isinstance(settings["listen"], str):
-        settings["listen"] = (settings["listen"],)
-    elif "listen" in settings and settings["listen"] is not None:
-        settings["listen"] = tuple(settings["listen"])
     config = (config or Config()).merged(**settings)
     if portal is None:
         config = config.validated()
