@@ -328,6 +328,16 @@ class Config:
         check=_checkNetworks,
         metavar="CIDR",
     )
+    haproxy_trusted_networks: tuple[str, ...] = setting(
+        DEFAULT_TRUSTED_NETWORKS,
+        "A network (CIDR) of load balancers whose PROXY headers (haproxy: listeners) are "
+        "believed; a connection to a haproxy: listener from anywhere else is closed unread. "
+        "Repeatable.",
+        LIST,
+        aliases=("haproxy_trusted_network",),
+        check=_checkNetworks,
+        metavar="CIDR",
+    )
     metrics: str | None = setting(
         None,
         "Serve Prometheus metrics at /metrics on this endpoint, e.g. "

@@ -24,6 +24,7 @@ from popserv.auth.realm import MailboxRealm
 from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
 from popserv.build import makeChecker, makeStore
 from popserv.config import Config, ConfigError
+from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitProxied
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import ILoginMemory, IMailStore
 from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
@@ -178,15 +179,37 @@ def makeService(
         # Implicit TLS (RFC 8314): the same context as STLS, so both reload together.
         wrapped = TLSMemoryBIOFactory(factory.tls, False, factory)
         listeners += [(d, wrapped) for d in config.listen_tls]
+    trusted = TrustedPeers(config.haproxy_trusted_networks)
     for description, serving in listeners:
-        try:
-            endpoint = endpoints.serverFromString(reactor, description)
-        except Exception as e:  # endpoint parsers raise all sorts
-            raise ConfigError(f"listen: bad endpoint {description!r}: {e!r}") from None
+        endpoint, serving = _endpoint(reactor, description, serving, trusted)
         service = StreamServerEndpointService(endpoint, serving)
         service._raiseSynchronously = True  # fail twistd start-up on a busy port
         service.setServiceParent(top)
     return top
+
+
+def _endpoint(
+    reactor: Any, description: str, serving: Any, trusted: TrustedPeers
+) -> tuple[Any, Any]:
+    """
+    The endpoint of C{description} and the factory to listen with there. A
+    C{haproxy:} endpoint is popserv's own PROXY wrapper (L{ProxyWrappingFactory})
+    around C{serving}, outside its TLS layer if it has one: the greeting waits
+    for the client's address, and only C{trusted} peers may send one.
+    """
+    proxied, inner = splitProxied(description)
+    if proxied and inner.startswith("ssl:"):
+        raise ConfigError(
+            f"listen: {description!r} would expect the PROXY header inside TLS, which "
+            f"HAProxy does not send; use --listen-tls {PREFIX}tcp:... for implicit TLS"
+        )
+    try:
+        endpoint = endpoints.serverFromString(reactor, inner)
+    except Exception as e:  # endpoint parsers raise all sorts
+        raise ConfigError(f"listen: bad endpoint {description!r}: {e!r}") from None
+    if proxied:
+        serving = ProxyWrappingFactory(serving, trusted, reactor)
+    return endpoint, serving
 
 
 class PopservService(MultiService):

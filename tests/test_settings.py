@@ -58,6 +58,11 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
     "tls_cert_user": (["--tls-cert-user", "email"], "email", "email"),
     "plaintext_auth": (["--plaintext-auth", "always"], "always", "always"),
     "trusted_networks": (["--trusted-networks", "10.0.0.0/8"], ["10.0.0.0/8"], ("10.0.0.0/8",)),
+    "haproxy_trusted_networks": (
+        ["--haproxy-trusted-networks", "10.0.0.0/8"],
+        ["10.0.0.0/8"],
+        ("10.0.0.0/8",),
+    ),
     "metrics": (["--metrics", "tcp:9110"], "tcp:9110", "tcp:9110"),
     "logout_format": (["--logout-format", "bye {user}"], "bye {user}", "bye {user}"),
     "shutdown_grace": (["--shutdown-grace", "5"], 5, 5),
