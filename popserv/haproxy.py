@@ -202,6 +202,7 @@ class ProxyWrappingFactory(HAProxyWrappingFactory):
     """
 
     protocol = ProxyHeaderWrapper
+    noisy = False  # the listener's own start line says it all
 
     def __init__(
         self,

@@ -115,7 +115,7 @@ class ServerProcess:
             assert self.proc is not None and self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.output.append(line)
-                m = re.search(r"POP3Factory (\(TLS\) )?starting on (\d+)", line)
+                m = re.search(r"POP3Factory (\(TLS\) )?(?:\(PROXY\) )?starting on (\d+)", line)
                 if m:
                     if m.group(1):
                         self.tlsPort = int(m.group(2))
