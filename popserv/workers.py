@@ -135,7 +135,7 @@ def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
     ):
         for description in descriptions:
             prefix = ""
-            if description.startswith("haproxy:") and option == "--listen":
+            if description.startswith("haproxy:") and option != "--metrics":
                 prefix, description = "haproxy:", description.removeprefix("haproxy:")
             unix = _UNIX.match(description)
             if unix:
