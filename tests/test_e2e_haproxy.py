@@ -173,3 +173,16 @@ def test_direct_connection_from_untrusted_peer_is_closed(tmp_path):
         assert "session end" not in srv.log
     finally:
         srv.stop()
+
+
+def test_example_configuration_is_valid():
+    """etc/haproxy.cfg, as the docs point to it, is one HAProxy accepts."""
+    import subprocess
+
+    from support import REPO
+
+    haproxy = requireHAProxy()
+    check = subprocess.run(
+        [haproxy, "-c", "-f", str(REPO / "etc" / "haproxy.cfg")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
