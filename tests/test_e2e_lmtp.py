@@ -173,3 +173,32 @@ def test_store_down_is_temporary(server):
     while "LMTP delivery to broken@example.org failed" not in server.log:
         assert time.time() < deadline, server.log
         time.sleep(0.05)
+
+
+def test_workers_share_the_lmtp_listeners(tmp_path):
+    """`popserv serve --workers 2`: both LMTP listeners are bound once and shared."""
+    from test_workers import Workers
+
+    sock = tmp_path / "lmtp.sock"
+    w = Workers(
+        tmp_path,
+        {"alice@example.org": "{PLAIN}wonderland"},
+        count=2,
+        extra=f'lmtp = ["unix:{sock}", "tcp:0:interface=127.0.0.1"]\n'
+        'plaintext_auth = "always"\n',
+    )
+    try:
+        output = "".join(w.lines)
+        port = int(re.search(r"popserv: lmtp on [\d.]+:(\d+)", output).group(1))
+        assert f"popserv: lmtp on {sock}" in output
+        clients = [smtplib.LMTP(str(sock)) for _ in range(3)]
+        clients += [smtplib.LMTP("127.0.0.1", port) for _ in range(3)]
+        for n, client in enumerate(clients):
+            client.ehlo("mta.test")
+            _, final = transaction(client, ["alice@example.org"], b"Subject: %d\r\n\r\n" % n)
+            assert final == [(250, b"2.0.0 <alice@example.org> Saved")]
+            client.quit()
+        w.server.port = w.port
+        assert len(retrieve(w.server, "alice@example.org", "wonderland")) == 6
+    finally:
+        w.stop()

@@ -298,3 +298,27 @@ def test_data_decoder_any_chunking(seed):
 
 def test_data_decoder_empty_message():
     assert DataDecoder().feed(b".\r\n") == (b"", b"")
+
+
+def test_passwd_quota_fields():
+    from popserv.auth.passwdfile import parsePasswdFile
+
+    problems: list[str] = []
+    users = parsePasswdFile(
+        "a:{PLAIN}x::::::userdb_quota_bytes=5 quota_messages=0\nb:{PLAIN}x::::::quota_bytes=1k\n",
+        problems=problems,
+    )
+    assert users["a"].settings == {"quotaBytes": 5, "quotaMessages": 0}
+    assert "b" not in users and "quota_bytes must be a whole number" in problems[0]
+
+
+def test_unlistable_source_lets_recipients_through():
+    """A source that cannot tell whether a user exists does not refuse anyone."""
+    from twisted.cred.checkers import AllowAnonymousAccess
+
+    store = MemoryStore()
+    proto, t, _ = connect(store, AllowAnonymousAccess())
+    said(t)
+    assert send(proto, t, b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<anyone@x>\r\n")[-1] == (
+        "250 2.1.5 Recipient OK"
+    )
