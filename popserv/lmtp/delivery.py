@@ -44,7 +44,9 @@ class Reply:
     text: str
 
     def line(self) -> bytes:
-        return f"{self.code} {self.status} {self.text}\r\n".encode("utf-8", "replace")
+        """The reply as sent (a reply without an enhanced code: 220, 354)."""
+        status = f" {self.status}" if self.status else ""
+        return f"{self.code}{status} {self.text}\r\n".encode("utf-8", "replace")
 
 
 class Refusal(Exception):

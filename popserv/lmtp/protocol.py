@@ -116,8 +116,7 @@ class LMTPProtocol(LineReceiver, TimeoutMixin):
 
     def _reply(self, reply: Reply) -> None:
         if not self._lost:
-            status = f" {reply.status}" if reply.status else ""
-            self.transport.write(f"{reply.code}{status} {reply.text}\r\n".encode())
+            self.transport.write(reply.line())
 
     def timeoutConnection(self) -> None:
         self._reply(Reply(421, "4.4.2", f"{self.factory.hostname} Timeout, closing"))
