@@ -184,8 +184,7 @@ def test_workers_share_the_lmtp_listeners(tmp_path):
         tmp_path,
         {"alice@example.org": "{PLAIN}wonderland"},
         count=2,
-        extra=f'lmtp = ["unix:{sock}", "tcp:0:interface=127.0.0.1"]\n'
-        'plaintext_auth = "always"\n',
+        extra=f'lmtp = ["unix:{sock}", "tcp:0:interface=127.0.0.1"]\nplaintext_auth = "always"\n',
     )
     try:
         output = "".join(w.lines)
