@@ -303,7 +303,7 @@ def checkConfig(config: Config) -> list[str]:
     except ConfigError as e:
         return [str(e)]
     metrics = (config.metrics,) if config.metrics else ()
-    for description in (*config.listen, *config.listen_tls, *metrics):
+    for description in (*config.listen, *config.listen_tls, *metrics, *config.lmtp):
         try:
             endpoints.serverFromString(reactor, description)
         except Exception as e:  # endpoint parsers raise all sorts

@@ -193,6 +193,19 @@ class Config:
         LIST,
         metavar="ENDPOINT",
     )
+    lmtp: tuple[str, ...] = setting(
+        (),
+        "Take deliveries over LMTP (RFC 2033) on this endpoint, into the mail location; "
+        "repeatable (e.g. unix:/run/popserv/lmtp, tcp:24:interface=127.0.0.1).",
+        LIST,
+        metavar="ENDPOINT",
+    )
+    lmtp_max_size: int = setting(
+        0,
+        "The largest message LMTP accepts, in octets (announced with SIZE); 0 for no limit.",
+        INT,
+        check=_atLeast(0),
+    )
     passwd: str | None = setting(
         None,
         "Passwd-file: lines of user:{SCHEME}secret, SCHEME one of {choices}. Re-read when it "

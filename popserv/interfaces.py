@@ -24,6 +24,8 @@ __all__ = [
     "IMailbox",
     "IMailStore",
     "ILoginMemory",
+    "IMaildropUsage",
+    "IUserDirectory",
     "validUID",
     "InvalidUID",
     "UIDConflict",
@@ -200,3 +202,27 @@ class ILoginMemory(Interface):
 
     def recordLogin(user: str, when: float) -> None | Deferred[None]:
         """Record a login of C{user} at POSIX time C{when}."""
+
+
+class IMaildropUsage(Interface):
+    """
+    What a maildrop holds now, for quotas enforced at delivery (LMTP). A
+    store may provide it; without it, quotas are not enforced.
+    """
+
+    def usage(user: str) -> tuple[int, int] | Deferred[tuple[int, int]]:
+        """
+        C{(messages, octets)} in C{user}'s maildrop now (octets: the sum of
+        the listed, exact RETR sizes); C{(0, 0)} for a maildrop not made yet.
+        Cheap: from what the store keeps, not by reading every message.
+        """
+
+
+class IUserDirectory(Interface):
+    """
+    An auth source that can tell whether a user exists without a password:
+    LMTP refuses mail for unknown recipients with it.
+    """
+
+    def knowsUser(user: str) -> bool | None | Deferred[bool | None]:
+        """Whether C{user} is an account of this source; None if it cannot tell."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -28,6 +29,7 @@ from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitPro
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import ILoginMemory, IMailStore
 from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
+from popserv.lmtp import Deliverer, LMTPFactory
 from popserv.location import MailLocation
 from popserv.metrics import Metrics, metricsSite
 from popserv.policy import IUserSettingsSource, SessionPolicy, UserSettings, parseExpire
@@ -174,6 +176,9 @@ def makeService(
     listeners: list[tuple[str, Any]] = [(d, factory) for d in config.listen]
     if factory.metrics is not None and config.metrics:
         listeners.append((config.metrics, metricsSite(factory.metrics)))
+    if config.lmtp:
+        lmtp = _lmtpFactory(config, factory, reactor)
+        listeners += [(d, lmtp) for d in config.lmtp]
     if config.listen_tls:
         assert factory.tls is not None
         # Implicit TLS (RFC 8314): the same context as STLS, so both reload together.
@@ -210,6 +215,18 @@ def _endpoint(
     if proxied:
         serving = ProxyWrappingFactory(serving, trusted, reactor)
     return endpoint, serving
+
+
+def _lmtpFactory(config: Config, factory: POP3Factory, reactor: Any) -> LMTPFactory:
+    """LMTP into the POP3 server's own store, recipients checked by its auth sources."""
+    realm = factory.portal.realm
+    store = getattr(realm, "store", None)
+    if store is None:
+        raise ConfigError("lmtp: needs the portal's realm to have a store (a MailboxRealm)")
+    checkers = factory.portal.checkers
+    checker = next(iter(checkers.values())) if len(set(checkers.values())) == 1 else None
+    deliverer = Deliverer(store, checker, config.hostname or socket.getfqdn())
+    return LMTPFactory(deliverer, reactor, config.hostname, maxSize=config.lmtp_max_size)
 
 
 class PopservService(MultiService):

@@ -132,6 +132,7 @@ def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
         ("--listen", config.listen),
         ("--listen-tls", config.listen_tls),
         ("--metrics", metrics),
+        ("--lmtp", config.lmtp),
     ):
         for description in descriptions:
             prefix = ""
@@ -155,7 +156,7 @@ def bindListeners(config: Config, workers: int) -> list[list[Listener]]:
 
 
 #: Settings the supervisor turns into each worker's own.
-_PER_WORKER = ("listen", "listen_tls", "metrics")
+_PER_WORKER = ("listen", "listen_tls", "metrics", "lmtp")
 
 
 def workerArgv(

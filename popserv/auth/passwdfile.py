@@ -4,7 +4,8 @@ A cred checker over a Dovecot-compatible passwd-file.
 Each line is C{user:{SCHEME}secret[:uid:gid:gecos:home:shell:extra]}; blank
 lines and lines starting with C{#} are ignored. Of the further fields only
 the extra fields (space-separated) are read: C{login_delay=N},
-C{expire=N|NEVER} (also with Dovecot's C{userdb_} prefix) and C{nologin}.
+C{expire=N|NEVER}, C{quota_bytes=N}, C{quota_messages=N} (also with
+Dovecot's C{userdb_} prefix) and C{nologin}.
 The file is re-read when it changes on disk, so adding a user needs no restart.
 """
 
@@ -34,6 +35,7 @@ from popserv.auth.scramkeys import (
     stableSalt,
 )
 from popserv.errors import AccountDisabled, UnknownUser
+from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.threads import RunInThread, reactorThreads
 
@@ -52,6 +54,10 @@ class PasswdEntry:
     disabled: bool = False
 
 
+#: Quota fields (enforced at LMTP delivery) and their settings' names.
+_QUOTAS = {"quota_bytes": "quotaBytes", "quota_messages": "quotaMessages"}
+
+
 def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
     settings: dict[str, Any] = {}
     disabled = False
@@ -64,6 +70,10 @@ def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
             settings["loginDelay"] = int(value)
         elif key == "expire":
             settings["expire"] = parseExpire(value)
+        elif key in _QUOTAS:
+            if not (value.isascii() and value.isdigit()):
+                raise ValueError(f"{key} must be a whole number (0: no limit)")
+            settings[_QUOTAS[key]] = int(value)
     return settings, disabled
 
 
@@ -104,7 +114,7 @@ def parsePasswdFile(
     return users
 
 
-@implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource)
+@implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource, IUserDirectory)
 class PasswdFileChecker:
     """
     Checks USER/PASS and SASL PLAIN/LOGIN (L{IUsernamePassword}), APOP and
@@ -207,6 +217,11 @@ class PasswdFileChecker:
         """The user names currently in the file."""
         self._load()
         return frozenset(self._users)
+
+    def knowsUser(self, user: str) -> bool:
+        """Whether C{user} has a line in the file now (L{IUserDirectory})."""
+        self._load()
+        return user in self._users
 
     # -- ICredentialsChecker ---------------------------------------------------
 

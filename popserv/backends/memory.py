@@ -14,6 +14,7 @@ from zope.interface import implementer
 from popserv.errors import MaildropInUse, MessageVanished
 from popserv.interfaces import (
     IMailbox,
+    IMaildropUsage,
     IMailStore,
     IMessageReader,
     IMessageWriter,
@@ -128,7 +129,7 @@ class MemoryMailbox:
             self._maildrop.locked = False
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, IMaildropUsage)
 class MemoryStore:
     """Maildrops by user name; a user without one gets an empty maildrop."""
 
@@ -158,3 +159,10 @@ class MemoryStore:
 
     def listMaildrops(self) -> list[str]:
         return sorted(self.maildrops)
+
+    def usage(self, user: str) -> tuple[int, int]:
+        """C{(messages, octets)} in C{user}'s maildrop (L{IMaildropUsage})."""
+        drop = self.maildrops.get(user)
+        if drop is None:
+            return (0, 0)
+        return (len(drop.messages), sum(crlfSize(m) for m in drop.messages.values()))

@@ -37,6 +37,7 @@ from popserv.errors import InvalidUserName, MessageVanished, PermanentFailure
 from popserv.interfaces import (
     ILoginMemory,
     IMailbox,
+    IMaildropUsage,
     IMailStore,
     IMessageReader,
     InvalidUID,
@@ -89,23 +90,7 @@ class MaildirMailbox:
         self._moved: dict[str, str] | None = None  # made when a file is found renamed
 
     def listMessages(self) -> Deferred[tuple[MessageInfo, ...]]:
-        # Two stat calls tell whether the cached listing still holds; only a
-        # real scan (which may read many files) goes to a thread.
-        cached = scan.cachedListing(self.path, self._store.peekCache(self.path))
-        if cached is not None:
-            return succeed(cached)
-        return self._store.runInThread(self._scan)
-
-    def _scan(self) -> tuple[MessageInfo, ...]:
-        cache = self._store.cacheFor(self.path)
-        infos, stamps = scan.listing(self.path, cache)
-        if len(infos) < self._store.cacheThreshold:
-            # Small maildrops are cheap to list again (their index is on disk):
-            # holding many of them in memory would cost more than it saves.
-            self._store.forget(self.path)
-        elif stamps is not None and stamps == scan.stamps(self.path):
-            cache.listing = (stamps, infos)
-        return infos
+        return self._store.listing(self.path)
 
     def _current(self, info: MessageInfo) -> str:
         if self._moved is None:
@@ -191,7 +176,11 @@ class MaildirMailbox:
             self._store.locks.release(self.path)
 
 
-@implementer(IMailStore, ILoginMemory)
+def _usage(infos: Sequence[MessageInfo]) -> tuple[int, int]:
+    return len(infos), sum([info.size for info in infos])
+
+
+@implementer(IMailStore, ILoginMemory, IMaildropUsage)
 class MaildirStore:
     """
     Maildrops found by expanding a L{MailLocation} for each user.
@@ -271,6 +260,40 @@ class MaildirStore:
         self._ensure(path)
         os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
         return MaildirWriter(MaildirDelivery(path, uid, received), self.runInThread)
+
+    def listing(self, path: str) -> Deferred[tuple[MessageInfo, ...]]:
+        """The messages of the maildrop at C{path}, from the cache if it still holds."""
+        # Two stat calls tell whether the cached listing still holds; only a
+        # real scan (which may read many files) goes to a thread.
+        cached = scan.cachedListing(path, self.peekCache(path))
+        if cached is not None:
+            return succeed(cached)
+        return self.runInThread(self._scan, path)
+
+    def _scan(self, path: str) -> tuple[MessageInfo, ...]:
+        cache = self.cacheFor(path)
+        infos, stamps = scan.listing(path, cache)
+        if len(infos) < self.cacheThreshold:
+            # Small maildrops are cheap to list again (their index is on disk):
+            # holding many of them in memory would cost more than it saves.
+            self.forget(path)
+        elif stamps is not None and stamps == scan.stamps(path):
+            cache.listing = (stamps, infos)
+        return infos
+
+    def usage(self, user: str) -> Deferred[tuple[int, int]]:
+        """
+        C{(messages, octets)} in C{user}'s maildrop (L{IMaildropUsage}), from
+        the listing a session would get: cached, and extended by the names of
+        new deliveries (their C{,W=} size), so no message is read again.
+        """
+        try:
+            path = self.location.expand(user)
+        except Exception:
+            return fail()
+        if not os.path.lexists(path):
+            return succeed((0, 0))
+        return self.listing(path).addCallback(_usage)
 
     def listMaildrops(self) -> Deferred[list[str]]:
         """The users with a maildrop under the location (see L{maildropUsers})."""
