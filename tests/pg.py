@@ -7,9 +7,10 @@ initdb and postgres refuse to run as root, and CI runs as root: then they
 run as the C{postgres} user, in directories it owns. Without the binaries the
 tests that need them skip, unless C{CI} is set: then they fail.
 
-Use it from a test module with C{from pg import postgresql  # noqa: F401}
-(a session-scoped fixture), or the function-scoped C{pgdatabase}, a fresh
-empty database for one test.
+tests/conftest.py makes its fixtures available to every test: C{postgresql}
+(session-scoped: a L{PostgreSQL}, with C{uri}, C{stop()}, C{start()} and
+C{newDatabase()}), and C{pgdatabase}, the URI of a fresh empty database for
+one test.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import poplib
 import time
 
 import pytest
-from pg import pgdatabase, postgresql  # noqa: F401
 from test_pgsql import deliver, initialized, listing, makeStore, result
 
 from popserv.errors import MaildropInUse
@@ -21,7 +20,7 @@ MSG2 = b"From: b@example.org\r\nSubject: two\r\n\r\n" + b"line\r\n" * 100_000
 
 
 @pytest.fixture
-def pgserver(tmp_path, pgdatabase):  # noqa: F811
+def pgserver(tmp_path, pgdatabase):
     """popserv on a fresh database, users alice and bob ({PLAIN} passwords)."""
     initialized(pgdatabase)
     server = ServerProcess(tmp_path, {"alice": "{PLAIN}wonderland", "bob": "{PLAIN}builder"})
@@ -94,7 +93,7 @@ def test_second_session_gets_in_use(pgserver):
     eventually(lambda: login(pgserver)).quit()
 
 
-def test_database_down_gives_sys_temp_then_recovers(pgserver, postgresql):  # noqa: F811
+def test_database_down_gives_sys_temp_then_recovers(pgserver, postgresql):
     deliver(pgserver.store, [MSG1])
     login(pgserver).quit()  # the pool and the lock connection are in use
     postgresql.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-from pg import pgdatabase, postgresql  # noqa: F401
 from test_store_contract import (  # noqa: F401 (run here again, for pgsql)
     deliver,
     listing,
@@ -59,14 +58,14 @@ class Pgsql:
 
 
 @pytest.fixture
-def kind(pgdatabase):  # noqa: F811
+def kind(pgdatabase):
     kind = Pgsql(pgdatabase)
     yield kind
     kind.store.close()
 
 
 @pytest.fixture
-def store(pgdatabase):  # noqa: F811
+def store(pgdatabase):
     store = makeStore(initialized(pgdatabase))
     yield store
     store.close()
@@ -75,7 +74,7 @@ def store(pgdatabase):  # noqa: F811
 # -- schema ----------------------------------------------------------------------------
 
 
-def test_db_commands(pgdatabase, capsys):  # noqa: F811
+def test_db_commands(pgdatabase, capsys):
     location = ["--mail-location", f"pgsql:{pgdatabase}"]
     assert main(["db", "status", *location]) == 1
     assert "schema version 0" in capsys.readouterr().out
@@ -88,7 +87,7 @@ def test_db_commands(pgdatabase, capsys):  # noqa: F811
     assert main(["db", "status", "--mail-location", "maildir:/tmp/x"]) == 64
 
 
-def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):  # noqa: F811
+def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):
     (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
     config = tmp_path / "popserv.conf"
     config.write_text(f'passwd = "passwd"\nmail_location = "pgsql:{pgdatabase}"\n')
@@ -104,7 +103,7 @@ def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):  # noq
     assert "cannot reach the database" in capsys.readouterr().out
 
 
-def test_deliver_command(pgdatabase, monkeypatch, capsys):  # noqa: F811
+def test_deliver_command(pgdatabase, monkeypatch, capsys):
     import io
 
     initialized(pgdatabase)
@@ -149,7 +148,7 @@ def test_update_removes_exactly_the_marked_messages(store):
     )
 
 
-def test_missing_maildrop_is_refused_without_create(pgdatabase):  # noqa: F811
+def test_missing_maildrop_is_refused_without_create(pgdatabase):
     strict = makeStore(initialized(pgdatabase), createMissing=False)
     try:
         with pytest.raises(PermanentFailure):
@@ -171,7 +170,7 @@ def test_list_maildrops_and_login_memory(store):
     assert result(store.lastLogin("bob")) == 1_700_000_001.5
 
 
-def test_lock_in_one_process_and_across_processes(store, pgdatabase):  # noqa: F811
+def test_lock_in_one_process_and_across_processes(store, pgdatabase):
     first = result(store.openMailbox("alice"))
     with pytest.raises(MaildropInUse):  # same process: its own set of held maildrops
         result(store.openMailbox("alice"))
@@ -186,7 +185,7 @@ def test_lock_in_one_process_and_across_processes(store, pgdatabase):  # noqa: F
         other.close()
 
 
-def test_lock_of_a_killed_process_frees_itself(store, pgdatabase):  # noqa: F811
+def test_lock_of_a_killed_process_frees_itself(store, pgdatabase):
     import subprocess
     import time
 
@@ -223,7 +222,7 @@ def test_lock_of_a_killed_process_frees_itself(store, pgdatabase):  # noqa: F811
             time.sleep(0.05)
 
 
-def test_database_down_is_a_temporary_failure_then_recovers(postgresql, pgdatabase):  # noqa: F811
+def test_database_down_is_a_temporary_failure_then_recovers(postgresql, pgdatabase):
     store = makeStore(initialized(pgdatabase), timeout=1)
     try:
         deliver(store, [b"kept\n"])

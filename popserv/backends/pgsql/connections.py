@@ -8,9 +8,9 @@ Every failure to reach the database becomes L{TemporaryFailure}
 (within C{timeout}), nothing is changed, and the pool connects again by
 itself when the database is back. Connections broken by a restart are
 found when next used: the pool is then checked and the work retried once on
-a fresh connection (every piece of work here is one transaction, so a retry
-after a failure repeats nothing that was committed, except a removal, which
-is idempotent).
+a fresh connection (every piece of work here is one statement or one
+transaction, so a retry after a failure repeats nothing that was committed,
+except a removal or an upsert, which are idempotent).
 
 The URI is passed to libpq untouched; TCP keepalives and a connect timeout
 are added only where it says nothing of them.
@@ -90,6 +90,9 @@ class Database:
             reconnect_timeout=max(30.0, timeout),
             open=False,
             name="popserv",
+            # A query alone is its own transaction: one round trip, no
+            # BEGIN and COMMIT around it (see run's transaction).
+            kwargs={"autocommit": True},
         )
         self.pool.open(wait=False)
 
@@ -102,10 +105,11 @@ class Database:
         except psycopg.Error as e:
             raise self.failure(e) from e
 
-    def run(self, work: Callable[..., T], *args: Any) -> T:
+    def run(self, work: Callable[..., T], *args: Any, transaction: bool = False) -> T:
         """
-        C{work(connection, *args)} in one transaction on a pooled connection
-        (call from a thread). Unreachable: L{TemporaryFailure}.
+        C{work(connection, *args)} on a pooled connection (call from a
+        thread): each statement on its own, or, if C{transaction}, all in one
+        transaction. Unreachable: L{TemporaryFailure}.
         """
         import psycopg
 
@@ -113,6 +117,8 @@ class Database:
             try:
                 with self.pool.connection() as conn:
                     try:
+                        if not transaction:
+                            return work(conn, *args)
                         with conn.transaction():
                             return work(conn, *args)
                     except psycopg.OperationalError:
@@ -130,15 +136,29 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def getconn(self) -> Any:
-        """A pooled connection for a long task (a delivery); give it back with L{putconn}."""
+        """
+        A pooled connection for a long transaction (a delivery), not in
+        autocommit mode; give it back with L{putconn}.
+        """
         try:
-            return self.pool.getconn()
+            conn = self.pool.getconn()
+            try:
+                conn.autocommit = False
+            except Exception:
+                self.pool.putconn(conn)
+                raise
+            return conn
         except Exception as e:
             if unreachable(e):
                 raise self.failure(e) from e
             raise
 
     def putconn(self, conn: Any) -> None:
+        """Give back a connection of L{getconn}, its transaction ended."""
+        try:
+            conn.autocommit = True
+        except Exception:
+            conn.close()  # broken: the pool drops it
         self.pool.putconn(conn)
 
     def failure(self, error: BaseException) -> TemporaryFailure:

@@ -68,13 +68,21 @@ class PgDelivery:
         self._id: int | None = None
 
     def begin(self) -> None:
-        conn = self.database.getconn()
-        try:
-            self._id = conn.execute("SELECT nextval('messages_id_seq')").fetchone()[0]
-        except Exception as e:
-            self.database.putconn(conn)
-            raise self._failure(e) from e
-        self._conn = conn
+        import psycopg
+
+        for attempt in (1, 2):
+            conn = self.database.getconn()
+            try:
+                self._id = conn.execute("SELECT nextval('messages_id_seq')").fetchone()[0]
+            except Exception as e:
+                broken = isinstance(e, psycopg.OperationalError) and conn.broken
+                self.database.putconn(conn)
+                if attempt == 1 and broken:  # stale after a database restart
+                    self.database.pool.check()
+                    continue
+                raise self._failure(e) from e
+            self._conn = conn
+            return
 
     def write(self, data: bytes) -> None:
         self._sizer.feed(data)
