@@ -104,7 +104,7 @@ def test_database_down_gives_sys_temp_then_recovers(pgserver, postgresql):
             login(pgserver, "bob", "builder")
     finally:
         postgresql.start()
-    pop = login(pgserver)  # no restart of popserv
+    pop = eventually(lambda: login(pgserver), timeout=10)  # no restart of popserv
     assert pop.stat()[0] == 1
     pop.quit()
     assert pgserver.proc.poll() is None

@@ -1,6 +1,6 @@
 """
 Connections to the PostgreSQL store's database: one bounded
-L{psycopg_pool.ConnectionPool} per process, used only from threads (the
+C{psycopg_pool.ConnectionPool} per process, used only from threads (the
 bounded pool the store's C{runInThread} runs on), never from the reactor.
 
 Every failure to reach the database becomes L{TemporaryFailure}
@@ -85,9 +85,11 @@ class Database:
             min_size=1,
             max_size=max(1, size),
             timeout=timeout,
-            # A database that is down is retried by the pool for good; the
-            # callers meanwhile fail after `timeout`.
-            reconnect_timeout=max(30.0, timeout),
+            # While the database is down the pool retries with a doubling
+            # delay; giving up after `timeout` keeps that delay short, and
+            # the next caller starts a new attempt at once: a database that
+            # is back is used again within about `timeout` seconds.
+            reconnect_timeout=max(1.0, timeout),
             open=False,
             name="popserv",
             # A query alone is its own transaction: one round trip, no
