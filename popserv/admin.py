@@ -6,6 +6,7 @@ C{popserv}: the administrator's command (also C{python -m popserv})::
     popserv deliver USER < message            deliver into the mail store (MDA)
     popserv check-config --config FILE        report every problem, one a line
     popserv uidl USER --config FILE           the UIDLs the server would serve
+    popserv db init|upgrade|status ...        the database schema of a pgsql: store
     popserv serve --workers N [OPTIONS]       N worker processes on shared sockets
     popserv selfsigned DIR [HOST...]          a self-signed certificate to try TLS
 
@@ -309,9 +310,11 @@ def checkConfig(config: Config) -> list[str]:
         except Exception as e:  # endpoint parsers raise all sorts
             problems.append(f"listen: bad endpoint {description!r}: {e!r}")
     try:
-        makeStore(config, synchronously)
+        store = makeStore(config, synchronously)
     except ConfigError as e:
         problems.append(str(e))
+    else:
+        problems += _storeProblems(store)
     if config.passdb:  # the passwd shorthand is read below, user by user
         try:
             makeChecker(replace(config, passwd=None), reactor, synchronously)
@@ -320,6 +323,20 @@ def checkConfig(config: Config) -> list[str]:
     if config.passwd:
         problems += _passwdProblems(config)
     return problems + _tlsProblems(config)
+
+
+def _storeProblems(store: Any) -> list[str]:
+    """A store that can say how it is (a database: reached, its schema) says it."""
+    status = getattr(store, "status", None)
+    if status is None:
+        return []
+    try:
+        print(f"mail_location: {status()}")
+        return []
+    except Exception as e:
+        return [f"mail_location: {e.args[0] if e.args else e!r}"]
+    finally:
+        getattr(store, "close", lambda: None)()
 
 
 def _passwdProblems(config: Config) -> list[str]:
@@ -397,6 +414,38 @@ def cmdUidl(args: argparse.Namespace) -> int:
     mailbox.listMessages().addBoth(results.append)
     for number, info in enumerate(results[0], 1):  # type: ignore[arg-type]
         print(f"{number} {info.uid}" + (f" {info.size}" if args.sizes else ""))
+    return EX_OK
+
+
+# -- db ----------------------------------------------------------------------------------
+
+
+def cmdDb(args: argparse.Namespace) -> int:
+    """Create, upgrade or report the schema of the mail location's database."""
+    config = _config(args)
+    kind, uri = config.store if config.mail_location else ("", "")
+    if kind != "pgsql":
+        raise AdminError("needs --mail-location pgsql:URI (or a configuration with one)", EX_USAGE)
+    import psycopg
+
+    from popserv.backends.pgsql.connections import connectionInfo
+    from popserv.backends.pgsql.schema import CURRENT, SchemaError, migrate, schemaVersion
+
+    try:
+        with psycopg.connect(connectionInfo(uri), autocommit=True) as conn:
+            if args.action == "status":
+                version = schemaVersion(conn)
+                state = "up to date" if version == CURRENT else f"this popserv needs {CURRENT}"
+                print(f"schema version {version} ({state})")
+                return EX_OK if version == CURRENT else EX_PROBLEMS
+            if args.action == "init" and schemaVersion(conn) > 0:
+                raise AdminError("the schema exists already: use popserv db upgrade")
+            before, after = migrate(conn)
+    except psycopg.OperationalError as e:
+        raise AdminError(f"cannot reach the database: {str(e).strip()}", EX_TEMPFAIL) from None
+    except SchemaError as e:
+        raise AdminError(str(e)) from None
+    print(f"schema version {after}" + (f" (was {before})" if before != after else " (unchanged)"))
     return EX_OK
 
 
@@ -564,6 +613,18 @@ def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
     uidl = command("uidl", cmdUidl, "print the UIDLs the server would serve a user")
     uidl.add_argument("user")
     uidl.add_argument("--sizes", action="store_true", help="also print each message's size")
+
+    db = sub.add_parser("db", help="create, upgrade or report a pgsql: store's schema")
+    _addSettings(db, _COMMON)
+    dbActions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help in (
+        ("init", "create the schema in an empty database"),
+        ("upgrade", "apply the migrations the database lacks"),
+        ("status", "print the schema version (exit 1 if not this popserv's)"),
+    ):
+        p = dbActions.add_parser(action, help=help, description=help)
+        _addSettings(p, _COMMON)
+        p.set_defaults(run=cmdDb)
 
     serve = command(
         "serve",

@@ -5,6 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pg import pgdatabase, postgresql  # noqa: E402,F401 (a real PostgreSQL, see pg.py)
+
 from support import ServerProcess, deliver  # noqa: E402
 
 DEMO_USERS = {"alice": "{PLAIN}wonderland", "bob@example.org": "{PLAIN}builder"}

@@ -213,7 +213,7 @@ def test_third_party_plugins_appear_in_help(thirdParty):
         timeout=60,
     )
     assert "--tinyauth-uppercase" in proc.stdout, proc.stdout + proc.stderr
-    assert re.search(r"one of\s+maildir,\s+memory,\s+tiny", proc.stdout), proc.stdout
+    assert re.search(r"one of\s+maildir,\s+memory,\s+pgsql,\s+tiny", proc.stdout), proc.stdout
     assert re.search(r"KIND\s+one\s+of\s+passwd-file,\s+tinyauth", proc.stdout), proc.stdout
 
 

@@ -1,0 +1,125 @@
+"""
+Maildrop locks: PostgreSQL session-level advisory locks, all held on ONE
+dedicated connection per process (as the Maildir store holds all its locks
+on one descriptor), not one connection per POP3 session.
+
+  - The key of a maildrop is a 64-bit hash of its user name (BLAKE2b); two
+    names sharing a key (odds 2**-64 per pair) would merely lock each other.
+  - Advisory locks are re-entrant on one connection, so the process keeps
+    its own set of the maildrops it holds: a second session on the same
+    node is refused from that set, one on another node by PostgreSQL.
+  - A lock frees itself when its holder goes: a node that dies (SIGKILL)
+    closes its socket and PostgreSQL ends the session at once. A node cut
+    off by a partition is noticed by the server through its TCP keepalives
+    (C{tcp_keepalives_idle}/C{_interval}/C{_count} in postgresql.conf, e.g.
+    10/5/3: about 25 s) or C{tcp_user_timeout}; only then may another node
+    open the maildrop. The node notices through its own keepalives (set on
+    every connection, see L{popserv.backends.pgsql.connections}).
+  - When the lock connection is lost, the next lock operation opens a new
+    one and takes again every lock this process holds. A session whose lock
+    was meanwhile taken by another node keeps running (it is logged): its
+    UPDATE only deletes the messages it listed, by id, which is harmless if
+    they are gone, so a lost lock can show a message to two clients but
+    never lose one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+from twisted.logger import Logger
+
+from popserv.errors import MaildropInUse
+
+__all__ = ["AdvisoryLocks", "lockKey"]
+
+_log = Logger()
+
+
+def lockKey(user: str) -> int:
+    """The advisory lock key (a signed bigint) of C{user}'s maildrop."""
+    digest = hashlib.blake2b(user.encode("utf-8"), digest_size=8, person=b"popserv").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class AdvisoryLocks:
+    """
+    The maildrop locks of this process, on their one connection; every
+    method blocks (call it from a thread) and is thread-safe.
+
+    @param database: a L{popserv.backends.pgsql.connections.Database}.
+    """
+
+    def __init__(self, database: Any) -> None:
+        self.database = database
+        self._conn: Any = None
+        self._held: set[str] = set()
+        self._mutex = threading.Lock()
+
+    def acquire(self, user: str) -> None:
+        """Lock C{user}'s maildrop, or fail with L{MaildropInUse} at once."""
+        with self._mutex:
+            if user in self._held:
+                raise MaildropInUse()
+            if not self._query("SELECT pg_try_advisory_lock(%s)", lockKey(user)):
+                raise MaildropInUse()
+            self._held.add(user)
+
+    def release(self, user: str) -> None:
+        """Unlock C{user}'s maildrop (a lost connection has unlocked it already)."""
+        with self._mutex:
+            if user not in self._held:
+                return
+            self._held.discard(user)
+            try:
+                self._query("SELECT pg_advisory_unlock(%s)", lockKey(user))
+            except Exception as e:
+                _log.warn("cannot unlock maildrop {user}: {error}", user=user, error=e)
+
+    @property
+    def held(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def _query(self, sql: str, key: int) -> Any:
+        import psycopg
+
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return conn.execute(sql, (key,)).fetchone()[0]
+            except psycopg.OperationalError as e:
+                self._lost()
+                if attempt == 2:
+                    raise self.database.failure(e) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.database.connect(autocommit=True)
+            self._retake()
+        return self._conn
+
+    def _lost(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _retake(self) -> None:
+        """After a reconnection: take again the locks the sessions of this process hold."""
+        for user in sorted(self._held):
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (lockKey(user),)
+            ).fetchone()
+            if not row[0]:
+                _log.error(
+                    "maildrop {user}: lock lost with the database connection and "
+                    "taken meanwhile by another node; its session goes on",
+                    user=user,
+                )
+
+    def close(self) -> None:
+        with self._mutex:
+            self._held.clear()
+            self._lost()

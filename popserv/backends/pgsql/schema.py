@@ -1,0 +1,95 @@
+"""
+The PostgreSQL store's schema, made and changed only by numbered migrations
+(C{popserv db init|upgrade}): the version reached is kept in
+C{popserv_schema_version}, and each migration runs in one transaction with
+the version bump, under an advisory lock so two upgrades never interleave.
+Nobody edits the schema by hand: a change is a new entry at the end of
+L{MIGRATIONS}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MIGRATIONS", "CURRENT", "schemaVersion", "migrate", "SchemaError"]
+
+#: The advisory lock (one bigint) that serializes migrations.
+_MIGRATION_LOCK = 0x706F_7073_6572_7600  # "popserv\0"
+
+#: Migration N (1-based) takes the schema from version N-1 to N.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: maildrops, messages, body chunks, last logins.
+    """
+    CREATE TABLE maildrops (
+        id bigserial PRIMARY KEY,
+        name text NOT NULL UNIQUE
+    );
+    CREATE TABLE messages (
+        id bigserial PRIMARY KEY,
+        maildrop bigint NOT NULL REFERENCES maildrops ON DELETE CASCADE,
+        uid text NOT NULL,
+        size bigint NOT NULL,
+        received double precision NOT NULL,
+        UNIQUE (maildrop, uid)
+    );
+    -- The listing: one index-only scan in the order messages are numbered.
+    CREATE INDEX messages_listing ON messages (maildrop, received, id) INCLUDE (uid, size);
+    -- A delivery writes its chunks before its message row (which it adds at
+    -- commit, when its UIDL is checked): the reference is checked at commit.
+    CREATE TABLE chunks (
+        message bigint NOT NULL
+            REFERENCES messages ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (message, seq)
+    );
+    ALTER TABLE chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    CREATE TABLE logins (
+        name text PRIMARY KEY,
+        last double precision NOT NULL
+    );
+    """,
+)
+
+#: The version this popserv needs.
+CURRENT = len(MIGRATIONS)
+
+
+class SchemaError(Exception):
+    """The database's schema is missing, older or newer than this popserv's."""
+
+
+def schemaVersion(conn: Any) -> int:
+    """The schema version of the database (0: never initialized)."""
+    row = conn.execute("SELECT to_regclass('popserv_schema_version') IS NOT NULL").fetchone()
+    if not row[0]:
+        return 0
+    row = conn.execute("SELECT max(version) FROM popserv_schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: Any) -> tuple[int, int]:
+    """
+    Bring the schema to L{CURRENT}, one transaction per migration.
+
+    @return: the version before and after.
+    @raise SchemaError: the database is newer than this popserv.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS popserv_schema_version ("
+            " version integer PRIMARY KEY,"
+            " applied timestamptz NOT NULL DEFAULT now())"
+        )
+    before = schemaVersion(conn)
+    if before > CURRENT:
+        raise SchemaError(f"schema version {before} is newer than this popserv's {CURRENT}")
+    for version in range(before + 1, CURRENT + 1):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            if schemaVersion(conn) >= version:  # another upgrade did it meanwhile
+                continue
+            conn.execute(MIGRATIONS[version - 1])
+            conn.execute("INSERT INTO popserv_schema_version (version) VALUES (%s)", (version,))
+    return before, schemaVersion(conn)

@@ -1,0 +1,243 @@
+"""
+The PostgreSQL store: maildrops opened and locked for one session each,
+listed by one indexed query, read chunk by chunk, updated in one transaction;
+deliveries (L{popserv.backends.pgsql.delivery}); users' last logins.
+
+Every database call runs in the store's C{runInThread} (a bounded thread
+pool) on a connection of the bounded pool; an unreachable database is
+L{popserv.errors.TemporaryFailure} (C{[SYS/TEMP]}).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.backends.pgsql.connections import DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, Database
+from popserv.backends.pgsql.delivery import PgDelivery, PgWriter, maildropId
+from popserv.backends.pgsql.locks import AdvisoryLocks
+from popserv.backends.pgsql.schema import CURRENT, schemaVersion
+from popserv.errors import MessageVanished, PermanentFailure, TemporaryFailure
+from popserv.interfaces import (
+    ILoginMemory,
+    IMailbox,
+    IMailStore,
+    IMessageReader,
+    InvalidUID,
+    MessageInfo,
+    validUID,
+)
+from popserv.threads import RunInThread, reactorThreads
+
+__all__ = ["PgStore", "PgMailbox"]
+
+_log = Logger()
+
+_LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
+
+
+def _infoRows(cursor: Any) -> Any:
+    return MessageInfo._make
+
+
+@implementer(IMessageReader)
+class _ChunkReader:
+    """
+    One message read row by row: one chunk in memory at a time, each
+    fetched (in a thread, on a pooled connection held only for that query)
+    when the previous one is used up.
+    """
+
+    def __init__(self, mailbox: PgMailbox, messageId: int, first: bytes) -> None:
+        self._mailbox = mailbox
+        self._id = messageId
+        self._chunk: memoryview | None = memoryview(first) if first else None
+        self._pos = 0
+        self._seq = 0 if first else -1
+
+    def read(self, size: int) -> bytes | Deferred[bytes]:
+        chunk = self._chunk
+        if chunk is None:
+            return b""
+        if self._pos >= len(chunk):
+            return self._mailbox._store.runInThread(self._next).addCallback(
+                lambda _: self.read(size)
+            )
+        data = bytes(chunk[self._pos : self._pos + size])
+        self._pos += len(data)
+        return data
+
+    def _next(self) -> None:
+        self._seq += 1
+        row = self._mailbox._store.database.run(
+            lambda conn: conn.execute(
+                "SELECT data FROM chunks WHERE message = %s AND seq = %s", (self._id, self._seq)
+            ).fetchone()
+        )
+        self._chunk = memoryview(row[0]) if row is not None and row[0] else None
+        self._pos = 0
+
+    def close(self) -> None:
+        self._chunk = None
+
+
+@implementer(IMailbox)
+class PgMailbox:
+    """One locked maildrop of a L{PgStore} for one session; C{key} is the message id."""
+
+    def __init__(self, store: PgStore, user: str, maildrop: int) -> None:
+        self._store = store
+        self.user = user
+        self.maildrop = maildrop
+        self._locked = True
+
+    def listMessages(self) -> Deferred[list[MessageInfo]]:
+        return self._store.runInThread(self._store.database.run, self._list)
+
+    def _list(self, conn: Any) -> list[MessageInfo]:
+        with conn.cursor(row_factory=_infoRows) as cur:
+            return cur.execute(_LISTING, (self.maildrop,)).fetchall()
+
+    def openMessage(self, info: MessageInfo) -> Deferred[IMessageReader]:
+        return self._store.runInThread(self._open, info.key)
+
+    def _open(self, messageId: int) -> IMessageReader:
+        row = self._store.database.run(
+            lambda conn: conn.execute(
+                "SELECT c.data FROM messages m LEFT JOIN chunks c"
+                " ON c.message = m.id AND c.seq = 0 WHERE m.id = %s AND m.maildrop = %s",
+                (messageId, self.maildrop),
+            ).fetchone()
+        )
+        if row is None:
+            raise MessageVanished()
+        return _ChunkReader(self, messageId, row[0] or b"")
+
+    def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
+        ids = [info.key for info in infos]
+        return self._store.runInThread(self._store.database.run, self._remove, ids)
+
+    def _remove(self, conn: Any, ids: list[int]) -> list[MessageInfo]:
+        # One transaction: all of them or, if the node dies first, none.
+        conn.execute(
+            "DELETE FROM messages WHERE maildrop = %s AND id = ANY(%s)", (self.maildrop, ids)
+        )
+        return []
+
+    def close(self) -> Deferred[None] | None:
+        if not self._locked:
+            return None
+        self._locked = False
+        return self._store.runInThread(self._store.locks.release, self.user)
+
+
+@implementer(IMailStore, ILoginMemory)
+class PgStore:
+    """
+    Maildrops in a PostgreSQL database whose schema C{popserv db init} made.
+
+    @param uri: any libpq URI or connection string, passed on untouched.
+    @param createMissing: make a missing maildrop at first login.
+    @param poolSize: connections at most (the thread pool's size is a good fit).
+    @param timeout: seconds to wait for a connection before C{[SYS/TEMP]}.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        runInThread: RunInThread | None = None,
+        createMissing: bool = True,
+        poolSize: int = DEFAULT_POOL_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.uri = uri
+        self.runInThread = runInThread or reactorThreads()
+        self.createMissing = createMissing
+        self.database = Database(uri, poolSize, timeout)
+        self.locks = AdvisoryLocks(self.database)
+
+    @property
+    def description(self) -> str:
+        return "pgsql:" + re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.uri)
+
+    def openMailbox(self, user: str) -> Deferred[PgMailbox]:
+        return self.runInThread(self._openMailbox, user)
+
+    def _openMailbox(self, user: str) -> PgMailbox:
+        self.locks.acquire(user)
+        try:
+            maildrop = self.database.run(maildropId, user, self.createMissing)
+            if maildrop is None:
+                raise PermanentFailure("Mailbox does not exist")
+        except BaseException:
+            self.locks.release(user)
+            raise
+        return PgMailbox(self, user, maildrop)
+
+    def deliverMessage(
+        self, user: str, uid: str | None = None, received: float | None = None
+    ) -> Deferred[PgWriter]:
+        if uid is not None and not validUID(uid):
+            return fail(InvalidUID(f"not an RFC 1939 UIDL: {uid!r}"))
+        delivery = PgDelivery(self.database, user, uid, received, self.createMissing)
+        return self.runInThread(delivery.begin).addCallback(
+            lambda _: PgWriter(delivery, self.runInThread)
+        )
+
+    def listMaildrops(self) -> Deferred[list[str]]:
+        return self.runInThread(
+            self.database.run,
+            lambda conn: [r[0] for r in conn.execute("SELECT name FROM maildrops ORDER BY name")],
+        )
+
+    # -- ILoginMemory --
+
+    def lastLogin(self, user: str) -> Deferred[float | None]:
+        def query(conn: Any) -> float | None:
+            row = conn.execute("SELECT last FROM logins WHERE name = %s", (user,)).fetchone()
+            return None if row is None else row[0]
+
+        return self.runInThread(self.database.run, query)
+
+    def recordLogin(self, user: str, when: float) -> Deferred[None]:
+        def record(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO logins (name, last) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET last = EXCLUDED.last",
+                (user, when),
+            )
+
+        return self.runInThread(self.database.run, record)
+
+    # -- administration --
+
+    def status(self) -> str:
+        """
+        One line: the database reached and its schema version (blocking).
+
+        @raise popserv.errors.TemporaryFailure: the database cannot be reached.
+        @raise ValueError: its schema is not this popserv's (the message says what to run).
+        """
+        try:  # one connection of its own: an answer at once, not after the pool's timeout
+            with self.database.connect(autocommit=True) as conn:
+                version = schemaVersion(conn)
+        except TemporaryFailure as e:
+            reason = str(e.__cause__).strip()
+            raise TemporaryFailure(f"cannot reach the database: {reason}") from None
+        if version < CURRENT:
+            raise ValueError(
+                f"database reached, schema version {version} but {CURRENT} is needed:"
+                " run popserv db upgrade"
+            )
+        if version > CURRENT:
+            raise ValueError(f"schema version {version} is newer than this popserv's {CURRENT}")
+        return f"database reached, schema version {version}"
+
+    def close(self) -> None:
+        self.locks.close()
+        self.database.close()

@@ -1,0 +1,259 @@
+"""
+The PostgreSQL store (C{pgsql:}) on a real PostgreSQL (tests/pg.py): the
+store contract, the schema commands, locks, and a server that outlives its
+database going away.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from test_store_contract import (  # noqa: F401 (run here again, for pgsql)
+    deliver,
+    listing,
+    read,
+    result,
+    test_abort_leaves_nothing,
+    test_delivery_streams_and_is_visible_only_at_commit,
+    test_delivery_while_a_session_holds_the_maildrop,
+    test_duplicate_uid_is_refused_and_leaves_nothing,
+    test_every_provider_verifies,
+    test_given_uid_and_received_are_kept_and_listed_next_session,
+    test_invalid_uid_is_refused,
+    test_uid_of_an_earlier_ordinary_delivery_is_refused,
+)
+
+from popserv.admin import main
+from popserv.errors import MaildropInUse, PermanentFailure, TemporaryFailure
+from popserv.interfaces import ILoginMemory
+from popserv.threads import synchronously
+
+
+def initialized(uri: str) -> str:
+    assert main(["db", "init", "--mail-location", f"pgsql:{uri}"]) == 0
+    return uri
+
+
+def makeStore(uri: str, **kw):
+    from popserv.backends.pgsql import PgStore
+
+    return PgStore(uri, runInThread=synchronously, **kw)
+
+
+class Pgsql:
+    def __init__(self, uri):
+        self.uri = initialized(uri)
+        self.store = makeStore(uri)
+
+    def leftovers(self, user="alice"):
+        """Body rows of no message (a delivery's traces)."""
+        rows = self.store.database.run(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM chunks c WHERE NOT EXISTS"
+                " (SELECT 1 FROM messages m WHERE m.id = c.message)"
+            ).fetchone()
+        )
+        return [] if rows[0] == 0 else [rows[0]]
+
+
+@pytest.fixture
+def kind(pgdatabase):
+    kind = Pgsql(pgdatabase)
+    yield kind
+    kind.store.close()
+
+
+@pytest.fixture
+def store(pgdatabase):
+    store = makeStore(initialized(pgdatabase))
+    yield store
+    store.close()
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+def test_db_commands(pgdatabase, capsys):
+    location = ["--mail-location", f"pgsql:{pgdatabase}"]
+    assert main(["db", "status", *location]) == 1
+    assert "schema version 0" in capsys.readouterr().out
+    assert main(["db", "init", *location]) == 0
+    assert main(["db", "init", *location]) == 1  # not twice
+    assert main(["db", "upgrade", *location]) == 0
+    assert "(unchanged)" in capsys.readouterr().out
+    assert main(["db", "status", *location]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["db", "status", "--mail-location", "maildir:/tmp/x"]) == 64
+
+
+def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    config = tmp_path / "popserv.conf"
+    config.write_text(f'passwd = "passwd"\nmail_location = "pgsql:{pgdatabase}"\n')
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "run popserv db upgrade" in capsys.readouterr().out
+    initialized(pgdatabase)
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "database reached, schema version 1" in capsys.readouterr().out
+    config.write_text(
+        'passwd = "passwd"\nmail_location = "pgsql:postgresql:///x?host=/nonexistent"\n'
+    )
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "cannot reach the database" in capsys.readouterr().out
+
+
+def test_deliver_command(pgdatabase, monkeypatch, capsys):
+    import io
+
+    initialized(pgdatabase)
+    stdin = io.TextIOWrapper(io.BytesIO(b"Subject: hi\n\nbody\n"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["deliver", "-v", "carol", "--mail-location", f"pgsql:{pgdatabase}"]) == 0
+    uid = capsys.readouterr().out.split()[-1]
+    store = makeStore(pgdatabase)
+    try:
+        (info,) = listing(store, "carol")
+        assert info.uid == uid and info.size == 21
+    finally:
+        store.close()
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+def test_big_message_is_chunked_and_read_back(store):
+    from popserv.backends.pgsql.delivery import CHUNK
+
+    body = bytes(range(256)) * (CHUNK * 3 // 256) + b"tail\n"
+    deliver(store, [body[i : i + 100_000] for i in range(0, len(body), 100_000)])
+    (info,) = listing(store)
+    chunks = store.database.run(
+        lambda conn: conn.execute("SELECT count(*) FROM chunks WHERE message = %s", (info.key,))
+    ).fetchone()[0]
+    assert chunks == 4
+    assert read(store, info) == body
+
+
+def test_update_removes_exactly_the_marked_messages(store):
+    uids = [deliver(store, [f"m{i}\n".encode()]) for i in range(5)]
+    mailbox = result(store.openMailbox("alice"))
+    infos = result(mailbox.listMessages())
+    assert [i.uid for i in infos] == uids
+    assert result(mailbox.removeMessages([infos[1], infos[3]])) == []
+    result(mailbox.close())
+    assert [i.uid for i in listing(store)] == [uids[0], uids[2], uids[4]]
+    assert (
+        store.database.run(lambda c: c.execute("SELECT count(*) FROM chunks").fetchone())[0] == 3
+    )
+
+
+def test_missing_maildrop_is_refused_without_create(pgdatabase):
+    strict = makeStore(initialized(pgdatabase), createMissing=False)
+    try:
+        with pytest.raises(PermanentFailure):
+            result(strict.openMailbox("nobody"))
+        assert strict.locks.held == frozenset()
+    finally:
+        strict.close()
+
+
+def test_list_maildrops_and_login_memory(store):
+    deliver(store, [b"x\n"], user="bob")
+    listing(store, "alice@example.org")
+    assert list(result(store.listMaildrops())) == ["alice@example.org", "bob"]
+    assert ILoginMemory.providedBy(store)
+    assert result(store.lastLogin("bob")) is None
+    result(store.recordLogin("bob", 1_700_000_000.5))
+    result(store.recordLogin("bob", 1_700_000_001.5))
+    assert result(store.lastLogin("bob")) == 1_700_000_001.5
+
+
+def test_lock_in_one_process_and_across_processes(store, pgdatabase):
+    first = result(store.openMailbox("alice"))
+    with pytest.raises(MaildropInUse):  # same process: its own set of held maildrops
+        result(store.openMailbox("alice"))
+    other = makeStore(pgdatabase)  # another lock connection: as another node
+    try:
+        with pytest.raises(MaildropInUse):
+            result(other.openMailbox("alice"))
+        result(other.openMailbox("bob")).close()
+        result(first.close())
+        result(other.openMailbox("alice")).close()
+    finally:
+        other.close()
+
+
+def test_lock_of_a_killed_process_frees_itself(store, pgdatabase):
+    import subprocess
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from popserv.backends.pgsql import PgStore\n"
+            "from popserv.threads import synchronously\n"
+            "s = PgStore(sys.argv[1], runInThread=synchronously)\n"
+            "s.openMailbox('alice')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            pgdatabase,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MaildropInUse):
+            result(store.openMailbox("alice"))
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            result(store.openMailbox("alice")).close()
+            break
+        except MaildropInUse:
+            assert time.monotonic() < deadline, "the lock was not freed"
+            time.sleep(0.05)
+
+
+def recovered(attempt, within=10.0):
+    """C{attempt()}'s result once the database, just started again, answers."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return attempt()
+        except TemporaryFailure:
+            assert time.monotonic() < deadline, "no recovery"
+            time.sleep(0.1)
+
+
+def test_database_down_is_a_temporary_failure_then_recovers(postgresql, pgdatabase):
+    store = makeStore(initialized(pgdatabase), timeout=1)
+    try:
+        deliver(store, [b"kept\n"])
+        held = result(store.openMailbox("bob"))  # its lock goes with the database
+        postgresql.stop()
+        try:
+            with pytest.raises(TemporaryFailure):
+                result(store.openMailbox("alice"))
+            with pytest.raises(TemporaryFailure):
+                result(store.deliverMessage("alice"))
+        finally:
+            postgresql.start()
+        (info,) = recovered(lambda: listing(store))  # no new store needed
+        assert read(store, info) == b"kept\n"
+        other = makeStore(pgdatabase)
+        try:
+            with pytest.raises(MaildropInUse):  # re-taken on the new lock connection
+                result(other.openMailbox("bob"))
+            result(held.close())
+            result(other.openMailbox("bob")).close()
+        finally:
+            other.close()
+    finally:
+        store.close()
