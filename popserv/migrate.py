@@ -281,6 +281,7 @@ def migrate(
     results = migration.results
     if isinstance(outcome, Failure):
         if outcome.check(KeyboardInterrupt):
+            progress.line("interrupted: run again to continue")
             raise KeyboardInterrupt
         progress.line(f"cannot list the source's maildrops: {outcome.getErrorMessage()}")
         return os.EX_TEMPFAIL

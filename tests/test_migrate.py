@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from popserv import admin
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryStore
 from popserv.migrate import Migration, Progress, migrate
@@ -59,11 +60,11 @@ def locations(tmp_path: Path) -> tuple[str, str, Path]:
     """A source location with odd and ordinary messages for two users, a target location."""
     source = f"maildir:{tmp_path}/old/%d/%n/Maildir"
     target = f"maildir:{tmp_path}/new/%d/%n/Maildir"
+    store = MaildirStore(source, runInThread=synchronously)
     for user in USERS:
         for n in range(3):
             message = f"Subject: {n} for {user}\n\nline one\nline two\n".encode()
-            out = popserv("deliver", "--mail-location", source, user, stdin=message)
-            assert out.returncode == 0, out.stderr
+            admin.deliver(store.location.expand(user), io.BytesIO(message))
     alice = tmp_path / "old" / "alice" / "Maildir"
     deliver(alice, b"bare LF\nno final newline", name="1700000000.odd name with spaces")
     deliver(alice, b"CRLF\r\nalready\r\n", sub="cur", name="1700000001.seen.host:2,S")
@@ -126,7 +127,8 @@ def test_pop3_server_over_the_target_serves_the_same_uidls(locations):
     assert body == [b"bare LF", b"no final newline"]
 
 
-def test_interrupted_run_completes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["KILL", "INT"])
+def test_interrupted_run_completes(tmp_path, signum):
     source = f"maildir:{tmp_path}/old/%n"
     target = f"maildir:{tmp_path}/new/%n"
     payload = b"x" * 60_000 + b"\n"
@@ -139,9 +141,12 @@ def test_interrupted_run_completes(tmp_path):
     while not (landed.is_dir() and len(os.listdir(landed)) >= 10):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    proc.send_signal(signum)
+    code = proc.wait(10)
     partial = len(os.listdir(landed))
+    if signum == signal.SIGINT:  # stopped cleanly: the message being copied is aborted
+        assert code == 75 and b"interrupted: run again" in proc.stderr.read()
+        assert os.listdir(tmp_path / "new" / "carol" / "tmp") == []
     assert 10 <= partial < 300
 
     out = popserv("migrate", "--from", source, "--to", target)
