@@ -20,8 +20,11 @@ so it moves mail between any two kinds (Maildir, PostgreSQL, ...):
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -136,7 +139,6 @@ def openStores(config: Config, source: str, target: str) -> tuple[IMailStore, IM
     for name, spec, create in (("--from", source, False), ("--to", target, True)):
         located = replace(config, mail_location=spec)
         try:
-            located.store  # noqa: B018 (parses the spec)
             stores.append(makeStore(located, synchronously, createMissing=create))
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"{name} {spec}: {e}") from None
@@ -155,6 +157,8 @@ class Migration:
         self.target = target
         self.progress = progress
         self.results: list[MaildropResult] = []
+        #: Set to stop after the message being copied (the first Ctrl-C).
+        self.stopping = False
 
     @inlineCallbacks
     def run(self, users: Sequence[str] | None = None) -> Generator[Any, Any, list[MaildropResult]]:
@@ -162,6 +166,8 @@ class Migration:
         if users is None:
             users = list((yield maybeDeferred(self.source.listMaildrops)))
         for user in users:
+            if self.stopping:
+                break
             result = MaildropResult(user)
             self.results.append(result)
             try:
@@ -176,7 +182,7 @@ class Migration:
                 result.problems.append(f"{user}: {failure.getErrorMessage() or failure.type}")
             for problem in result.problems:
                 self.progress.line(problem)
-            if not result.problems:
+            if not result.problems and not self.stopping:
                 self.progress.line(
                     f"{user}: {result.copied} copied ({_human(result.octets)}), "
                     f"{result.skipped} already there, verified"
@@ -195,6 +201,8 @@ class Migration:
             result.skipped = len(infos) - len(missing)
             self.progress.start(user, len(missing), sum(info.size for info in missing))
             for done, info in enumerate(missing, 1):
+                if self.stopping:
+                    return  # not verified: it is not complete
                 try:
                     copied = yield self._copy(mailbox, user, info)
                 except MessageVanished:
@@ -260,6 +268,27 @@ def _mismatches(user: str, infos: Sequence[MessageInfo], present: dict[str, int]
     return problems
 
 
+@contextmanager
+def _stopOnInterrupt(migration: Migration) -> Iterator[None]:
+    """
+    While migrating, a first SIGINT (Ctrl-C) stops the migration cleanly
+    after the message being copied; a second one interrupts at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        migration.stopping = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def migrate(
     source: IMailStore,
     target: IMailStore,
@@ -270,21 +299,27 @@ def migrate(
     Migrate, blocking until done, reporting on C{out} (default: standard
     error) and ending with a summary. Returns the exit code: 0 all copied
     and verified, 75 some maildrops in use or a store failing (run again),
-    1 a verification found a difference.
+    1 a verification found a difference, or no maildrop was found.
     """
     import sys
 
     progress = Progress(out if out is not None else sys.stderr)
     started = time.monotonic()
     migration = Migration(source, target, progress)
-    outcome = waitFor(migration.run(users))
+    with _stopOnInterrupt(migration):
+        outcome = waitFor(migration.run(users))
     results = migration.results
+    if migration.stopping:
+        progress.line("interrupted: run again to continue")
     if isinstance(outcome, Failure):
         if outcome.check(KeyboardInterrupt):
             progress.line("interrupted: run again to continue")
             raise KeyboardInterrupt
         progress.line(f"cannot list the source's maildrops: {outcome.getErrorMessage()}")
         return os.EX_TEMPFAIL
+    if not results:
+        progress.line(f"no maildrops in {source.description}: check --from")
+        return 1
     inUse = [r.user for r in results if r.inUse]
     progress.line(
         f"{len(results)} maildrops, {sum(r.copied for r in results)} messages copied, "
@@ -294,6 +329,6 @@ def migrate(
     )
     if any(r.problems and not r.temporary for r in results):
         return 1
-    if inUse or any(r.problems for r in results):
+    if inUse or migration.stopping or any(r.problems for r in results):
         return os.EX_TEMPFAIL
     return os.EX_OK
