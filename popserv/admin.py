@@ -7,6 +7,7 @@ C{popserv}: the administrator's command (also C{python -m popserv})::
     popserv check-config --config FILE        report every problem, one a line
     popserv uidl USER --config FILE           the UIDLs the server would serve
     popserv db init|upgrade|status ...        the database schema of a pgsql: store
+    popserv migrate --from LOC --to LOC       copy maildrops between stores
     popserv serve --workers N [OPTIONS]       N worker processes on shared sockets
     popserv selfsigned DIR [HOST...]          a self-signed certificate to try TLS
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 
 from popserv.config import DEFAULT_STORE, Config, ConfigError, loadConfig
@@ -237,7 +238,7 @@ def _maildirOf(config: Config, user: str, mustExist: bool) -> str:
 def cmdDeliver(args: argparse.Namespace) -> int:
     """Deliver standard input into the user's maildrop, through the configured store."""
     from popserv.build import makeStore
-    from popserv.threads import synchronously
+    from popserv.threads import synchronously, waitFor
 
     config = _config(args)
     _checkRecipient(config, args.user)
@@ -245,7 +246,7 @@ def cmdDeliver(args: argparse.Namespace) -> int:
         store = makeStore(config, synchronously, createMissing=True)
     except ConfigError as e:
         raise AdminError(str(e), EX_USAGE) from None
-    outcome = _wait(_deliver(store, args.user, sys.stdin.buffer))
+    outcome = waitFor(_deliver(store, args.user, sys.stdin.buffer))
     if isinstance(outcome, Failure):
         if outcome.check(InvalidUserName):
             raise AdminError(f"user {args.user!r}: {outcome.getErrorMessage()}", EX_NOUSER)
@@ -270,22 +271,6 @@ def _deliver(store: Any, user: str, source: IO[bytes]) -> Any:
         raise
     delivery = getattr(writer, "delivery", None)
     return getattr(delivery, "path", None) or uid
-
-
-def _wait(d: Deferred[Any]) -> Any:
-    """
-    The result (or Failure) of C{d}: at once from a store that answers at
-    once (files, with a synchronous thread runner), else once the reactor,
-    run for this alone, brings it (a store across the network).
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    if not results:
-        from twisted.internet import reactor
-
-        d.addBoth(lambda _: reactor.stop())
-        reactor.run()
-    return results[0]
 
 
 # -- check-config ------------------------------------------------------------------
@@ -447,6 +432,16 @@ def cmdDb(args: argparse.Namespace) -> int:
         raise AdminError(str(e)) from None
     print(f"schema version {after}" + (f" (was {before})" if before != after else " (unchanged)"))
     return EX_OK
+
+
+def cmdMigrate(args: argparse.Namespace) -> int:
+    from popserv.migrate import migrate, openStores
+
+    try:
+        stores = openStores(_config(args), args.source, args.target)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    return migrate(*stores, args.users)
 
 
 def cmdServe(args: argparse.Namespace) -> int:
@@ -625,6 +620,10 @@ def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
         p = dbActions.add_parser(action, help=help, description=help)
         _addSettings(p, _COMMON)
         p.set_defaults(run=cmdDb)
+    migrateCmd = command("migrate", cmdMigrate, "copy maildrops to another store, keeping UIDLs")
+    migrateCmd.add_argument("--from", dest="source", required=True, metavar="KIND:ARGS")
+    migrateCmd.add_argument("--to", dest="target", required=True, metavar="KIND:ARGS")
+    migrateCmd.add_argument("--user", dest="users", action="append", help="only USER (repeatable)")
 
     serve = command(
         "serve",
