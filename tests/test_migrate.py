@@ -235,3 +235,29 @@ def test_in_process_into_memory_with_a_progress_bar(locations):
     migration.run(["alice"])
     assert migration.results[0].skipped == 8 and migration.results[0].copied == 0
     assert "\ralice [##############################] 0/0 messages" in bar.out.getvalue()
+
+
+def test_migrate_from_maildir_into_postgresql_keeps_uidls(locations, pgdatabase):
+    """Into the pgsql: store: UIDLs, sizes and delivery times kept; a second run copies nothing."""
+    source, _, root = locations
+    target = f"pgsql:{pgdatabase}"
+    init = popserv("db", "init", "--mail-location", target)
+    assert init.returncode == 0, init.stderr
+    first = popserv("migrate", "--from", source, "--to", target)
+    assert first.returncode == 0, first.stderr
+    again = popserv("migrate", "--from", source, "--to", target)
+    assert again.returncode == 0 and "0 messages copied, 11 already there" in again.stderr, again
+    from popserv.backends.pgsql.store import PgStore  # noqa: F401  (the store is installed)
+    from popserv.build import makeStore
+    from popserv.config import Config
+
+    pg = makeStore(Config(mail_location=target), synchronously)
+    for user in USERS:
+        results: list[object] = []
+        pg.openMailbox(user).addBoth(results.append)
+        mailbox = results.pop()
+        mailbox.listMessages().addBoth(results.append)
+        mailbox.close()
+        got = sorted((i.uid, i.size, int(i.received)) for i in results.pop())
+        assert got == sorted(listing(source.removeprefix("maildir:"), user))
+    pg.close()
