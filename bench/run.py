@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """
 popserv's benchmark: the rows of the performance issue, measured for popserv,
-for a twisted.mail.pop3 peer over the same Maildirs, and for Dovecot when it
-is installed. See bench/README.rst.
+for popserv over PostgreSQL (--servers ...,pgsql), for a twisted.mail.pop3
+peer over the same Maildirs, and for Dovecot when it is installed. See
+bench/README.rst.
 
     python bench/run.py                  # everything, 3 runs per row, median
     python bench/run.py --quick          # smoke test: small sizes and counts
     python bench/run.py --rows login,dnd --runs 5 --size-hints --keep
+    python bench/run.py --servers popserv,pgsql   # the Maildir and PostgreSQL stores
 """
 
 from __future__ import annotations
