@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """
 popserv's benchmark: the rows of the performance issue, measured for popserv,
-for a twisted.mail.pop3 peer over the same Maildirs, and for Dovecot when it
-is installed. See bench/README.rst.
+for popserv over PostgreSQL (--servers ...,pgsql), for a twisted.mail.pop3
+peer over the same Maildirs, and for Dovecot when it is installed. See
+bench/README.rst.
 
     python bench/run.py                  # everything, 3 runs per row, median
     python bench/run.py --quick          # smoke test: small sizes and counts
     python bench/run.py --rows login,dnd --runs 5 --size-hints --keep
+    python bench/run.py --servers popserv,pgsql   # the Maildir and PostgreSQL stores
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from loadgen import (  # noqa: E402
     checkMessage,
     raiseFileLimit,
 )
+from pgsql import PgSeeder, PostgreSQL  # noqa: E402
 from seed import SEED, Maildrop, Message, Seeder  # noqa: E402
 from servers import REPO, Dovecot, Popserv, Server, TwistedPeer, dovecotBinary, stopAll  # noqa: E402
 
@@ -133,6 +136,9 @@ class Row:
     higherIsBetter: bool
     target: str
     check: Callable[[float, float | None], bool] | None  # (popserv, ratio) -> met
+    #: The PostgreSQL store's target (issue 13) and its check: (pgsql, pgsql/popserv) -> met.
+    pgTarget: str = "-"
+    pgCheck: Callable[[float, float | None], bool] | None = None
 
 
 def _rows(plan: Plan) -> list[Row]:
@@ -156,6 +162,17 @@ def _rows(plan: Plan) -> list[Row]:
             False,
             "<= 0.35 ms",
             lambda v, r: v <= 0.35,
+            "<= 1.5x popserv",
+            lambda v, r: r is not None and r <= 1.5,
+        ),
+        Row(
+            "login-db-cpu",
+            "login",
+            "1 PostgreSQL CPU per login session",
+            "ms",
+            False,
+            "-",
+            None,
         ),
         Row(
             "retr50",
@@ -165,6 +182,8 @@ def _rows(plan: Plan) -> list[Row]:
             True,
             ">= 600 MB/s",
             lambda v, r: v >= 600,
+            ">= 300 MB/s",
+            lambda v, r: v >= 300,
         ),
         Row(
             "retr10x8",
@@ -183,6 +202,8 @@ def _rows(plan: Plan) -> list[Row]:
             False,
             "<= 60 ms",
             lambda v, r: v <= 60,
+            "<= 100 ms",
+            lambda v, r: v <= 100,
         ),
         Row(
             "100k-first",
@@ -192,6 +213,8 @@ def _rows(plan: Plan) -> list[Row]:
             False,
             "<= 900 ms",
             lambda v, r: v <= 900,
+            "<= 100 ms",
+            lambda v, r: v <= 100,
         ),
         Row(
             "100k-restart",
@@ -493,6 +516,9 @@ class Bench:
         self._tables: dict[str, dict[str, Message]] = {}
         self._profiles = 0
         self.seeder: Seeder | None = None
+        #: The PostgreSQL of the pgsql server, and what fills it (when measured).
+        self.database: PostgreSQL | None = None
+        self.pgSeeder: PgSeeder | None = None
         #: (row group, server) -> CPU share of one core used by other processes.
         self.otherLoad: dict[tuple[str, str], float] = {}
 
@@ -589,13 +615,66 @@ class Bench:
             (f"dnd{p.dndClients}-{i}", p.dndEach) for i in range(1, p.dndClients + 1)
         ]
 
-    def seedDnd(self) -> None:
-        """(Re)create the download-and-delete maildrops: new files (new inodes) every run."""
+    def seedDnd(self, name: str) -> None:
+        """
+        (Re)create the download-and-delete maildrops: new files (new inodes)
+        every run, and for the pgsql server the same messages in PostgreSQL.
+        """
         if self.seeder is None:
             self.seeder = Seeder(str(self.root))
         for user, count in self.dndUsers():
             self.drops[user] = self.seeder.seed(user, self._password(user), count)
             self._tables.pop(user, None)
+        if name == "pgsql":
+            self.seedDatabase([u for u, _ in self.dndUsers()])
+
+    def startDatabase(self, groups: set[str]) -> None:
+        """
+        Start the pgsql server's PostgreSQL (a new cluster in the work
+        directory), make its schema and copy the seeded maildrops into it:
+        see L{seedDatabase}.
+        """
+        self.database = PostgreSQL(self.workdir)
+        t = perf_counter()
+        self.database.initialize()
+        self.pgSeeder = PgSeeder(self.database.uri)
+        self.pgSeeder.initSchema()
+        print(f"PostgreSQL started and its schema made in {perf_counter() - t:.1f}s", flush=True)
+        t = perf_counter()
+        self.seedDatabase([u for u in self.drops if not u.endswith("-hints")])
+        print(f"seeded PostgreSQL in {perf_counter() - t:.1f}s", flush=True)
+
+    def seedDatabase(self, users: list[str]) -> None:
+        """
+        Copy C{users}' seeded maildrops into PostgreSQL: the login and RETR
+        users' through the store's deliveries, the bulky ones (the 100k
+        maildrop, the idle and download-and-delete users') by COPY.
+        """
+        assert self.pgSeeder is not None
+        bulk = [self.drops[u] for u in users if u == "many" or u.startswith(("idle", "dnd"))]
+        delivered = 0
+        for user in users:
+            drop = self.drops[user]
+            if drop not in bulk:
+                self.pgSeeder.deliver(drop)
+                delivered += len(drop.messages)
+        self.pgSeeder.copy(bulk)
+        copied = sum(len(d.messages) for d in bulk)
+        print(
+            f"  PostgreSQL: {delivered:,} messages delivered through the store, "
+            f"{copied:,} copied by COPY",
+            flush=True,
+        )
+
+    def stopDatabase(self) -> None:
+        if self.pgSeeder is not None:
+            self.pgSeeder.close()
+            self.pgSeeder = None
+        if self.database is not None:
+            self.database.stop()
+
+    def databaseCPU(self) -> float:
+        return sum(self.database.cpuTimes()) if self.database is not None else 0.0
 
     def writePasswd(self, groups: set[str]) -> None:
         users = set(self.drops)
@@ -629,6 +708,17 @@ class Bench:
         if name == "baseline":
             source = Path(self.args.baseline_src).resolve()
             return Popserv(self.workdir, self.root, self.passwd, source, name="baseline")
+        if name == "pgsql":
+            assert self.database is not None
+            return Popserv(
+                self.workdir,
+                self.root,
+                self.passwd,
+                Path(self.args.source),
+                name="pgsql",
+                mailLocation=f"pgsql:{self.database.uri}",
+                label="popserv (pgsql)",
+            )
         if name == "twisted":
             return TwistedPeer(self.workdir, self.root, self.passwd, self.args.peer_nodelay)
         if name == "dovecot":
@@ -706,20 +796,28 @@ class Bench:
             sessions(p.loginWarmup)
             for run in range(self.runs):
                 (u0, s0), g0, t0 = server.cpuTimes(), genCPU(), perf_counter()
+                d0 = self.databaseCPU()
                 sessions(p.loginSessions)
                 t1, g1, (u1, s1) = perf_counter(), genCPU(), server.cpuTimes()
+                d1 = self.databaseCPU()
                 rate = p.loginSessions / (t1 - t0)
                 cpu = (u1 + s1 - u0 - s0) / p.loginSessions * 1000
                 system = (s1 - s0) / max(u1 + s1 - u0 - s0, 1e-9)
                 share = (g1 - g0) / (t1 - t0)
-                for key, value in (("login", rate), ("login-cpu", cpu)):
+                measured = [("login", rate), ("login-cpu", cpu)]
+                text = ""
+                if name == "pgsql":
+                    dbCPU = (d1 - d0) / p.loginSessions * 1000
+                    measured.append(("login-db-cpu", dbCPU))
+                    text = f", PostgreSQL CPU {dbCPU:.3f} ms/session"
+                for key, value in measured:
                     r = self.result(key, name)
                     r.samples.append(value)
                     r.gen.append(share)
                 self.say(
                     name,
                     f"login run {run + 1}: {rate:,.0f} sessions/s, server CPU "
-                    f"{cpu:.3f} ms/session ({system:.0%} of it in the kernel), "
+                    f"{cpu:.3f} ms/session ({system:.0%} of it in the kernel){text}, "
                     f"generator CPU {share:.0%}",
                 )
             engine.close()
@@ -767,7 +865,7 @@ class Bench:
 
     def row100k(self, name: str) -> None:
         variants = [("", "many")]
-        if self.args.size_hints:
+        if self.args.size_hints and name != "pgsql":  # file names mean nothing to PostgreSQL
             variants.append(("-hints", "many-hints"))
         for suffix, user in variants:
             drop = self.drops[user]
@@ -815,7 +913,7 @@ class Bench:
         p = self.plan
         with self.running(name, "dnd") as server:
             for run in range(self.runs):
-                self.seedDnd()
+                self.seedDnd(name)
                 for key, users in (
                     ("dnd-1", ["dnd1"]),
                     ("dnd-8", [f"dnd{p.dndClients}-{i}" for i in range(1, p.dndClients + 1)]),
@@ -833,7 +931,7 @@ class Bench:
                     offered = sum(len(self.drops[u].messages) for u in users)
                     elapsed = max(t for _, t in out) - t0
                     rate = done / elapsed
-                    self._checkRemoved(users, out)
+                    self._checkRemoved(users, out, name)
                     r = self.result(key, name)
                     r.samples.append(rate)
                     r.gen.append((g1 - g0) / (t1 - t0))
@@ -851,10 +949,14 @@ class Bench:
                         + (f" ({note})" if note else ""),
                     )
 
-    def _checkRemoved(self, users: list[str], out: list[tuple[int, float]]) -> None:
-        """After QUIT the downloaded messages must be gone from cur/ and new/."""
+    def _checkRemoved(self, users: list[str], out: list[tuple[int, float]], name: str) -> None:
+        """After QUIT the downloaded messages must be gone from cur/ and new/ (or the database)."""
         left = 0
         for u in users:
+            if name == "pgsql":
+                assert self.pgSeeder is not None
+                left += self.pgSeeder.count(u)
+                continue
             path = self.drops[u].path
             left += sum(len(os.listdir(os.path.join(path, sub))) for sub in ("cur", "new"))
         expected = sum(len(self.drops[u].messages) for u in users) - sum(d for d, _ in out)
@@ -968,6 +1070,7 @@ class Bench:
             print(f"\n== row {GROUPS[group]}: {group} ==", flush=True)
             for name in self.servers():
                 busy0, own0, wall0 = systemBusy(), ownCPU(), perf_counter()
+                db0 = self.databaseCPU()
                 try:
                     getattr(self, method)(name)
                 except BenchError as e:
@@ -978,7 +1081,10 @@ class Bench:
                     ok = False
                 finally:
                     stopAll()
-                    other = (systemBusy() - busy0 - (ownCPU() - own0)) / (perf_counter() - wall0)
+                    db = self.databaseCPU() - db0  # the pgsql server's, not other load
+                    other = (systemBusy() - busy0 - (ownCPU() - own0) - db) / (
+                        perf_counter() - wall0
+                    )
                     self.otherLoad[(group, name)] = max(0.0, other)
                     if other > NOISY:
                         print(
@@ -998,18 +1104,28 @@ class Bench:
             rows = [r for r in rows if not r.key.endswith("-hints")]
         wanted = self.servers()
         baseline = "baseline" in wanted
-        servers = ["popserv", *(["baseline"] if baseline else []), "twisted", "dovecot"]
+        pg = "pgsql" in wanted
+        servers = [
+            "popserv",
+            *(["baseline"] if baseline else []),
+            *(["pgsql"] if pg else []),
+            "twisted",
+            "dovecot",
+        ]
         installed = dovecotBinary() is not None
         header = [
             "row",
             "popserv",
             *(["baseline"] if baseline else []),
+            *(["popserv (pgsql)"] if pg else []),
             "twisted.mail.pop3",
             "dovecot",
             *(["popserv/baseline"] if baseline else []),
+            *(["pgsql/popserv"] if pg else []),
             "popserv/twisted",
             "popserv/dovecot",
             "target",
+            *(["pgsql target"] if pg else []),
         ]
         lines: list[list[str]] = []
         footnotes: list[str] = []
@@ -1033,6 +1149,10 @@ class Bench:
             if baseline:
                 bv = byServer.get("baseline", Result()).value
                 cells.append(f"{pv / bv:,.2f}x" if pv is not None and bv else "-")
+            gv = byServer.get("pgsql", Result()).value
+            pgRatio = gv / pv if gv is not None and pv else None
+            if pg:
+                cells.append(f"{pgRatio:,.2f}x" if pgRatio is not None else "-")
             ratio = pv / tv if pv is not None and tv else None
             cells.append(f"{ratio:,.2f}x" if ratio is not None else "-")
             cells.append(f"{pv / dv:,.2f}x" if pv is not None and dv else "-")
@@ -1043,6 +1163,8 @@ class Bench:
                 else:
                     verdict = " ok" if row.check(pv, ratio) else " MISSED"
             cells.append(row.target + verdict)
+            if pg:
+                cells.append(row.pgTarget + self._verdict(row.pgCheck, gv, pgRatio))
             lines.append(cells)
         out = [self._grid(header, lines)]
         if footnotes:
@@ -1071,6 +1193,14 @@ class Bench:
             + self._grid(["row", *header[1 : 1 + len(servers)], "other processes"], genLines)
         )
         return "\n".join(out)
+
+    def _verdict(self, check: Callable[[float, float | None], bool] | None, value: float | None,
+                 ratio: float | None) -> str:  # fmt: skip
+        if value is None or check is None:
+            return ""
+        if self.args.quick:
+            return " (quick: n/a)"
+        return " ok" if check(value, ratio) else " MISSED"
 
     def _cell(self, row: Row, r: Result | None, server: str, footnotes: list[str]) -> str:
         if r is None:
@@ -1225,7 +1355,7 @@ def main(argv: list[str] | None = None) -> int:
             groups.append(name)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    known = {"popserv", "baseline", "twisted", "dovecot", ""}
+    known = {"popserv", "baseline", "pgsql", "twisted", "dovecot", ""}
     unknown = set(args.servers.split(",")) - known
     if unknown:
         parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: {', '.join(sorted(known))}")
@@ -1266,6 +1396,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         bench.seedStatic(set(groups))
         bench.writePasswd(set(groups))
+        if "pgsql" in bench.servers():
+            sys.path.insert(0, str(args.source))  # the seeding uses popserv's store
+            bench.startDatabase(set(groups))
         ok = bench.run(groups)
         print("\n" + _environment(args, plan) + "\n")
         if not args.popserv_src and _revision(REPO) != args.revision:
@@ -1286,6 +1419,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         stopAll()
+        bench.stopDatabase()
         if args.keep:
             print(f"work directory kept: {bench.workdir}")
         else:

@@ -1,7 +1,8 @@
 """
 The servers under test, each a child process in its own session, pinned to
-core 0, listening on 127.0.0.1 only: popserv (the twistd plugin), the
-twisted.mail.pop3 peer, and Dovecot when it is installed.
+core 0, listening on 127.0.0.1 only: popserv (the twistd plugin) over the
+Maildirs, and over PostgreSQL (bench/pgsql.py), the twisted.mail.pop3 peer,
+and Dovecot when it is installed.
 
 CPU time and memory are read from /proc for every process of the server's
 session (one process for popserv and the peer; Dovecot's master and children).
@@ -10,6 +11,7 @@ session (one process for popserv and the peer; Dovecot's master and children).
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import resource
 import shutil
@@ -20,7 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Server", "Popserv", "TwistedPeer", "Dovecot", "stopAll", "dovecotBinary"]
+__all__ = [
+    "Server",
+    "Popserv",
+    "TwistedPeer",
+    "Dovecot",
+    "stopAll",
+    "dovecotBinary",
+    "sessionCPU",
+    "sessionMemory",
+    "treeCPU",
+    "treeMemory",
+]
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -72,6 +85,74 @@ def _sessionPids(sid: int) -> list[int]:
         if int(fields[3]) == sid:  # field 6: session id
             pids.append(int(entry))
     return pids
+
+
+def _descendants(root: int) -> list[int]:
+    """C{root} and every process below it (PostgreSQL's backends make sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))  # field 4: ppid
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) + int(fields[13])  # fields 14, 16: utime, cutime
+        system += int(fields[12]) + int(fields[14])  # fields 15, 17: stime, cstime
+    return user / _CLK_TCK, system / _CLK_TCK
+
+
+def _memory(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        pss = _pss(pid)
+        if pss is not None:
+            total += pss
+            continue
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except OSError:
+            continue
+    return total
+
+
+def sessionCPU(sid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the processes of session C{sid}, reaped children included."""
+    return _cpu(_sessionPids(sid))
+
+
+def sessionMemory(sid: int) -> int:
+    """Proportional set size (else resident set size) of the processes of session C{sid}."""
+    return _memory(_sessionPids(sid))
+
+
+def treeCPU(root: int) -> tuple[float, float]:
+    """User and system CPU seconds of C{root} and its descendants, reaped children included."""
+    return _cpu(_descendants(root))
+
+
+def treeMemory(root: int) -> int:
+    """Proportional set size (else resident set size) of C{root} and its descendants."""
+    return _memory(_descendants(root))
 
 
 class Server:
@@ -156,16 +237,7 @@ class Server:
         with that of its children that ended and were reaped (Dovecot's
         per-session processes): those count in their parent's cutime/cstime.
         """
-        user = system = 0
-        for pid in _sessionPids(self.pid):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            user += int(fields[11]) + int(fields[13])  # fields 14, 16: utime, cutime
-            system += int(fields[12]) + int(fields[14])  # fields 15, 17: stime, cstime
-        return user / _CLK_TCK, system / _CLK_TCK
+        return sessionCPU(self.pid)
 
     def memory(self) -> int:
         """
@@ -174,18 +246,7 @@ class Server:
         Dovecot's process per session is not charged its shared libraries
         again for every session; the resident set size where PSS is unknown.
         """
-        total = 0
-        for pid in _sessionPids(self.pid):
-            pss = _pss(pid)
-            if pss is not None:
-                total += pss
-                continue
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * _PAGE
-            except OSError:
-                continue
-        return total
+        return sessionMemory(self.pid)
 
     def openFiles(self) -> int:
         try:
@@ -226,9 +287,14 @@ class Popserv(Server):
         source: Path = REPO,
         profile: Path | None = None,
         name: str = "popserv",
+        mailLocation: str | None = None,
+        label: str | None = None,
     ) -> None:
-        self.name = self.label = name  # "baseline": an earlier revision beside this one
+        # "baseline": an earlier revision beside this one; "pgsql": the PostgreSQL store.
+        self.name = name
+        self.label = label or name
         super().__init__(workdir, root, passwd)
+        self.mailLocation = mailLocation or f"maildir:{root}/%u/Maildir"
         self.source = source
         self.profile = profile
         self.config = workdir / f"{name}.conf"
@@ -237,7 +303,7 @@ class Popserv(Server):
         self.config.write_text(
             f'listen = ["tcp:{self.port}:interface=127.0.0.1:backlog=1024"]\n'
             f'passwd = "{self.passwd}"\n'
-            f'mail_location = "maildir:{self.root}/%u/Maildir"\n'
+            f"mail_location = {json.dumps(self.mailLocation)}\n"
             'hostname = "bench.example.org"\n'
             # The abuse limits would throttle a benchmark from one address.
             "max_connections = 20000\n"
