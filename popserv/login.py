@@ -211,13 +211,15 @@ class Authorization(CommandPipeline):
         self.stats.penalized()
         return deferLater(self.factory.clock, delay, lambda: failure)
 
-    def _runLogout(self) -> None:
+    def _runLogout(self) -> Any:
+        """Release what the login took; what the logout returned (a Deferred of the release)."""
         logout, self._logout = self._logout, None
         if logout is not None:
             try:
-                logout()
+                return logout()
             except Exception:
                 _log.failure("error in logout")
+        return None
 
     # -- SASL (RFC 5034) -----------------------------------------------------------
 

@@ -163,11 +163,11 @@ class TransactionCommands(Authorization):
 
     def _updated(
         self, notRemoved: list[MessageInfo], removals: list[MessageInfo], started: float
-    ) -> bytes:
+    ) -> bytes | Deferred[bytes]:
         if removals:
             self.stats.backend("remove", started)
         session = self._session()
-        self._runLogout()
+        released = self._runLogout()
         self.stats.removed = len(removals) - len(notRemoved)
         self.stats.left = len(session) - self.stats.removed
         if notRemoved:
@@ -185,24 +185,31 @@ class TransactionCommands(Authorization):
                 implementation=self.factory.implementation,
                 messages=self.language.count(left, "message"),
             )
-        self._updateFinished(reply)
-        return b""
+        return self._updateFinished(reply, released)
 
-    def _updateFailed(self, failure: Failure) -> bytes:
+    def _updateFailed(self, failure: Failure) -> bytes | Deferred[bytes]:
         _log.failure("UPDATE failed for {user}", failure, user=self.user)
-        self._runLogout()
+        released = self._runLogout()
         self.stats.reason = "error"
-        self._updateFinished(self._fail(RemovalIncomplete()))
-        return b""
+        return self._updateFinished(self._fail(RemovalIncomplete()), released)
 
-    def _updateFinished(self, reply: bytes) -> None:
-        """Say goodbye, or end the session if the client is already gone."""
+    def _updateFinished(self, reply: bytes, released: Any = None) -> bytes | Deferred[bytes]:
+        """
+        Say goodbye once the maildrop is released (a client that logs in again
+        at once must find it free), or end the session if the client is gone.
+        """
+        if isinstance(released, Deferred) and not released.called:
+            return released.addBoth(lambda _: self._goodbye(reply))
+        return self._goodbye(reply)
+
+    def _goodbye(self, reply: bytes) -> bytes:
         if self.lifecycle is Lifecycle.ABANDONED:
             self._endSession()
-            return
+            return b""
         self._moveTo(Lifecycle.UPDATED)
         self.transport.write(reply)
         self.transport.loseConnection()
+        return b""
 
     def _endSession(self) -> None:
         """Account for the session, once: see L{popserv.protocol.POP3Protocol}."""

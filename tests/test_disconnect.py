@@ -66,3 +66,46 @@ def test_pipelined_login_after_a_drop_never_runs():
     client.protocol.dataReceived(b"USER alice\r\nPASS pw\r\n")
     assert not store.maildrop("alice").locked
     assert client.protocol.user is None
+
+
+class SlowReleaseStore(MemoryStore):
+    """A store whose maildrop lock is released later (over a network, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releases: list[Deferred] = []
+
+    def openMailbox(self, user):
+        mailbox = super().openMailbox(user)
+        close = mailbox.close
+
+        def closeLater():
+            d = Deferred()
+            d.addCallback(lambda _: close())
+            self.releases.append(d)
+            return d
+
+        mailbox.close = closeLater
+        return mailbox
+
+
+def test_quit_is_answered_once_the_maildrop_is_released():
+    """
+    The +OK after UPDATE goes out only when the store has released the lock,
+    so a client that logs in again at once never finds its own session there.
+    """
+    store = SlowReleaseStore()
+    store.maildrop("alice").deliver(b"Subject: one\r\n\r\nbody\r\n")
+    factory, _ = memoryServer({"alice": "pw"}, store=store)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\n")
+    client.output()
+    client.send(b"DELE 1\r\nQUIT\r\n")
+    assert client.lines() == [b"+OK Message 1 deleted"]  # no goodbye yet
+    assert store.maildrop("alice").locked and store.releases
+    store.releases[0].callback(None)
+    assert client.lines()[0].startswith(b"+OK ") and b"signing off" in client.transport.value()
+    assert not store.maildrop("alice").locked
+    again = connect(factory)
+    again.send(b"USER alice\r\nPASS pw\r\n")
+    assert again.lines()[-1].startswith(b"+OK Logged in")

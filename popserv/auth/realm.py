@@ -66,9 +66,11 @@ class _LogoutOnce:
         self._mailbox: IMailbox | None = mailbox
         self.avatarId = avatarId
 
-    def __call__(self) -> None:
+    def __call__(self) -> Deferred[None] | None:
+        """Close the mailbox (the first time); the Deferred of its release, if it takes time."""
         mailbox, self._mailbox = self._mailbox, None
-        if mailbox is not None:
-            maybeDeferred(mailbox.close).addErrback(
-                lambda f: _log.failure("error releasing a mailbox", f)
-            )
+        if mailbox is None:
+            return None
+        return maybeDeferred(mailbox.close).addErrback(
+            lambda f: _log.failure("error releasing a mailbox", f)
+        )
