@@ -450,8 +450,13 @@ def cmdDb(args: argparse.Namespace) -> int:
     """Create, upgrade or report the schema of the mail location's database."""
     config = _config(args)
     kind, uri = config.store if config.mail_location else ("", "")
+    if kind != "pgsql":  # users alone in PostgreSQL
+        kind, uri = next(((s.kind, s.args) for s in config.passdb if s.kind == "pgsql"), ("", ""))
     if kind != "pgsql":
-        raise AdminError("needs --mail-location pgsql:URI (or a configuration with one)", EX_USAGE)
+        raise AdminError(
+            "needs --mail-location pgsql:URI or --passdb pgsql:URI (or a configuration with one)",
+            EX_USAGE,
+        )
     import psycopg
 
     from popserv.backends.pgsql.connections import connectionInfo

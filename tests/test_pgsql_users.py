@@ -195,8 +195,11 @@ def test_user_commands(users, capsys):
 
 
 def test_user_commands_need_the_schema(pgdatabase, capsys):
-    assert main(["user", "list", "--passdb", f"pgsql:{pgdatabase}"]) == 1
+    passdb = ["--passdb", f"pgsql:{pgdatabase}"]
+    assert main(["user", "list", *passdb]) == 1
     assert "popserv db init" in capsys.readouterr().err
+    assert main(["db", "init", *passdb]) == 0  # users without mail in PostgreSQL
+    assert main(["user", "list", *passdb]) == 0
 
 
 # -- PostfixAdmin ------------------------------------------------------------------------------
