@@ -91,6 +91,8 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["passwd"] = os.path.abspath(args.passwd)
     if getattr(args, "mail_location", None):
         overrides["mail_location"] = args.mail_location
+    if getattr(args, "passdb", None):
+        overrides["passdb"] = tuple(args.passdb)
     return config.merged(**overrides)
 
 
@@ -147,8 +149,10 @@ def _checkUserName(user: str) -> None:
 
 def cmdUser(args: argparse.Namespace) -> int:
     from popserv.auth.passwdfile import parsePasswdFile
-    from popserv.auth.schemes import UnknownScheme, hashPassword
 
+    pgsql = next((s.args for s in _config(args).passdb if s.kind == "pgsql"), None)
+    if pgsql is not None:
+        return _pgsqlUser(args, pgsql)
     path = _passwdPath(args)
     if args.action == "list":
         try:
@@ -165,16 +169,38 @@ def cmdUser(args: argparse.Namespace) -> int:
         return EX_OK
     _checkUserName(args.name)
     if args.action == "add":
-        try:
-            field = hashPassword(args.scheme, _readPassword(args.password_stdin))
-        except (UnknownScheme, ValueError) as e:
-            raise AdminError(str(e), EX_USAGE) from None
-        editPasswdFile(path, args.name, field)
+        editPasswdFile(path, args.name, _hashed(args))
         print(f"added {args.name} to {path}")
     else:
         editPasswdFile(path, args.name, None)
         print(f"removed {args.name} from {path}")
     return EX_OK
+
+
+def _hashed(args: argparse.Namespace) -> str:
+    from popserv.auth.schemes import UnknownScheme, hashPassword
+
+    try:
+        return hashPassword(args.scheme, _readPassword(args.password_stdin))
+    except (UnknownScheme, ValueError) as e:
+        raise AdminError(str(e), EX_USAGE) from None
+
+
+def _pgsqlUser(args: argparse.Namespace, uri: str) -> int:
+    """C{user add|del|list} on the users table of a C{--passdb pgsql:URI}."""
+    from popserv.backends.pgsql.users import NoSuchUser, userCommand
+    from popserv.errors import TemporaryFailure
+
+    if args.action != "list":
+        _checkUserName(args.name)
+    try:
+        return userCommand(uri, args.action, getattr(args, "name", None), lambda: _hashed(args))
+    except TemporaryFailure as e:
+        raise AdminError(str(e), EX_TEMPFAIL) from None
+    except NoSuchUser as e:
+        raise AdminError(str(e), EX_NOUSER) from None
+    except ValueError as e:
+        raise AdminError(str(e)) from None
 
 
 # -- delivery ----------------------------------------------------------------------
@@ -409,8 +435,13 @@ def cmdDb(args: argparse.Namespace) -> int:
     """Create, upgrade or report the schema of the mail location's database."""
     config = _config(args)
     kind, uri = config.store if config.mail_location else ("", "")
+    if kind != "pgsql":  # users alone in PostgreSQL
+        kind, uri = next(((s.kind, s.args) for s in config.passdb if s.kind == "pgsql"), ("", ""))
     if kind != "pgsql":
-        raise AdminError("needs --mail-location pgsql:URI (or a configuration with one)", EX_USAGE)
+        raise AdminError(
+            "needs --mail-location pgsql:URI or --passdb pgsql:URI (or a configuration with one)",
+            EX_USAGE,
+        )
     import psycopg
 
     from popserv.backends.pgsql.connections import connectionInfo
@@ -476,7 +507,7 @@ def cmdSelfSigned(args: argparse.Namespace) -> int:
 # -- the command line ----------------------------------------------------------------
 
 #: The settings most commands take (the server's configuration, where users and mail are).
-_COMMON = ("passwd", "mail_location")
+_COMMON = ("passwd", "mail_location", "passdb")
 
 
 def _addSettings(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:

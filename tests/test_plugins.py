@@ -214,7 +214,8 @@ def test_third_party_plugins_appear_in_help(thirdParty):
     )
     assert "--tinyauth-uppercase" in proc.stdout, proc.stdout + proc.stderr
     assert re.search(r"one of\s+maildir,\s+memory,\s+pgsql,\s+tiny", proc.stdout), proc.stdout
-    assert re.search(r"KIND\s+one\s+of\s+passwd-file,\s+tinyauth", proc.stdout), proc.stdout
+    kinds = r"KIND\s+one\s+of\s+passwd-file,\s+pgsql,\s+tinyauth"
+    assert re.search(kinds, proc.stdout), proc.stdout
 
 
 def serve(site: Path, root: Path, *args: str) -> tuple[subprocess.Popen[str], int, list[str]]:

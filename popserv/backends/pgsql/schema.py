@@ -49,6 +49,21 @@ MIGRATIONS: tuple[str, ...] = (
         last double precision NOT NULL
     );
     """,
+    # 2: users (--passdb pgsql:URI; popserv user add|del|list manage them).
+    """
+    CREATE TABLE users (
+        name text PRIMARY KEY,
+        -- {SCHEME}secret, or a bare crypt string, as in a passwd-file.
+        password text NOT NULL,
+        -- Per-user settings; NULL: the server's.
+        login_delay integer CHECK (login_delay >= 0),
+        expire text CHECK (expire ~ '^([0-9]+|NEVER)$'),
+        quota_bytes bigint CHECK (quota_bytes >= 0),
+        quota_messages bigint CHECK (quota_messages >= 0),
+        nologin boolean NOT NULL DEFAULT false,
+        created timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 
 #: The version this popserv needs.
