@@ -232,10 +232,11 @@ def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
 def _checkRecipient(config: Config, user: str) -> None:
     """
     A user none of the auth sources knows is refused (EX_NOUSER), when every
-    source can list its users (a passwd-file can; a directory may not).
+    source can tell (as LMTP decides whom to accept mail for).
     """
     from popserv.build import makeChecker
-    from popserv.threads import synchronously
+    from popserv.lmtp.delivery import knowsUser
+    from popserv.threads import synchronously, waitFor
 
     if not config.mail_location:
         raise AdminError("say where mail is: --mail-location or --config", EX_USAGE)
@@ -245,8 +246,10 @@ def _checkRecipient(config: Config, user: str) -> None:
         checker = makeChecker(config, None, synchronously)
     except ConfigError as e:
         raise AdminError(str(e), EX_TEMPFAIL) from None
-    sources = getattr(checker, "sources", (checker,))
-    if all(hasattr(source, "users") for source in sources) and user not in checker.users:
+    known = waitFor(knowsUser(getattr(checker, "sources", (checker,)), user))
+    if isinstance(known, Failure):
+        raise AdminError(f"cannot look {user} up: {known.getErrorMessage()}", EX_TEMPFAIL)
+    if known is False:
         raise AdminError(f"no user {user}", EX_NOUSER)
 
 

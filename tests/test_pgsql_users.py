@@ -257,3 +257,27 @@ def test_postfixadmin_query_is_the_documented_one():
     guide = pathlib.Path(__file__).parent.parent / "docs" / "guide" / "users.rst"
     documented = " ".join(guide.read_text().split())
     assert " ".join(POSTFIXADMIN_QUERY.split()) in documented
+
+
+def test_deliver_knows_the_users_in_sql(users, tmp_path):
+    """popserv deliver asks a pgsql: passdb as LMTP does: an unknown recipient is 67."""
+    import os
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    def deliver(user):
+        return subprocess.run(
+            [sys.executable, "-m", "popserv", "deliver", user, "--passdb", f"pgsql:{users}"]
+            + ["--mail-location", f"maildir:{tmp_path}/%u"],
+            input=b"Subject: x\n\nhi\n",
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            timeout=60,
+        )
+
+    assert deliver("alice").returncode == 0
+    out = deliver("nobody")
+    assert out.returncode == 67 and b"no user nobody" in out.stderr, out
+    assert not (tmp_path / "nobody").exists()

@@ -149,21 +149,8 @@ class Deliverer:
             recipient.check(size)
         return recipient
 
-    @inlineCallbacks
-    def _knows(self, user: str) -> Any:
-        """True, False (every source can tell, none knows C{user}), or None."""
-        unsure = not self._sources
-        for source in self._sources:
-            if IUserDirectory.providedBy(source):
-                known = yield maybeDeferred(source.knowsUser, user)
-            elif hasattr(source, "users"):
-                known = user in source.users
-            else:
-                known = None
-            if known:
-                return True
-            unsure = unsure or known is None
-        return None if unsure else False
+    def _knows(self, user: str) -> Deferred[bool | None]:
+        return knowsUser(self._sources, user)
 
     @inlineCallbacks
     def _quota(self, recipient: Recipient) -> Any:
@@ -192,3 +179,24 @@ class Deliverer:
     def open(self, recipient: Recipient) -> Deferred[IMessageWriter]:
         """The store's writer for one recipient's copy of the message."""
         return maybeDeferred(self.store.deliverMessage, recipient.user)
+
+
+@inlineCallbacks
+def knowsUser(sources: Any, user: str) -> Any:
+    """
+    Whether the auth C{sources} know C{user}: True if one does, False if
+    every one can tell and none does, None if some cannot tell (a Deferred).
+    A source tells through L{IUserDirectory}, or by listing its C{users}.
+    """
+    unsure = not sources
+    for source in sources:
+        if IUserDirectory.providedBy(source):
+            known = yield maybeDeferred(source.knowsUser, user)
+        elif hasattr(source, "users"):
+            known = user in source.users
+        else:
+            known = None
+        if known:
+            return True
+        unsure = unsure or known is None
+    return None if unsure else False
