@@ -1,0 +1,121 @@
+"""C{popserv check-config}: every problem of a configuration, one a line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from typing import Any
+
+from popserv.admin.common import (
+    EX_OK,
+    EX_PROBLEMS,
+    configFrom,
+)
+from popserv.config import DEFAULT_STORE, Config, ConfigError
+
+__all__ = ["checkConfig", "cmdCheckConfig"]
+
+
+def checkConfig(config: Config) -> list[str]:
+    """Every problem of a configuration, one line each (empty: all well)."""
+    from twisted.internet import endpoints, reactor
+
+    from popserv.build import makeChecker, makeStore
+    from popserv.threads import synchronously
+
+    problems: list[str] = []
+    try:
+        config.validated()
+    except ConfigError as e:
+        return [str(e)]
+    metrics = (config.metrics,) if config.metrics else ()
+    for description in (*config.listen, *config.listen_tls, *metrics, *config.lmtp):
+        try:
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:  # endpoint parsers raise all sorts
+            problems.append(f"listen: bad endpoint {description!r}: {e!r}")
+    try:
+        store = makeStore(config, synchronously)
+    except ConfigError as e:
+        problems.append(str(e))
+    else:
+        problems += _storeProblems(store)
+    if config.passdb:  # the passwd shorthand is read below, user by user
+        try:
+            makeChecker(replace(config, passwd=None), reactor, synchronously)
+        except ConfigError as e:
+            problems.append(str(e))
+    if config.passwd:
+        problems += _passwdProblems(config)
+    return problems + _tlsProblems(config)
+
+
+def _storeProblems(store: Any) -> list[str]:
+    """A store that can say how it is (a database: reached, its schema) says it."""
+    status = getattr(store, "status", None)
+    if status is None:
+        return []
+    try:
+        print(f"mail_location: {status()}")
+        return []
+    except Exception as e:
+        return [f"mail_location: {e.args[0] if e.args else e!r}"]
+    finally:
+        getattr(store, "close", lambda: None)()
+
+
+def _passwdProblems(config: Config) -> list[str]:
+    """What is wrong with the passwd-file and, for Maildirs, its users' maildrops."""
+    from popserv.auth.passwdfile import parsePasswdFile
+
+    problems: list[str] = []
+    users: dict[str, object] = {}
+    try:
+        with open(config.passwdPath, encoding="utf-8") as f:
+            users = dict(parsePasswdFile(f.read(), config.passwdPath, problems))
+    except OSError as e:
+        problems.append(f"passwd: cannot read {config.passwdPath}: {e.strerror}")
+    if not users and not problems:
+        problems.append(f"passwd: {config.passwdPath} has no users")
+    if config.store[0] != DEFAULT_STORE:
+        return problems
+    location = config.location
+    for user in users:
+        try:
+            path = location.expand(user)
+        except Exception as e:
+            problems.append(f"user {user}: cannot name a maildrop ({e})")
+            continue
+        if os.path.isdir(path):
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                problems.append(f"user {user}: {path} is not readable and writable")
+        elif not config.create_maildirs:
+            problems.append(f"user {user}: {path} does not exist")
+    return problems
+
+
+def _tlsProblems(config: Config) -> list[str]:
+    from popserv.tls import ServerTLS, TLSError
+
+    problems = []
+    if config.tlsEnabled:
+        try:
+            ServerTLS(
+                config.path(config.tls_cert),
+                config.path(config.tls_key),
+                config.path(config.tls_client_ca),
+                selfSignedHosts=None if config.tls_cert else ["localhost"],
+            )
+        except TLSError as e:
+            problems.append(f"tls: {e}")
+    return problems
+
+
+def cmdCheckConfig(args: argparse.Namespace) -> int:
+    problems = checkConfig(configFrom(args))
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print("configuration OK")
+    return EX_PROBLEMS if problems else EX_OK

@@ -1,0 +1,152 @@
+"""C{popserv deliver}, C{uidl} and C{migrate}: mail into, out of and between stores."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import IO, Any
+
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.python.failure import Failure
+
+from popserv.admin.common import (
+    EX_NOUSER,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    AdminError,
+    configFrom,
+)
+from popserv.config import DEFAULT_STORE, Config, ConfigError
+from popserv.errors import InvalidUserName
+
+__all__ = ["deliver", "cmdDeliver", "cmdUidl", "cmdMigrate", "checkRecipient"]
+
+#: Bytes read from standard input at a time by deliver.
+_CHUNK = 1024 * 1024
+
+
+def deliver(maildir: str, source: IO[bytes], chunk: int = 1024 * 1024) -> str:
+    """
+    Deliver a message into a Maildir the safe way (see
+    L{popserv.backends.maildir.delivery}): written in tmp/, synced, renamed
+    into new/ with its ,S= (size on disk) and ,W= (CRLF size, what POP3
+    reports) fields, the directory synced. Returns the new file's path.
+    Streams: the message is never held in memory whole.
+    """
+    from popserv.backends.maildir.delivery import MaildirDelivery, makeMaildir
+
+    makeMaildir(maildir)
+    delivery = MaildirDelivery(maildir)
+    try:
+        while data := source.read(chunk):
+            delivery.write(data)
+        delivery.commit()
+    except BaseException:
+        delivery.abort()
+        raise
+    assert delivery.path is not None
+    return delivery.path
+
+
+def checkRecipient(config: Config, user: str) -> None:
+    """
+    A user none of the auth sources knows is refused (EX_NOUSER), when every
+    source can tell (as LMTP decides whom to accept mail for).
+    """
+    from popserv.build import makeChecker
+    from popserv.lmtp.delivery import knowsUser
+    from popserv.threads import synchronously, waitFor
+
+    if not config.mail_location:
+        raise AdminError("say where mail is: --mail-location or --config", EX_USAGE)
+    if not config.authSources:
+        return
+    try:
+        checker = makeChecker(config, None, synchronously)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_TEMPFAIL) from None
+    known = waitFor(knowsUser(getattr(checker, "sources", (checker,)), user))
+    if isinstance(known, Failure):
+        raise AdminError(f"cannot look {user} up: {known.getErrorMessage()}", EX_TEMPFAIL)
+    if known is False:
+        raise AdminError(f"no user {user}", EX_NOUSER)
+
+
+def maildirOf(config: Config, user: str, mustExist: bool) -> str:
+    checkRecipient(config, user)
+    try:
+        path = config.location.expand(user)
+    except Exception as e:
+        raise AdminError(f"user {user!r}: {e}", EX_NOUSER) from None
+    if mustExist and not os.path.isdir(path):
+        raise AdminError(f"{path}: no such maildir")
+    return path
+
+
+def cmdDeliver(args: argparse.Namespace) -> int:
+    """Deliver standard input into the user's maildrop, through the configured store."""
+    from popserv.build import makeStore
+    from popserv.threads import synchronously, waitFor
+
+    config = configFrom(args)
+    checkRecipient(config, args.user)
+    try:
+        store = makeStore(config, synchronously, createMissing=True)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    outcome = waitFor(_deliver(store, args.user, sys.stdin.buffer))
+    if isinstance(outcome, Failure):
+        if outcome.check(InvalidUserName):
+            raise AdminError(f"user {args.user!r}: {outcome.getErrorMessage()}", EX_NOUSER)
+        raise AdminError(
+            f"delivery to {args.user} failed: {outcome.getErrorMessage()}", EX_TEMPFAIL
+        )
+    if args.verbose:
+        print(outcome)
+    return EX_OK
+
+
+@inlineCallbacks
+def _deliver(store: Any, user: str, source: IO[bytes]) -> Any:
+    """Copy C{source} into a delivery to C{user}, in chunks; its path if it has one, or UIDL."""
+    writer = yield maybeDeferred(store.deliverMessage, user)
+    try:
+        while data := source.read(_CHUNK):
+            yield maybeDeferred(writer.write, data)
+        uid = yield maybeDeferred(writer.commit)
+    except BaseException:
+        yield maybeDeferred(writer.abort)
+        raise
+    delivery = getattr(writer, "delivery", None)
+    return getattr(delivery, "path", None) or uid
+
+
+def cmdUidl(args: argparse.Namespace) -> int:
+    from popserv.backends.maildir import MaildirMailbox, MaildirStore
+    from popserv.location import MailLocation
+    from popserv.threads import synchronously
+
+    config = configFrom(args)
+    if config.mail_location and config.store[0] != DEFAULT_STORE:
+        raise AdminError(f"reads Maildirs only, not a {config.store[0]} store", EX_USAGE)
+    path = maildirOf(config, args.user, mustExist=True)
+    store = MaildirStore(MailLocation("maildir", path), runInThread=synchronously)
+    # Read-only: a scan without taking the lock, so a live session is not disturbed.
+    mailbox = MaildirMailbox(path, store, locked=False)
+    results: list[object] = []
+    mailbox.listMessages().addBoth(results.append)
+    for number, info in enumerate(results[0], 1):  # type: ignore[arg-type]
+        print(f"{number} {info.uid}" + (f" {info.size}" if args.sizes else ""))
+    return EX_OK
+
+
+def cmdMigrate(args: argparse.Namespace) -> int:
+    from popserv.migrate import migrate, openStores
+
+    try:
+        stores = openStores(configFrom(args), args.source, args.target)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    return migrate(*stores, args.users)
