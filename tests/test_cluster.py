@@ -95,6 +95,15 @@ class Cluster:
             client.close()
         raise AssertionError(f"HAProxy never sent a connection to {node}")
 
+    def failures(self, address: str) -> int:
+        """The failed logins from C{address} the nodes share."""
+        row = self.store.database.run(
+            lambda conn: conn.execute(
+                "SELECT count FROM auth_failures WHERE address = %s", (address,)
+            ).fetchone()
+        )
+        return 0 if row is None else row[0]
+
     def login(self, user: str, source: str, node: str | None = None) -> tuple[Client, str]:
         client, reached = self.connect(source, node)
         assert client.ask(f"USER {user}".encode()).startswith(b"+OK")
@@ -193,8 +202,14 @@ def test_failures_on_one_node_delay_the_next_failure_on_the_other(cluster):
 
     assert 0.9 <= fail("node-a") < 1.9  # the address's first failure: a second
     assert fail("node-b") >= 1.9  # its second, counted on the other node: two
+    assert cluster.failures("127.0.0.4") == 2
     client, _ = cluster.login("bob", "127.0.0.4", "node-a")  # node-a saw it fail: clears
     quit(client)
+    # ... in the background, off the login's path: wait for it.
+    deadline = time.monotonic() + 5
+    while cluster.failures("127.0.0.4"):
+        assert time.monotonic() < deadline, cluster.nodes["node-a"].log
+        time.sleep(0.05)
     assert fail("node-b") < 1.9  # a first failure again
 
 
