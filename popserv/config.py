@@ -392,6 +392,12 @@ class Config:
         INT,
         check=_atLeast(0),
     )
+    auth_penalty_shared: bool = setting(
+        True,
+        "Count failed logins where the mail store shares them with every node (pgsql:), so "
+        "the penalty holds across nodes; off: each process counts its own.",
+        BOOL,
+    )
     auth_cache_ttl: int = setting(
         600,
         "Seconds a successful check of a slow password hash (argon2, bcrypt, crypt) is "

@@ -25,6 +25,8 @@ __all__ = [
     "IMailStore",
     "ILoginMemory",
     "IMaildropUsage",
+    "IFailedLogins",
+    "ISharedKeys",
     "IUserDirectory",
     "validUID",
     "InvalidUID",
@@ -147,6 +149,10 @@ class IMailStore(Interface):
 
     description = Attribute("A short human-readable description for logs.")
 
+    # Optional: a store may have C{close() -> None}, blocking, which gives
+    # back what it holds (connections, pools); the server calls it in a
+    # thread once it has stopped and its sessions have ended.
+
     def openMailbox(user: str) -> IMailbox | Deferred[IMailbox]:
         """
         Open and lock the maildrop of C{user}.
@@ -215,6 +221,41 @@ class IMaildropUsage(Interface):
         C{(messages, octets)} in C{user}'s maildrop now (octets: the sum of
         the listed, exact RETR sizes); C{(0, 0)} for a maildrop not made yet.
         Cheap: from what the store keeps, not by reading every message.
+        """
+
+
+class IFailedLogins(Interface):
+    """
+    Failed logins per client address, kept where every process and node
+    sees them, so the failed-login penalty holds across a cluster. A store
+    may provide it; L{popserv.limits.AuthPenalty} then keeps its counts
+    there rather than in the process alone.
+    """
+
+    def recordFailure(address: str, when: float, forget: float) -> int | Deferred[int]:
+        """
+        Count one failed login from C{address} at POSIX time C{when}: the
+        number of failures from it since the last success, counting from 1
+        again after C{forget} seconds without one. One statement.
+        """
+
+    def clearFailures(address: str) -> None | Deferred[None]:
+        """Forget C{address}'s failures (a login from it succeeded)."""
+
+
+class ISharedKeys(Interface):
+    """
+    Small random secrets shared by every process and node serving a store
+    (the key SCRAM's made-up salts come from). A store may provide it.
+    """
+
+    def sharedKey(name: str) -> bytes:
+        """
+        The 32-byte key called C{name}, made at random by whoever asks first
+        and the same for everyone afterwards. Blocking: called once, at
+        start-up, before the server listens.
+
+        @raise popserv.errors.TemporaryFailure: it cannot be read or made now.
         """
 
 

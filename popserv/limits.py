@@ -7,13 +7,20 @@ address, up to a cap, as Dovecot's anvil does).
 
 Delays never block the reactor: the failing connection's answer is simply
 sent later, and every other connection is served meanwhile.
+
+The penalty's counts live in the process, or, given a shared place (a
+L{popserv.interfaces.IFailedLogins}, such as the PostgreSQL store), in that
+place, so an attacker who spreads guesses over N nodes gains nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 __all__ = [
     "AuthPenalty",
@@ -23,6 +30,8 @@ __all__ = [
     "DEFAULT_MAX_BAD_COMMANDS",
     "DEFAULT_TRUSTED_NETWORKS",
 ]
+
+_log = Logger()
 
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 DEFAULT_TIMEOUT = 600
@@ -75,19 +84,34 @@ class AuthPenalty:
     Failed logins per client address: the n-th recent failure is answered
     after C{min(cap, base * 2 ** (n - 1))} seconds. A success from the address
     clears it; so does C{forget} seconds without failures.
+
+    With C{shared} (an L{popserv.interfaces.IFailedLogins}) the count is the
+    shared one: each failure costs one statement there, and L{failed} gives
+    its delay as a Deferred (an unreachable place falls back on this
+    process's count). A success costs nothing unless this process saw a
+    failure from the address: only then is the shared count cleared. A
+    success on a node that never saw the address fail leaves the count to
+    expire after C{forget} seconds; that errs on the strict side (a user who
+    fails again soon waits longer), never on the attacker's.
     """
 
     def __init__(
-        self, clock: IReactorTime, base: float = 1.0, cap: float = 15.0, forget: float = 3600
+        self,
+        clock: IReactorTime,
+        base: float = 1.0,
+        cap: float = 15.0,
+        forget: float = 3600,
+        shared: Any = None,
     ) -> None:
         self.clock = clock
         self.base = base
         self.cap = cap
         self.forget = forget
+        self.shared = shared
         self._failures: dict[str, tuple[int, float]] = {}
 
-    def failed(self, address: str) -> float:
-        """Record a failure; the delay to answer it with."""
+    def failed(self, address: str) -> float | Deferred[float]:
+        """Record a failure; the delay to answer it with (a Deferred if shared)."""
         if self.cap <= 0:
             return 0.0
         now = self.clock.seconds()
@@ -98,7 +122,31 @@ class AuthPenalty:
         self._failures[address] = (count, now)
         if len(self._failures) > 100_000:
             self._failures = {a: v for a, v in self._failures.items() if now - v[1] <= self.forget}
-        return min(self.cap, self.base * 2 ** (count - 1))
+        if self.shared is None:
+            return self.delay(count)
+        d = maybeDeferred(self.shared.recordFailure, address, now, self.forget)
+        d.addErrback(self._unshared, count)
+        return d.addCallback(self.delay)
+
+    def _unshared(self, failure: Any, count: int) -> int:
+        _log.warn(
+            "failed logins cannot be counted across nodes now ({error}): "
+            "this process's count is used",
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
+        return count
+
+    def delay(self, count: int) -> float:
+        """The delay of the C{count}-th recent failure."""
+        return min(self.cap, self.base * 2 ** min(max(count, 1) - 1, 62))
 
     def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+        if self._failures.pop(address, None) is not None and self.shared is not None:
+            d = maybeDeferred(self.shared.clearFailures, address)
+            d.addErrback(
+                lambda f: _log.warn(
+                    "cannot clear the failed logins of {address}: {error}",
+                    address=address,
+                    error=f.getErrorMessage(),
+                )
+            )

@@ -206,6 +206,11 @@ class Authorization(CommandPipeline):
     def _penalize(self, failure: Failure) -> Failure | Deferred[bytes]:
         """Answer a failed login late, the later the more failures came from this address."""
         delay = self.factory.penalty.failed(self.stats.ip)
+        if isinstance(delay, Deferred):  # counted in a shared place
+            return delay.addCallback(self._penalized, failure)
+        return self._penalized(delay, failure)
+
+    def _penalized(self, delay: float, failure: Failure) -> Failure | Deferred[bytes]:
         if delay <= 0:
             return failure
         self.stats.penalized()

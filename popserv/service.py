@@ -25,9 +25,10 @@ from popserv.auth.realm import MailboxRealm
 from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
 from popserv.build import makeChecker, makeStore
 from popserv.config import Config, ConfigError
+from popserv.errors import TemporaryFailure
 from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitProxied
 from popserv.i18n import LANGUAGES
-from popserv.interfaces import ILoginMemory, IMailStore
+from popserv.interfaces import IFailedLogins, ILoginMemory, IMailStore, ISharedKeys
 from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
 from popserv.lmtp import Deliverer, LMTPFactory
 from popserv.location import MailLocation
@@ -70,6 +71,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     run = reactorThreads(reactor)
     policy = None
     saltKey = None  # with a portal of the embedder's: each process its own
+    failures = None
     if portal is None:
         config.validated()
         store = makeStore(config, run)
@@ -80,6 +82,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         source = checker if IUserSettingsSource.providedBy(checker) else None
         policy = SessionPolicy(reactor, defaults, source, memory=memory)
         portal = makePortal(checker, store, policy)
+        if config.auth_penalty_shared and IFailedLogins.providedBy(store):
+            failures = store
     tls = None
     if config.tlsEnabled:
         try:
@@ -115,7 +119,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         logoutFormat=config.logout_format,
         loginTimeout=config.login_timeout,
         limits=ConnectionLimits(config.max_connections, config.max_connections_per_ip),
-        penalty=AuthPenalty(reactor, cap=config.auth_penalty),
+        penalty=AuthPenalty(reactor, cap=config.auth_penalty, shared=failures),
         allowPlaintext=PlaintextPolicy(
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),
@@ -134,14 +138,32 @@ def freezeStartupObjects() -> None:
     gc.freeze()
 
 
+#: The name of SCRAM's salt key in a store's shared keys (L{ISharedKeys}).
+SCRAM_SALT_KEY = "scram-salt"
+
+
 def _saltKey(store: IMailStore) -> bytes | None:
     """
-    The SCRAM salt key kept beside a Maildir store's maildrops, shared by
-    every process serving them; other stores get this process's own key.
+    The SCRAM salt key every process serving C{store} shares: kept beside a
+    Maildir store's maildrops, or in a store that keeps shared keys (pgsql);
+    other stores get this process's own key.
     """
     location = getattr(store, "location", None)
     if isinstance(location, MailLocation):
         return saltKeyForRoot(location.root)
+    if ISharedKeys.providedBy(store):
+        try:
+            return store.sharedKey(SCRAM_SALT_KEY)
+        except Exception as e:  # down, or a schema to upgrade: say what it costs
+            why = "the database is unreachable" if isinstance(e, TemporaryFailure) else str(e)
+            _log.warn(
+                "{store} cannot give the shared key for SCRAM's made-up salts ({why}): "
+                "this process uses its own, so with several nodes they tell unknown "
+                "users from real ones",
+                store=getattr(store, "description", store),
+                why=why.strip(),
+            )
+            return None
     _log.info(
         "{store} keeps no shared key for SCRAM's made-up salts: each process uses "
         "its own, so with several workers or nodes they tell unknown users from "
@@ -267,4 +289,16 @@ class PopservService(MultiService):
             signal.signal(signal.SIGHUP, self._previousHandler)
             self._previousHandler = None
         d = maybeDeferred(super().stopService)
-        return d.addCallback(lambda _: self.factory.drain(self.grace))
+        d.addCallback(lambda _: self.factory.drain(self.grace))
+        return d.addCallback(self._closeStore)
+
+    def _closeStore(self, _: object) -> Any:
+        """The store's optional C{close()} (its pools, its lock connection), in a thread."""
+        store = getattr(self.factory.portal.realm, "store", None)
+        close = getattr(store, "close", None)
+        if close is None:
+            return None
+        run = getattr(store, "runInThread", None) or reactorThreads(self._reactor)
+        d = run(close)
+        d.addErrback(lambda f: _log.failure("error closing the mail store", f))
+        return d

@@ -39,10 +39,12 @@ def freePort() -> int:
 class HAProxy:
     """
     C{haproxy -db -f DIR/haproxy.cfg}: one frontend on a free port of
-    127.0.0.1 per backend port given, each forwarding with C{send-proxy-v2}.
+    127.0.0.1 per backend given, each forwarding with C{send-proxy-v2} to its
+    port, or round robin to its list of ports (a connection refused by one
+    is sent to the next).
     """
 
-    def __init__(self, directory: Path, backends: dict[str, int]) -> None:
+    def __init__(self, directory: Path, backends: dict[str, int | list[int]]) -> None:
         self.binary = requireHAProxy()
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "haproxy.cfg"
@@ -53,9 +55,14 @@ class HAProxy:
             "    timeout server 60s\n",
         ]
         for name, backend in backends.items():
+            ports = backend if isinstance(backend, list) else [backend]
             sections.append(
                 f"listen {name}\n    bind {HOST}:{self.ports[name]}\n"
-                f"    server s1 {HOST}:{backend} send-proxy-v2\n"
+                "    balance roundrobin\n    option redispatch 1\n    retries 3\n"
+                + "".join(
+                    f"    server s{n} {HOST}:{port} send-proxy-v2\n"
+                    for n, port in enumerate(ports, 1)
+                )
             )
         self.config.write_text("\n".join(sections))
         self.proc: subprocess.Popen[str] | None = None

@@ -96,7 +96,7 @@ def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):
     assert "run popserv db upgrade" in capsys.readouterr().out
     initialized(pgdatabase)
     assert main(["check-config", "--config", str(config)]) == 0
-    assert "database reached, schema version 2" in capsys.readouterr().out
+    assert "database reached, schema version 3" in capsys.readouterr().out
     config.write_text(
         'passwd = "passwd"\nmail_location = "pgsql:postgresql:///x?host=/nonexistent"\n'
     )

@@ -70,6 +70,7 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
     "max_connections": (["--max-connections", "10"], 10, 10),
     "max_connections_per_ip": (["--max-connections-per-ip", "3"], 3, 3),
     "auth_penalty": (["--auth-penalty", "0"], 0, 0),
+    "auth_penalty_shared": (["--no-auth-penalty-shared"], False, False),
     "auth_cache_ttl": (["--auth-cache-ttl", "0"], 0, 0),
     "lmtp": (["--lmtp", "unix:lmtp.sock"], ["unix:lmtp.sock"], ("unix:lmtp.sock",)),
     "lmtp_max_size": (["--lmtp-max-size", "1000"], 1000, 1000),

@@ -64,6 +64,19 @@ MIGRATIONS: tuple[str, ...] = (
         created timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 3: what the nodes share beyond mail: failed logins per client address
+    # (the auth penalty) and small random keys (SCRAM's salt key).
+    """
+    CREATE TABLE auth_failures (
+        address text PRIMARY KEY,
+        count integer NOT NULL,
+        last double precision NOT NULL
+    );
+    CREATE TABLE shared_keys (
+        name text PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    """,
 )
 
 #: The version this popserv needs.

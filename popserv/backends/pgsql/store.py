@@ -18,17 +18,26 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.backends.pgsql.connections import DEFAULT_POOL_SIZE, DEFAULT_TIMEOUT, Database
+from popserv.backends.pgsql import shared
+from popserv.backends.pgsql.connections import (
+    DEFAULT_POOL_SIZE,
+    DEFAULT_TIMEOUT,
+    Database,
+    unreachable,
+)
 from popserv.backends.pgsql.delivery import PgDelivery, PgWriter, maildropId
 from popserv.backends.pgsql.locks import AdvisoryLocks
 from popserv.backends.pgsql.schema import CURRENT, schemaVersion
 from popserv.errors import MessageVanished, PermanentFailure, TemporaryFailure
 from popserv.interfaces import (
+    IFailedLogins,
     ILoginMemory,
     IMailbox,
+    IMaildropUsage,
     IMailStore,
     IMessageReader,
     InvalidUID,
+    ISharedKeys,
     MessageInfo,
     validUID,
 )
@@ -136,10 +145,12 @@ class PgMailbox:
         return self._store.runInThread(self._store.locks.release, self.user)
 
 
-@implementer(IMailStore, ILoginMemory)
+@implementer(IMailStore, ILoginMemory, IMaildropUsage, IFailedLogins, ISharedKeys)
 class PgStore:
     """
-    Maildrops in a PostgreSQL database whose schema C{popserv db init} made.
+    Maildrops in a PostgreSQL database whose schema C{popserv db init} made,
+    and what the nodes serving them share: last logins (LOGIN-DELAY), failed
+    logins (the auth penalty) and the SCRAM salt key.
 
     @param uri: any libpq URI or connection string, passed on untouched.
     @param createMissing: make a missing maildrop at first login.
@@ -213,6 +224,40 @@ class PgStore:
             )
 
         return self.runInThread(self.database.run, record)
+
+    # -- IMaildropUsage --
+
+    def usage(self, user: str) -> Deferred[tuple[int, int]]:
+        def query(conn: Any) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(m.size), 0) FROM messages m"
+                " JOIN maildrops d ON d.id = m.maildrop WHERE d.name = %s",
+                (user,),
+            ).fetchone()
+            return int(row[0]), int(row[1])
+
+        return self.runInThread(self.database.run, query)
+
+    # -- IFailedLogins --
+
+    def recordFailure(self, address: str, when: float, forget: float) -> Deferred[int]:
+        return self.runInThread(self.database.run, shared.recordFailure, address, when, forget)
+
+    def clearFailures(self, address: str) -> Deferred[None]:
+        return self.runInThread(self.database.run, shared.clearFailures, address)
+
+    # -- ISharedKeys --
+
+    def sharedKey(self, name: str) -> bytes:
+        # Blocking, at start-up: a connection of its own fails at once if
+        # the database is down (rather than after the pool's timeout).
+        with self.database.connect(autocommit=True) as conn:
+            try:
+                return shared.sharedKey(conn, name)
+            except Exception as e:
+                if unreachable(e):
+                    raise self.database.failure(e) from e
+                raise
 
     # -- administration --
 
