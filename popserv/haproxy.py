@@ -21,12 +21,10 @@ who may connect.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -34,6 +32,8 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
+
+from popserv.limits import TrustedNetworks
 
 __all__ = [
     "HEADER_TIMEOUT",
@@ -67,33 +67,8 @@ def splitProxied(description: str) -> tuple[bool, str]:
     return False, description
 
 
-class TrustedPeers:
-    """The networks a PROXY header is accepted from; verdicts kept by address."""
-
-    def __init__(self, networks: Iterable[str]) -> None:
-        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        self._verdicts: dict[str, bool] = {}
-
-    def __call__(self, peer: IAddress) -> bool:
-        if isinstance(peer, UNIXAddress):
-            return True
-        if not isinstance(peer, (IPv4Address, IPv6Address)):
-            return False
-        verdict = self._verdicts.get(peer.host)
-        if verdict is None:
-            if len(self._verdicts) >= 4096:
-                self._verdicts.clear()
-            verdict = self._verdicts[peer.host] = self._trusted(peer.host)
-        return verdict
-
-    def _trusted(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+#: The networks a PROXY header is accepted from.
+TrustedPeers = TrustedNetworks
 
 
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):

@@ -15,14 +15,18 @@ place, so an attacker who spreads guesses over N nodes gains nothing.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 __all__ = [
+    "TrustedNetworks",
     "AuthPenalty",
     "ConnectionLimits",
     "DEFAULT_TIMEOUT",
@@ -150,3 +154,37 @@ class AuthPenalty:
                     error=f.getErrorMessage(),
                 )
             )
+
+
+class TrustedNetworks:
+    """
+    Networks a peer may be trusted from (to send a password in the clear, a
+    PROXY header...): C{networks(peer)} says whether the peer's address is in
+    one. A Unix-socket peer is trusted (it never crossed a network); verdicts
+    are kept by address, as parsing one costs more than a lookup.
+    """
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self._verdicts: dict[str, bool] = {}
+
+    def __call__(self, peer: object) -> bool:
+        if isinstance(peer, UNIXAddress):
+            return True
+        if not isinstance(peer, (IPv4Address, IPv6Address)):
+            return False
+        verdict = self._verdicts.get(peer.host)
+        if verdict is None:
+            if len(self._verdicts) >= 4096:
+                self._verdicts.clear()
+            verdict = self._verdicts[peer.host] = self._trusted(peer.host)
+        return verdict
+
+    def _trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)

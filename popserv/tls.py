@@ -26,12 +26,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.limits import DEFAULT_TRUSTED_NETWORKS
+from popserv.limits import DEFAULT_TRUSTED_NETWORKS, TrustedNetworks
 
 __all__ = [
     "ServerTLS",
@@ -242,32 +241,12 @@ class PlaintextPolicy:
         self, requireTLS: bool = True, trusted: Iterable[str] = DEFAULT_TRUSTED_NETWORKS
     ) -> None:
         self.requireTLS = requireTLS
-        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
-        self._verdicts: dict[str, bool] = {}  # by peer address: parsing one costs more
+        self.trusted = TrustedNetworks(trusted)
 
     def __call__(self, transport: Any) -> bool:
         if not self.requireTLS or tlsConnection(transport) is not None:
             return True
-        peer = transport.getPeer()
-        if isinstance(peer, UNIXAddress):
-            return True  # a local socket never crosses a network
-        if isinstance(peer, (IPv4Address, IPv6Address)):
-            verdict = self._verdicts.get(peer.host)
-            if verdict is None:
-                if len(self._verdicts) >= 4096:
-                    self._verdicts.clear()
-                verdict = self._verdicts[peer.host] = self._trusted(peer.host)
-            return verdict
-        return False
-
-    def _trusted(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted)
+        return self.trusted(transport.getPeer())
 
 
 def selfSigned(hosts: Sequence[str] = ("localhost",), days: int = 365) -> tuple[bytes, bytes]:
