@@ -11,6 +11,7 @@ L{popserv.errors.TemporaryFailure} (C{[SYS/TEMP]}).
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,49 +51,91 @@ _log = Logger()
 _LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
 
 
+#: The message (none: it vanished) and its first rows (none: an empty body).
+_OPEN = (
+    "SELECT c.data FROM messages m LEFT JOIN chunks c"
+    " ON c.message = m.id AND c.seq < %s WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
+)
+
+
 def _infoRows(cursor: Any) -> Any:
     return MessageInfo._make
+
+
+#: Body rows fetched per query while reading a message: a few round trips
+#: per MiB, and (with the batch fetched ahead) at most about
+#: C{(2 * _BATCH + 1) * CHUNK} bytes of it in memory at once.
+_BATCH = 2
+
+_CHUNKS = "SELECT data FROM chunks WHERE message = %s AND seq >= %s ORDER BY seq LIMIT %s"
+
+
+def _fetchChunks(conn: Any, messageId: int, seq: int) -> list[bytes]:
+    # Binary: bytea as it is stored, not as hex text twice its size to decode.
+    with conn.cursor(binary=True) as cur:
+        return [row[0] for row in cur.execute(_CHUNKS, (messageId, seq, _BATCH))]
 
 
 @implementer(IMessageReader)
 class _ChunkReader:
     """
-    One message read row by row: one chunk in memory at a time, each
-    fetched (in a thread, on a pooled connection held only for that query)
-    when the previous one is used up.
+    One message read batch by batch: each batch of L{_BATCH} rows fetched
+    (in a thread, on a pooled connection held only for that query) while
+    the last row of the previous one is being sent.
     """
 
-    def __init__(self, mailbox: PgMailbox, messageId: int, first: bytes) -> None:
+    def __init__(self, mailbox: PgMailbox, messageId: int, first: list[bytes]) -> None:
         self._mailbox = mailbox
         self._id = messageId
-        self._chunk: memoryview | None = memoryview(first) if first else None
+        self._chunks = deque(first)
+        self._current = memoryview(b"")
         self._pos = 0
-        self._seq = 0 if first else -1
+        self._seq = len(first)
+        self._more = len(first) == _BATCH
+        self._pending: Deferred[None] | None = None
 
     def read(self, size: int) -> bytes | Deferred[bytes]:
-        chunk = self._chunk
-        if chunk is None:
-            return b""
-        if self._pos >= len(chunk):
-            return self._mailbox._store.runInThread(self._next).addCallback(
-                lambda _: self.read(size)
-            )
-        data = bytes(chunk[self._pos : self._pos + size])
+        if self._pos >= len(self._current):
+            if not self._chunks:
+                pending = self._pending
+                if pending is None:
+                    if not self._more:
+                        return b""
+                    pending = self._fetch()
+                self._pending = None
+                return pending.addCallback(lambda _: self.read(size))
+            chunk = self._chunks.popleft()
+            if not self._chunks and self._more and self._pending is None:
+                self._pending = self._fetch()
+            if size >= len(chunk):
+                self._current = memoryview(b"")
+                return chunk
+            self._current = memoryview(chunk)
+            self._pos = 0
+        data = bytes(self._current[self._pos : self._pos + size])
         self._pos += len(data)
         return data
 
-    def _next(self) -> None:
-        self._seq += 1
-        row = self._mailbox._store.database.run(
-            lambda conn: conn.execute(
-                "SELECT data FROM chunks WHERE message = %s AND seq = %s", (self._id, self._seq)
-            ).fetchone()
+    def _fetch(self) -> Deferred[None]:
+        store = self._mailbox._store
+        seq = self._seq
+        self._seq += _BATCH
+        self._more = False
+        return store.runInThread(store.database.run, _fetchChunks, self._id, seq).addCallback(
+            self._got
         )
-        self._chunk = memoryview(row[0]) if row is not None and row[0] else None
-        self._pos = 0
+
+    def _got(self, rows: list[bytes]) -> None:
+        self._chunks.extend(rows)
+        self._more = len(rows) == _BATCH
 
     def close(self) -> None:
-        self._chunk = None
+        self._chunks.clear()
+        self._current = memoryview(b"")
+        self._more = False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.addErrback(lambda _: None)
 
 
 @implementer(IMailbox)
@@ -116,16 +159,14 @@ class PgMailbox:
         return self._store.runInThread(self._open, info.key)
 
     def _open(self, messageId: int) -> IMessageReader:
-        row = self._store.database.run(
-            lambda conn: conn.execute(
-                "SELECT c.data FROM messages m LEFT JOIN chunks c"
-                " ON c.message = m.id AND c.seq = 0 WHERE m.id = %s AND m.maildrop = %s",
-                (messageId, self.maildrop),
-            ).fetchone()
-        )
-        if row is None:
+        def query(conn: Any) -> list[Any]:
+            with conn.cursor(binary=True) as cur:
+                return cur.execute(_OPEN, (_BATCH, messageId, self.maildrop)).fetchall()
+
+        rows = self._store.database.run(query)
+        if not rows:
             raise MessageVanished()
-        return _ChunkReader(self, messageId, row[0] or b"")
+        return _ChunkReader(self, messageId, [row[0] for row in rows if row[0] is not None])
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
         ids = [info.key for info in infos]
