@@ -26,6 +26,7 @@ from test_store_contract import (  # noqa: F401 (run here again, for pgsql)
 )
 
 from popserv.admin import main
+from popserv.backends.pgsql.schema import CURRENT
 from popserv.errors import MaildropInUse, PermanentFailure, TemporaryFailure
 from popserv.interfaces import ILoginMemory
 from popserv.threads import synchronously
@@ -96,7 +97,7 @@ def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):
     assert "run popserv db upgrade" in capsys.readouterr().out
     initialized(pgdatabase)
     assert main(["check-config", "--config", str(config)]) == 0
-    assert "database reached, schema version 3" in capsys.readouterr().out
+    assert f"database reached, schema version {CURRENT}" in capsys.readouterr().out
     config.write_text(
         'passwd = "passwd"\nmail_location = "pgsql:postgresql:///x?host=/nonexistent"\n'
     )

@@ -77,6 +77,32 @@ MIGRATIONS: tuple[str, ...] = (
         value bytea NOT NULL
     );
     """,
+    # 4: a change counter per maildrop, bumped in the transaction of every
+    # delivery and removal: a node keeps a maildrop's listing while its
+    # counter is unchanged (one small query at login instead of the listing).
+    """
+    ALTER TABLE maildrops ADD COLUMN changes bigint NOT NULL DEFAULT 0;
+    CREATE FUNCTION popserv_maildrops_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            UPDATE maildrops SET changes = changes + 1
+                WHERE id IN (SELECT DISTINCT maildrop FROM old_rows);
+        ELSE
+            UPDATE maildrops SET changes = changes + 1
+                WHERE id IN (SELECT DISTINCT maildrop FROM new_rows);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER messages_inserted AFTER INSERT ON messages
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION popserv_maildrops_changed();
+    CREATE TRIGGER messages_updated AFTER UPDATE ON messages
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION popserv_maildrops_changed();
+    CREATE TRIGGER messages_deleted AFTER DELETE ON messages
+        REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION popserv_maildrops_changed();
+    """,
 )
 
 #: The version this popserv needs.

@@ -11,7 +11,8 @@ L{popserv.errors.TemporaryFailure} (C{[SYS/TEMP]}).
 from __future__ import annotations
 
 import re
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,8 +59,47 @@ _OPEN = (
 )
 
 
-def _infoRows(cursor: Any) -> Any:
-    return MessageInfo._make
+#: A maildrop's id and change counter (see L{popserv.backends.pgsql.schema}).
+_MAILDROP = "SELECT id, changes FROM maildrops WHERE name = %s"
+
+#: Messages, all listings together, that a process keeps listings of.
+LISTING_CACHE = 250_000
+
+
+class _Listings:
+    """
+    The listings this process read lately, each under the change counter
+    its maildrop had when it was read (thread-safe). A listing is read
+    after its counter, so it is never older than the counter says: a stale
+    entry can only cost a new query, never show a wrong list.
+    """
+
+    def __init__(self, limit: int = LISTING_CACHE) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[int, tuple[int, tuple[MessageInfo, ...]]] = OrderedDict()
+        self._total = 0
+        self._mutex = threading.Lock()
+
+    def get(self, maildrop: int, changes: int) -> tuple[MessageInfo, ...] | None:
+        with self._mutex:
+            entry = self._entries.get(maildrop)
+            if entry is None or entry[0] != changes:
+                return None
+            self._entries.move_to_end(maildrop)
+            return entry[1]
+
+    def put(self, maildrop: int, changes: int, listing: tuple[MessageInfo, ...]) -> None:
+        if len(listing) > self.limit:
+            return
+        with self._mutex:
+            old = self._entries.pop(maildrop, None)
+            if old is not None:
+                self._total -= len(old[1])
+            self._entries[maildrop] = (changes, listing)
+            self._total += len(listing)
+            while self._total > self.limit:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._total -= len(dropped)
 
 
 #: Body rows fetched per query while reading a message: a few round trips
@@ -142,18 +182,25 @@ class _ChunkReader:
 class PgMailbox:
     """One locked maildrop of a L{PgStore} for one session; C{key} is the message id."""
 
-    def __init__(self, store: PgStore, user: str, maildrop: int) -> None:
+    def __init__(self, store: PgStore, user: str, maildrop: int, changes: int = -1) -> None:
         self._store = store
         self.user = user
         self.maildrop = maildrop
+        self.changes = changes
         self._locked = True
 
-    def listMessages(self) -> Deferred[list[MessageInfo]]:
+    def listMessages(self) -> Sequence[MessageInfo] | Deferred[Sequence[MessageInfo]]:
+        listing = self._store.listings.get(self.maildrop, self.changes)
+        if listing is not None:
+            return listing
         return self._store.runInThread(self._store.database.run, self._list)
 
-    def _list(self, conn: Any) -> list[MessageInfo]:
-        with conn.cursor(row_factory=_infoRows) as cur:
-            return cur.execute(_LISTING, (self.maildrop,)).fetchall()
+    def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
+        with conn.cursor() as cur:
+            listing = tuple(map(MessageInfo._make, cur.execute(_LISTING, (self.maildrop,))))
+        if self.changes >= 0:
+            self._store.listings.put(self.maildrop, self.changes, listing)
+        return listing
 
     def openMessage(self, info: MessageInfo) -> Deferred[IMessageReader]:
         return self._store.runInThread(self._open, info.key)
@@ -212,6 +259,7 @@ class PgStore:
         self.createMissing = createMissing
         self.database = Database(uri, poolSize, timeout)
         self.locks = AdvisoryLocks(self.database)
+        self.listings = _Listings()
 
     @property
     def description(self) -> str:
@@ -223,6 +271,9 @@ class PgStore:
     def _openMailbox(self, user: str) -> PgMailbox:
         self.locks.acquire(user)
         try:
+            row = self.database.run(lambda conn: conn.execute(_MAILDROP, (user,)).fetchone())
+            if row is not None:
+                return PgMailbox(self, user, row[0], row[1])
             maildrop = self.database.run(maildropId, user, self.createMissing)
             if maildrop is None:
                 raise PermanentFailure("Mailbox does not exist")
