@@ -150,6 +150,26 @@ def test_update_removes_exactly_the_marked_messages(store):
     )
 
 
+def test_kept_listing_follows_changes_made_by_another_node(store, pgdatabase):
+    """A node lists an unchanged maildrop from memory, anything another node changed anew."""
+    other = makeStore(pgdatabase)
+    try:
+        first = deliver(store, [b"one\n"])
+        assert [i.uid for i in listing(store)] == [first]
+        mailbox = result(store.openMailbox("alice"))
+        kept = mailbox.listMessages()
+        assert isinstance(kept, tuple) and [i.uid for i in kept] == [first]  # no query
+        result(mailbox.close())
+        second = deliver(other, [b"two\n"])  # another node delivers
+        assert [i.uid for i in listing(store)] == [first, second]
+        mailbox = result(other.openMailbox("alice"))  # another node removes
+        result(mailbox.removeMessages(result(mailbox.listMessages())[:1]))
+        result(mailbox.close())
+        assert [i.uid for i in listing(store)] == [second]
+    finally:
+        other.close()
+
+
 def test_missing_maildrop_is_refused_without_create(pgdatabase):
     strict = makeStore(initialized(pgdatabase), createMissing=False)
     try:
