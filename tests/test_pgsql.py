@@ -137,6 +137,32 @@ def test_big_message_is_chunked_and_read_back(store):
     assert read(store, info) == body
 
 
+def test_reading_a_big_message_holds_a_few_rows_at_a_time(store):
+    """RETR of a big message: at most 2 MiB of it in memory at once (here 12 MiB)."""
+    import tracemalloc
+
+    from popserv.backends.pgsql.delivery import CHUNK
+
+    piece = bytes(range(256)) * 4096
+    deliver(store, [piece] * 12)
+    (info,) = listing(store)
+    mailbox = result(store.openMailbox("alice"))
+    try:
+        tracemalloc.start()
+        reader = result(mailbox.openMessage(info))
+        total = 0
+        while data := result(reader.read(CHUNK)):
+            assert data == piece[: len(data)]  # the body repeats every 256 bytes
+            total += len(data)
+        reader.close()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        result(mailbox.close())
+    assert total == 12 * len(piece)
+    assert peak <= 2 * 1024 * 1024, peak
+
+
 def test_update_removes_exactly_the_marked_messages(store):
     uids = [deliver(store, [f"m{i}\n".encode()]) for i in range(5)]
     mailbox = result(store.openMailbox("alice"))
