@@ -44,6 +44,13 @@ def lockKey(user: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+#: The lock, and the maildrop's id and change counter (if it exists).
+_ACQUIRE = (
+    "SELECT pg_try_advisory_lock(%s), d.id, d.changes"
+    " FROM (SELECT 1) one LEFT JOIN maildrops d ON d.name = %s"
+)
+
+
 class AdvisoryLocks:
     """
     The maildrop locks of this process, on their one connection; every
@@ -58,14 +65,21 @@ class AdvisoryLocks:
         self._held: set[str] = set()
         self._mutex = threading.Lock()
 
-    def acquire(self, user: str) -> None:
-        """Lock C{user}'s maildrop, or fail with L{MaildropInUse} at once."""
+    def acquire(self, user: str) -> tuple[int, int] | None:
+        """
+        Lock C{user}'s maildrop, or fail with L{MaildropInUse} at once.
+
+        @return: in the same round trip, the maildrop's id and change
+            counter, or None if it has no maildrop yet.
+        """
         with self._mutex:
             if user in self._held:
                 raise MaildropInUse()
-            if not self._query("SELECT pg_try_advisory_lock(%s)", lockKey(user)):
+            row = self._query(_ACQUIRE, (lockKey(user), user))
+            if not row[0]:
                 raise MaildropInUse()
             self._held.add(user)
+            return None if row[1] is None else (row[1], row[2])
 
     def release(self, user: str) -> None:
         """Unlock C{user}'s maildrop (a lost connection has unlocked it already)."""
@@ -74,7 +88,7 @@ class AdvisoryLocks:
                 return
             self._held.discard(user)
             try:
-                self._query("SELECT pg_advisory_unlock(%s)", lockKey(user))
+                self._query("SELECT pg_advisory_unlock(%s)", (lockKey(user),))
             except Exception as e:
                 _log.warn("cannot unlock maildrop {user}: {error}", user=user, error=e)
 
@@ -82,13 +96,13 @@ class AdvisoryLocks:
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
-    def _query(self, sql: str, key: int) -> Any:
+    def _query(self, sql: str, params: tuple[Any, ...]) -> Any:
         import psycopg
 
         for attempt in (1, 2):
             conn = self._connection()
             try:
-                return conn.execute(sql, (key,)).fetchone()[0]
+                return conn.execute(sql, params).fetchone()
             except psycopg.OperationalError as e:
                 self._lost()
                 if attempt == 2:

@@ -59,9 +59,6 @@ _OPEN = (
 )
 
 
-#: A maildrop's id and change counter (see L{popserv.backends.pgsql.schema}).
-_MAILDROP = "SELECT id, changes FROM maildrops WHERE name = %s"
-
 #: Messages, all listings together, that a process keeps listings of.
 LISTING_CACHE = 250_000
 
@@ -269,11 +266,10 @@ class PgStore:
         return self.runInThread(self._openMailbox, user)
 
     def _openMailbox(self, user: str) -> PgMailbox:
-        self.locks.acquire(user)
+        found = self.locks.acquire(user)  # and, in the same round trip, the maildrop
+        if found is not None:
+            return PgMailbox(self, user, *found)
         try:
-            row = self.database.run(lambda conn: conn.execute(_MAILDROP, (user,)).fetchone())
-            if row is not None:
-                return PgMailbox(self, user, row[0], row[1])
             maildrop = self.database.run(maildropId, user, self.createMissing)
             if maildrop is None:
                 raise PermanentFailure("Mailbox does not exist")
