@@ -304,3 +304,98 @@ def test_database_down_is_a_temporary_failure_then_recovers(postgresql, pgdataba
             other.close()
     finally:
         store.close()
+
+
+def terminate(store, pid: int) -> None:
+    """End backend C{pid} from one of C{store}'s pooled connections, and wait until it is gone."""
+
+    def kill(conn):
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, "backend not terminated"
+            time.sleep(0.02)
+
+    store.database.run(kill)
+
+
+def test_lock_key_shows_in_pg_locks_as_checked(store):
+    """The check of a held lock matches the key as PostgreSQL shows it (both signs)."""
+    for user in ("alice", "bob", "carol", "dave"):
+        mailbox = result(store.openMailbox(user))
+        store.locks.check(user)
+        result(mailbox.close())
+        with pytest.raises(TemporaryFailure):
+            store.locks.check(user)
+
+
+def test_update_after_a_lost_and_taken_lock_removes_nothing(store, pgdatabase):
+    """Another node took the maildrop while the lock connection was lost: no removal."""
+    uids = [deliver(store, [f"m{i}\n".encode()]) for i in range(2)]
+    mailbox = result(store.openMailbox("alice"))
+    infos = result(mailbox.listMessages())
+    other = makeStore(pgdatabase)
+    try:
+        terminate(other, store.locks._conn.info.backend_pid)  # the server frees the lock
+        taken = result(other.openMailbox("alice"))  # another node serves the maildrop
+        with pytest.raises(TemporaryFailure) as failed:
+            result(mailbox.removeMessages(infos[:1]))
+        assert failed.value.code.value == "SYS/TEMP"
+        result(mailbox.close())
+        assert [i.uid for i in result(taken.listMessages())] == uids
+        result(taken.close())
+    finally:
+        other.close()
+    # Nobody else holds it: the lock is taken again and removing is fine.
+    mailbox = result(store.openMailbox("alice"))
+    terminate(store, store.locks._conn.info.backend_pid)
+    assert result(mailbox.removeMessages(result(mailbox.listMessages())[:1])) == []
+    result(mailbox.close())
+    assert [i.uid for i in listing(store)] == uids[1:]
+
+
+def test_failed_reconnection_of_the_lock_connection_is_a_temporary_failure(store):
+    """The database dies between the reconnection and the re-taking: [SYS/TEMP]."""
+    held = result(store.openMailbox("bob"))
+    connect = store.database.connect
+
+    def connectThenDie(**kwargs):
+        conn = connect(**kwargs)
+        terminate(store, conn.info.backend_pid)
+        return conn
+
+    store.database.connect = connectThenDie
+    terminate(store, store.locks._conn.info.backend_pid)
+    with pytest.raises(TemporaryFailure):
+        result(store.openMailbox("alice"))
+    assert store.locks._conn is None
+    del store.database.connect
+    result(store.openMailbox("alice")).close()
+    result(held.close())
+    assert store.locks.held == frozenset()
+
+
+def test_unconfirmed_unlock_drops_the_lock_connection_and_retakes_the_others(store, pgdatabase):
+    """An unlock that fails frees its lock with the connection; the others are taken again."""
+    alice = result(store.openMailbox("alice"))
+    result(store.openMailbox("bob"))
+    connect, failures = store.database.connect, [1, 2]
+
+    def connectThenDie(**kwargs):
+        conn = connect(**kwargs)
+        if failures:
+            failures.pop()
+            terminate(store, conn.info.backend_pid)
+        return conn
+
+    store.database.connect = connectThenDie
+    terminate(store, store.locks._conn.info.backend_pid)
+    result(alice.close())  # the unlock fails: dead connection, dead reconnection
+    assert store.locks.held == frozenset({"bob"})
+    other = makeStore(pgdatabase)
+    try:
+        with pytest.raises(MaildropInUse):  # re-taken at once, not at the next login
+            result(other.openMailbox("bob"))
+        result(other.openMailbox("alice")).close()
+    finally:
+        other.close()

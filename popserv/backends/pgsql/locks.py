@@ -17,10 +17,12 @@ on one descriptor), not one connection per POP3 session.
     every connection, see L{popserv.backends.pgsql.connections}).
   - When the lock connection is lost, the next lock operation opens a new
     one and takes again every lock this process holds. A session whose lock
-    was meanwhile taken by another node keeps running (it is logged): its
-    UPDATE only deletes the messages it listed, by id, which is harmless if
-    they are gone, so a lost lock can show a message to two clients but
-    never lose one.
+    was meanwhile taken by another node keeps running (it is logged), but
+    its UPDATE removes nothing: L{AdvisoryLocks.check}, on the lock
+    connection right before the removal, finds the lock not held and the
+    session ends with C{[SYS/TEMP]}. So a lost lock can show a message to
+    two clients but never lets two nodes remove from one maildrop at once
+    (but for the instant between the check and the removal).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from popserv.errors import MaildropInUse
+from popserv.errors import MaildropInUse, TemporaryFailure
 
 __all__ = ["AdvisoryLocks", "lockKey"]
 
@@ -48,6 +50,13 @@ def lockKey(user: str) -> int:
 _ACQUIRE = (
     "SELECT pg_try_advisory_lock(%s), d.id, d.changes"
     " FROM (SELECT 1) one LEFT JOIN maildrops d ON d.name = %s"
+)
+
+#: Whether this connection holds an advisory lock: pg_advisory_lock(bigint)
+#: shows in pg_locks as the key's high and low 32 bits, objsubid 1.
+_HOLDS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND classid = %s::oid AND objid = %s::oid AND objsubid = 1)"
 )
 
 
@@ -82,30 +91,61 @@ class AdvisoryLocks:
             return None if row[1] is None else (row[1], row[2])
 
     def release(self, user: str) -> None:
-        """Unlock C{user}'s maildrop (a lost connection has unlocked it already)."""
+        """
+        Unlock C{user}'s maildrop (a lost connection has unlocked it already).
+        An unlock that cannot be confirmed drops the lock connection, which
+        frees every lock of this process on the server, and takes the others
+        again: a lock is never left behind until the process ends.
+        """
         with self._mutex:
             if user not in self._held:
                 return
-            self._held.discard(user)
             try:
+                # False: not held on this connection (lost, and not taken again).
                 self._query("SELECT pg_advisory_unlock(%s)", (lockKey(user),))
             except Exception as e:
                 _log.warn("cannot unlock maildrop {user}: {error}", user=user, error=e)
+                self._held.discard(user)
+                self._lost()
+                try:
+                    self._query("SELECT 1", ())  # reconnect: take the others again
+                except Exception as e:
+                    _log.warn("cannot take the maildrop locks again: {error}", error=e)
+            else:
+                self._held.discard(user)
+
+    def check(self, user: str) -> None:
+        """
+        Make sure this process still holds C{user}'s maildrop lock on the
+        server (call it right before removing messages): a lost lock
+        connection has freed it, and another node may have taken it since.
+
+        @raise TemporaryFailure: it does not (or the database cannot say).
+        """
+        with self._mutex:
+            key = lockKey(user) & 0xFFFFFFFFFFFFFFFF
+            if user not in self._held or not self._query(_HOLDS, (key >> 32, key & 0xFFFFFFFF))[0]:
+                _log.error("maildrop {user}: lock lost, nothing removed", user=user)
+                raise TemporaryFailure()
 
     @property
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """
+        C{sql}'s one row on the lock connection, (re)connected if need be.
+        Any database error drops the connection; unreachable, or an error
+        twice: L{TemporaryFailure}.
+        """
         import psycopg
 
         for attempt in (1, 2):
-            conn = self._connection()
             try:
-                return conn.execute(sql, params).fetchone()
-            except psycopg.OperationalError as e:
+                return self._connection().execute(sql, params).fetchone()
+            except psycopg.Error as e:
                 self._lost()
-                if attempt == 2:
+                if attempt == 2 or not isinstance(e, psycopg.OperationalError):
                     raise self.database.failure(e) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -118,7 +158,10 @@ class AdvisoryLocks:
     def _lost(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover (closing a broken one)
+                pass
 
     def _retake(self) -> None:
         """After a reconnection: take again the locks the sessions of this process hold."""

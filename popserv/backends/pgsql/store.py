@@ -214,7 +214,13 @@ class PgMailbox:
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
         ids = [info.key for info in infos]
-        return self._store.runInThread(self._store.database.run, self._remove, ids)
+        return self._store.runInThread(self._removeLocked, ids)
+
+    def _removeLocked(self, ids: list[int]) -> list[MessageInfo]:
+        # Only while this process holds the lock: a lost lock connection
+        # frees it, and another node may be serving the maildrop now.
+        self._store.locks.check(self.user)
+        return self._store.database.run(self._remove, ids)
 
     def _remove(self, conn: Any, ids: list[int]) -> list[MessageInfo]:
         # One transaction: all of them or, if the node dies first, none.
