@@ -366,3 +366,26 @@ def test_service_refuses_lmtp_without_one_checker(tmp_path, passwd):
     portal.registerChecker(InMemoryUsernamePasswordDatabaseDontUse(), IUsernameHashedPassword)
     with pytest.raises(ConfigError, match="it has 2"):
         makeService(portal=portal, listen=["tcp:0"], lmtp=["tcp:0"])
+
+
+def test_maildir_usage_looks_at_the_disk_in_a_thread(tmp_path):
+    """A missing maildrop is found missing in the store's thread, not on the reactor."""
+    run = Queued()
+    store = MaildirStore(f"maildir:{tmp_path}/%u", runInThread=run)
+    result = []
+    store.usage("nobody").addCallback(result.append)
+    assert result == [] and len(run.calls) == 1
+    run.runAll()
+    assert result == [(0, 0)]
+    assert not (tmp_path / "nobody").exists()
+
+
+def test_passwd_knows_users_as_of_recheck(tmp_path):
+    """RCPT's lookup may be recheck seconds late, sparing a stat per recipient."""
+    path = tmp_path / "passwd"
+    path.write_text(PASSWD)
+    lazy = PasswdFileChecker(path, recheck=3600)
+    eager = PasswdFileChecker(path, recheck=0)
+    path.write_text(PASSWD + "dave@example.org:{PLAIN}x\n")
+    assert lazy.knowsUser("dave@example.org") is False
+    assert eager.knowsUser("dave@example.org") is True
