@@ -200,6 +200,16 @@ class Config:
         LIST,
         metavar="ENDPOINT",
     )
+    lmtp_trusted_networks: tuple[str, ...] = setting(
+        DEFAULT_TRUSTED_NETWORKS,
+        "A network (CIDR) allowed to deliver over a tcp: LMTP listener (the MTAs'); a "
+        "connection from anywhere else is refused with 421. Unix-socket peers are always "
+        "allowed (the socket's permissions decide). Repeatable.",
+        LIST,
+        aliases=("lmtp_trusted_network",),
+        check=_checkNetworks,
+        metavar="CIDR",
+    )
     lmtp_max_size: int = setting(
         0,
         "The largest message LMTP accepts, in octets (announced with SIZE); 0 for no limit.",

@@ -29,7 +29,7 @@ from popserv.errors import TemporaryFailure
 from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitProxied
 from popserv.i18n import LANGUAGES
 from popserv.interfaces import IFailedLogins, ILoginMemory, IMailStore, ISharedKeys
-from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits
+from popserv.limits import DEFAULT_TIMEOUT, AuthPenalty, ConnectionLimits, TrustedNetworks
 from popserv.lmtp import Deliverer, LMTPFactory
 from popserv.location import MailLocation
 from popserv.metrics import Metrics, metricsSite
@@ -245,10 +245,21 @@ def _lmtpFactory(config: Config, factory: POP3Factory, reactor: Any) -> LMTPFact
     store = getattr(realm, "store", None)
     if store is None:
         raise ConfigError("lmtp: needs the portal's realm to have a store (a MailboxRealm)")
-    checkers = factory.portal.checkers
-    checker = next(iter(checkers.values())) if len(set(checkers.values())) == 1 else None
-    deliverer = Deliverer(store, checker, config.hostname or socket.getfqdn())
-    return LMTPFactory(deliverer, reactor, config.hostname, maxSize=config.lmtp_max_size)
+    checkers = set(factory.portal.checkers.values())
+    if len(checkers) != 1:
+        # Without its sources LMTP would take mail for (and create) any maildrop.
+        raise ConfigError(
+            f"lmtp: needs the portal to have exactly one checker (a chain with its sources "
+            f"for several) to know the recipients; it has {len(checkers)}"
+        )
+    deliverer = Deliverer(store, checkers.pop(), config.hostname or socket.getfqdn())
+    return LMTPFactory(
+        deliverer,
+        reactor,
+        config.hostname,
+        maxSize=config.lmtp_max_size,
+        trusted=TrustedNetworks(config.lmtp_trusted_networks),
+    )
 
 
 class PopservService(MultiService):

@@ -10,15 +10,23 @@ import random
 from pathlib import Path
 
 import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from popserv.auth.passwdfile import PasswdFileChecker
+from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryStore
+from popserv.config import ConfigError
+from popserv.limits import TrustedNetworks
 from popserv.lmtp import Deliverer, LMTPFactory
 from popserv.lmtp.data import DataDecoder
+from popserv.service import makeService
 
 PASSWD = (
     "alice@example.org:{PLAIN}x\n"
@@ -322,3 +330,62 @@ def test_unlistable_source_lets_recipients_through():
     assert send(proto, t, b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<anyone@x>\r\n")[-1] == (
         "250 2.1.5 Recipient OK"
     )
+
+
+def test_untrusted_tcp_peer_refused_unix_peer_allowed(passwd):
+    factory = LMTPFactory(
+        Deliverer(MemoryStore(), passwd, "mx.test"),
+        Clock(),
+        hostname="mx.test",
+        trusted=TrustedNetworks(["192.0.2.0/24"]),
+    )
+
+    def greeting(addr) -> tuple[str, bool]:
+        proto = factory.buildProtocol(addr)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return transport.value().decode(), transport.disconnecting
+
+    assert greeting(IPv4Address("TCP", "198.51.100.7", 4000)) == (
+        "421 4.7.0 mx.test Not allowed to deliver here\r\n",
+        True,
+    )
+    assert greeting(IPv4Address("TCP", "127.0.0.1", 4000))[0].startswith("421 ")
+    assert greeting(IPv4Address("TCP", "192.0.2.9", 4000)) == (
+        "220 mx.test LMTP popserv ready\r\n",
+        False,
+    )
+    assert greeting(UNIXAddress("/run/lmtp"))[0].startswith("220 ")
+
+
+def test_service_refuses_lmtp_without_one_checker(tmp_path, passwd):
+    portal = Portal(MailboxRealm(MemoryStore()))
+    with pytest.raises(ConfigError, match="exactly one checker"):
+        makeService(portal=portal, listen=["tcp:0"], lmtp=["tcp:0"])
+    portal.registerChecker(passwd)
+    portal.registerChecker(InMemoryUsernamePasswordDatabaseDontUse(), IUsernameHashedPassword)
+    with pytest.raises(ConfigError, match="it has 2"):
+        makeService(portal=portal, listen=["tcp:0"], lmtp=["tcp:0"])
+
+
+def test_maildir_usage_looks_at_the_disk_in_a_thread(tmp_path):
+    """A missing maildrop is found missing in the store's thread, not on the reactor."""
+    run = Queued()
+    store = MaildirStore(f"maildir:{tmp_path}/%u", runInThread=run)
+    result = []
+    store.usage("nobody").addCallback(result.append)
+    assert result == [] and len(run.calls) == 1
+    run.runAll()
+    assert result == [(0, 0)]
+    assert not (tmp_path / "nobody").exists()
+
+
+def test_passwd_knows_users_as_of_recheck(tmp_path):
+    """RCPT's lookup may be recheck seconds late, sparing a stat per recipient."""
+    path = tmp_path / "passwd"
+    path.write_text(PASSWD)
+    lazy = PasswdFileChecker(path, recheck=3600)
+    eager = PasswdFileChecker(path, recheck=0)
+    path.write_text(PASSWD + "dave@example.org:{PLAIN}x\n")
+    assert lazy.knowsUser("dave@example.org") is False
+    assert eager.knowsUser("dave@example.org") is True

@@ -63,6 +63,11 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
         ["10.0.0.0/8"],
         ("10.0.0.0/8",),
     ),
+    "lmtp_trusted_networks": (
+        ["--lmtp-trusted-networks", "192.0.2.0/24"],
+        ["192.0.2.0/24"],
+        ("192.0.2.0/24",),
+    ),
     "metrics": (["--metrics", "tcp:9110"], "tcp:9110", "tcp:9110"),
     "logout_format": (["--logout-format", "bye {user}"], "bye {user}", "bye {user}"),
     "shutdown_grace": (["--shutdown-grace", "5"], 5, 5),

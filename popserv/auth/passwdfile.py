@@ -219,8 +219,12 @@ class PasswdFileChecker:
         return frozenset(self._users)
 
     def knowsUser(self, user: str) -> bool:
-        """Whether C{user} has a line in the file now (L{IUserDirectory})."""
-        self._load()
+        """
+        Whether C{user} has a line in the file (L{IUserDirectory}), as of at
+        most L{recheck} seconds ago: this runs on the reactor for each LMTP
+        RCPT, which should not cost a C{stat} (or a re-read) each.
+        """
+        self._load(self.recheck)
         return user in self._users
 
     # -- ICredentialsChecker ---------------------------------------------------

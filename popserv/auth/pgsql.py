@@ -178,7 +178,7 @@ class PgPassdb:
         self._overridden: frozenset[str] = frozenset()
         self._derived: dict[tuple[str, str, str], ScramKeys] = {}
         self._decoy: tuple[Scheme, str] | None = None
-        self._runInThread(self._probe).addErrback(
+        self._runInThread(self._probe).addCallback(self._learn).addErrback(
             lambda f: _log.warn(
                 "{source}: cannot check the password query yet: {error}",
                 source=self,
@@ -191,22 +191,25 @@ class PgPassdb:
 
     # -- the database (in threads) -------------------------------------------------
 
-    def _probe(self) -> None:
-        """Learn the query's columns (the settings it may set) and, for popserv's
-        own table, the kinds of secret stored."""
+    def _probe(self) -> tuple[list[str], list[Scheme]]:
+        """The query's columns (the settings it may set) and, for popserv's own
+        table, the schemes of the secrets stored: applied by L{_learn} on the
+        reactor, where lookups update the same state."""
 
-        def probe(conn: Any) -> None:
+        def probe(conn: Any) -> tuple[list[str], list[Scheme]]:
             cursor = conn.execute(self.query, {"user": ""})
-            self._learnColumns([c.name for c in cursor.description or ()])
+            columns = [c.name for c in cursor.description or ()]
+            schemes: list[Scheme] = []
             if self.query == DEFAULT_QUERY:
                 for (name,) in conn.execute(
                     "SELECT DISTINCT upper(substring(password from '^[{]([^}]*)[}]')) FROM users"
                 ):
                     scheme = SCHEMES.get(name or "")
                     if scheme is not None:
-                        self._learnKinds(scheme)
+                        schemes.append(scheme)
+            return columns, schemes
 
-        self._run(probe)
+        return self._run(probe)  # type: ignore[no-any-return]
 
     def _run(self, work: Any, *args: Any) -> Any:
         import psycopg
@@ -227,17 +230,19 @@ class PgPassdb:
 
         return self._run(query)  # type: ignore[no-any-return]
 
-    def _learnColumns(self, columns: list[str]) -> None:
-        names = {_SETTINGS[c] for c in map(_column, columns) if c in _SETTINGS}
-        self._overridden = frozenset(names)
+    # -- lookups (on the reactor) ------------------------------------------------------
+
+    def _learn(self, probed: tuple[list[str], list[Scheme]]) -> None:
+        columns, schemes = probed
+        self._overridden |= {_SETTINGS[c] for c in map(_column, columns) if c in _SETTINGS}
+        for scheme in schemes:
+            self._learnKinds(scheme)
 
     def _learnKinds(self, scheme: Scheme) -> None:
         if scheme.plaintext and "plaintext" not in self._kinds:
             self._kinds |= {"plaintext"}
         if scheme.scram and scheme.scram not in self._kinds:
             self._kinds |= {scheme.scram}
-
-    # -- lookups (on the reactor) ------------------------------------------------------
 
     def lookup(self, user: str) -> Deferred[UserRow | None]:
         """The user's row, or None; remembered for L{settingsFor}."""

@@ -25,11 +25,12 @@ SIZE or enhanced status codes, so LMTP would have replaced most of it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -365,10 +366,26 @@ class LMTPProtocol(LineReceiver, TimeoutMixin):
             self._reply(copy.reply)
 
 
+class _Refused(Protocol):
+    """A peer not allowed to deliver: told so (RFC 2033's 421) and closed unread."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            Reply(421, "4.7.0", f"{self.hostname} Not allowed to deliver here").line()
+        )
+        self.transport.loseConnection()
+
+
 class LMTPFactory(ServerFactory):
     """
     LMTP connections delivering through one L{Deliverer}.
 
+    @param trusted: says whether a peer address may deliver (e.g. a
+        L{popserv.limits.TrustedNetworks}); others get C{421 4.7.0} and are
+        closed. C{None}: anyone who can connect.
     @param maxSize: the largest message accepted, in octets (0: no limit).
     @param timeout: idle seconds allowed between commands.
     @param dataTimeout: idle seconds allowed within DATA.
@@ -386,6 +403,7 @@ class LMTPFactory(ServerFactory):
         dataTimeout: int = 600,
         maxRecipients: int = 1000,
         maxBadCommands: int = 20,
+        trusted: Callable[[object], bool] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -401,3 +419,17 @@ class LMTPFactory(ServerFactory):
         self.dataTimeout = dataTimeout
         self.maxRecipients = maxRecipients
         self.maxBadCommands = maxBadCommands
+        self.trusted = trusted
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        if self.trusted is not None and not self.trusted(addr):
+            _log.warn("LMTP connection refused from {peer}: not trusted", peer=_peer(addr))
+            refused = _Refused(self.hostname)
+            refused.factory = self
+            return refused
+        return super().buildProtocol(addr)
+
+
+def _peer(addr: Any) -> str:
+    host = getattr(addr, "host", None)
+    return f"{host}:{addr.port}" if host is not None else str(addr)

@@ -291,9 +291,15 @@ class MaildirStore:
             path = self.location.expand(user)
         except Exception:
             return fail()
+        cached = scan.cachedListing(path, self.peekCache(path))
+        if cached is not None:
+            return succeed(_usage(cached))
+        return self.runInThread(self._scanUsage, path)
+
+    def _scanUsage(self, path: str) -> tuple[int, int]:
         if not os.path.lexists(path):
-            return succeed((0, 0))
-        return self.listing(path).addCallback(_usage)
+            return (0, 0)  # no maildrop yet: the delivery will make it
+        return _usage(self._scan(path))
 
     def listMaildrops(self) -> Deferred[list[str]]:
         """The users with a maildrop under the location (see L{maildropUsers})."""
