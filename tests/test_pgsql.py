@@ -29,6 +29,7 @@ from popserv.admin import main
 from popserv.backends.pgsql.schema import CURRENT
 from popserv.errors import MaildropInUse, PermanentFailure, TemporaryFailure
 from popserv.interfaces import ILoginMemory
+from popserv.octets import crlfSize
 from popserv.threads import synchronously
 
 
@@ -40,7 +41,8 @@ def initialized(uri: str) -> str:
 def makeStore(uri: str, **kw):
     from popserv.backends.pgsql import PgStore
 
-    return PgStore(uri, runInThread=synchronously, **kw)
+    kw.setdefault("runInThread", synchronously)
+    return PgStore(uri, **kw)
 
 
 class Pgsql:
@@ -161,6 +163,83 @@ def test_reading_a_big_message_holds_a_few_rows_at_a_time(store):
         result(mailbox.close())
     assert total == 12 * len(piece)
     assert peak <= 2 * 1024 * 1024, peak
+
+
+def test_open_deliveries_hold_no_connection(pgdatabase):
+    """
+    15 deliveries streaming at once (an LMTP DATA to 15 recipients) on a pool of
+    10 connections: the store still serves a login and a listing at once, and all
+    15 are stored at commit.
+    """
+    from popserv.backends.pgsql.connections import DEFAULT_POOL_SIZE
+    from popserv.backends.pgsql.delivery import CHUNK
+
+    store = makeStore(initialized(pgdatabase), timeout=1)
+    writers = []
+    try:
+        deliver(store, [b"waiting\n"], user="bob")
+        n = DEFAULT_POOL_SIZE + 5
+        for i in range(n):
+            writers.append(result(store.deliverMessage(f"user{i}")))
+        bodies = [f"Subject: {i}\n\n".encode() + b"x" * (CHUNK + i) for i in range(n)]
+        for writer, body in zip(writers, bodies, strict=True):
+            result(writer.write(body[:100]))
+            result(writer.write(body[100:]))  # past a chunk: spooled in a thread
+        started = time.monotonic()
+        mailbox = result(store.openMailbox("bob"))
+        assert [i.size for i in result(mailbox.listMessages())] == [9]
+        result(mailbox.close())
+        assert time.monotonic() - started < 0.5
+        uids = [result(writer.commit()) for writer in writers]
+        assert len(set(uids)) == n
+        for i, body in enumerate(bodies):
+            (info,) = listing(store, f"user{i}")
+            assert info.uid == uids[i] and info.size == crlfSize(body)
+        assert read(store, info, f"user{n - 1}") == bodies[-1]
+        writers = []
+    finally:
+        for writer in writers:
+            result(writer.abort())
+        store.close()
+
+
+def test_a_write_made_while_another_is_in_flight_waits_its_turn(pgdatabase):
+    """Writes keep their order even when the caller does not wait for each one."""
+    from twisted.internet.defer import Deferred, maybeDeferred
+
+    from popserv.backends.pgsql.delivery import CHUNK
+
+    held = []
+
+    def later(f, *args):  # a thread pool that runs work when the test says so
+        d = Deferred()
+        held.append((f, args, d))
+        return d
+
+    def runHeld():
+        while held:
+            f, args, d = held.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+    store = makeStore(initialized(pgdatabase), runInThread=later)
+    try:
+        first, second, third = b"a" * CHUNK, b"small\n", b"b" * CHUNK
+        opened = store.deliverMessage("alice")
+        runHeld()
+        writer = result(opened)
+        done = [writer.write(first), writer.write(second), writer.write(third)]
+        committed = writer.commit()
+        runHeld()
+        for d in done:
+            result(d)
+        uid = result(committed)
+        store.runInThread = synchronously
+        (info,) = listing(store)
+        assert info.uid == uid and info.size == crlfSize(first + second + third)
+        if read(store, info) != first + second + third:
+            pytest.fail("the body's pieces were stored out of order")
+    finally:
+        store.close()
 
 
 def test_update_removes_exactly_the_marked_messages(store):

@@ -1,32 +1,39 @@
 """
-Deliveries into the PostgreSQL store: one transaction per message, holding
-one pooled connection from the first write to the commit.
+Deliveries into the PostgreSQL store: the body spooled while it arrives,
+then stored in one short transaction at commit.
 
-The body goes in as rows of L{CHUNK} bytes while it arrives (never whole in
-memory); the message row, which makes it visible, is inserted at commit,
-where its UIDL is checked: a given UIDL already in the maildrop is refused
-(L{UIDConflict}, the transaction rolled back); a chosen one is C{P} and the
-message's id from a sequence, never reused, and another is drawn in the
-rare case an imported UIDL took that name.
+A delivery holds no database connection while its message streams in (an
+LMTP transaction keeps one delivery per recipient open for its whole DATA):
+the body goes to a L{SpooledTemporaryFile} (in memory up to L{SPOOL_MEMORY},
+on disk beyond, never whole in memory). At commit one pooled connection, in
+one transaction, inserts the message row and then the body as rows of
+L{CHUNK} bytes read back from the spool. The UIDL is checked there: a given
+UIDL already in the maildrop is refused (L{UIDConflict}, nothing stored); a
+chosen one is C{P} and the message's id from a sequence, never reused, and
+another is drawn in the rare case an imported UIDL took that name.
 """
 
 from __future__ import annotations
 
 import time
+from tempfile import SpooledTemporaryFile
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock
 from zope.interface import implementer
 
 from popserv.errors import PermanentFailure
 from popserv.interfaces import IMessageWriter, UIDConflict
 from popserv.octets import CRLFSizer
 
-__all__ = ["PgDelivery", "PgWriter", "CHUNK", "maildropId"]
+__all__ = ["PgDelivery", "PgWriter", "CHUNK", "SPOOL_MEMORY", "maildropId"]
 
 #: Bytes per body row: big enough that a 50 MiB message is 200 rows, small
 #: enough that a reader holds one at a time.
 CHUNK = 256 * 1024
+
+#: A spooled body up to this size stays in memory; a bigger one goes to disk.
+SPOOL_MEMORY = 1024 * 1024
 
 
 def maildropId(conn: Any, user: str, create: bool) -> int | None:
@@ -41,9 +48,13 @@ def maildropId(conn: Any, user: str, create: bool) -> int | None:
     return None if row is None else row[0]
 
 
+def _nextId(conn: Any) -> int:
+    return conn.execute("SELECT nextval('messages_id_seq')").fetchone()[0]
+
+
 class PgDelivery:
     """
-    The blocking half of a delivery (runs in a thread).
+    The blocking half of a delivery (runs in a thread, one step at a time).
 
     @param database: the store's L{popserv.backends.pgsql.connections.Database}.
     """
@@ -61,125 +72,101 @@ class PgDelivery:
         self.uid = uid
         self.received = time.time() if received is None else received
         self.createMissing = createMissing
-        self._sizer = CRLFSizer()
-        self._buffer = bytearray()
-        self._seq = 0
-        self._conn: Any = None
+        self.size = CRLFSizer()
+        self._spool: Any = SpooledTemporaryFile(max_size=SPOOL_MEMORY)
         self._id: int | None = None
 
     def begin(self) -> None:
-        import psycopg
-
-        for attempt in (1, 2):
-            conn = self.database.getconn()
-            try:
-                self._id = conn.execute("SELECT nextval('messages_id_seq')").fetchone()[0]
-            except Exception as e:
-                broken = isinstance(e, psycopg.OperationalError) and conn.broken
-                self.database.putconn(conn)
-                if attempt == 1 and broken:  # stale after a database restart
-                    self.database.pool.check()
-                    continue
-                raise self._failure(e) from e
-            self._conn = conn
-            return
+        """Draw the message's id: a database that is down fails the delivery now."""
+        self._id = self.database.run(_nextId)
 
     def write(self, data: bytes) -> None:
-        self._sizer.feed(data)
-        self._buffer += data
-        if len(self._buffer) >= CHUNK:
-            self._flush(final=False)
+        self.size.feed(data)
+        self._spool.write(data)
 
-    def _flush(self, final: bool) -> None:
-        buffer = self._buffer
-        end = len(buffer) if final else len(buffer) - len(buffer) % CHUNK
+    def commit(self, data: bytes = b"") -> str:
+        """Spool C{data}, the body's last bytes, then store the message."""
         try:
-            with self._conn.cursor() as cur:
-                for start in range(0, end, CHUNK):
-                    cur.execute(
-                        "INSERT INTO chunks (message, seq, data) VALUES (%s, %s, %s)",
-                        (self._id, self._seq, bytes(buffer[start : start + CHUNK])),
-                    )
-                    self._seq += 1
-        except Exception as e:
-            raise self._failure(e) from e
-        del buffer[:end]
+            if data:
+                self.write(data)
+            return self.database.run(self._store, transaction=True)
+        finally:
+            self.abort()
 
-    def commit(self) -> str:
+    def _store(self, conn: Any) -> str:
         import psycopg
 
-        try:
-            self._flush(final=True)
-            conn = self._conn
-            maildrop = maildropId(conn, self.user, self.createMissing)
-            if maildrop is None:
-                raise PermanentFailure("Mailbox does not exist")
-            messageId = self._id
-            uid = self.uid if self.uid is not None else f"P{messageId}"
-            while True:
-                try:
-                    with conn.transaction():  # a savepoint
-                        conn.execute(
-                            "INSERT INTO messages (id, maildrop, uid, size, received)"
-                            " VALUES (%s, %s, %s, %s, %s)",
-                            (messageId, maildrop, uid, self._sizer.size, self.received),
-                        )
-                    break
-                except psycopg.errors.UniqueViolation:
-                    if self.uid is not None:
-                        raise UIDConflict(f"UIDL {uid!r} is already in the maildrop") from None
-                    # An imported UIDL took the name: draw another.
-                    n = conn.execute("SELECT nextval('messages_id_seq')").fetchone()[0]
-                    uid = f"P{n}"
-            conn.commit()
-            return uid
-        except (UIDConflict, PermanentFailure):
-            raise
-        except Exception as e:
-            raise self._failure(e) from e
-        finally:
-            self._end()
+        maildrop = maildropId(conn, self.user, self.createMissing)
+        if maildrop is None:
+            raise PermanentFailure("Mailbox does not exist")
+        messageId = self._id
+        uid = self.uid if self.uid is not None else f"P{messageId}"
+        while True:
+            try:
+                with conn.transaction():  # a savepoint
+                    conn.execute(
+                        "INSERT INTO messages (id, maildrop, uid, size, received)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        (messageId, maildrop, uid, self.size.size, self.received),
+                    )
+                break
+            except psycopg.errors.UniqueViolation:
+                if self.uid is not None:
+                    raise UIDConflict(f"UIDL {uid!r} is already in the maildrop") from None
+                # An imported UIDL took the name: draw another.
+                uid = f"P{_nextId(conn)}"
+        spool = self._spool
+        spool.seek(0)  # from the start again if the database retries this
+        with conn.cursor() as cur:
+            seq = 0
+            while data := spool.read(CHUNK):
+                cur.execute(
+                    "INSERT INTO chunks (message, seq, data) VALUES (%s, %s, %s)",
+                    (messageId, seq, data),
+                )
+                seq += 1
+        return uid
 
     def abort(self) -> None:
-        self._end()
-
-    def _end(self) -> None:
-        conn, self._conn = self._conn, None
-        self._buffer = bytearray()
-        if conn is not None:
-            try:
-                conn.rollback()
-            except Exception:
-                pass
-            self.database.putconn(conn)
-
-    def _failure(self, error: BaseException) -> BaseException:
-        from popserv.backends.pgsql.connections import unreachable
-
-        self._end()
-        return self.database.failure(error) if unreachable(error) else error
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
 
 
 @implementer(IMessageWriter)
 class PgWriter:
-    """The L{IMessageWriter} of a L{PgDelivery}: its blocking steps in threads."""
+    """
+    The L{IMessageWriter} of a L{PgDelivery}: its blocking steps in threads,
+    one at a time (a write made while another is in flight waits its turn).
+
+    Small writes gather here, on the reactor thread, until they make a
+    L{CHUNK}; the spool is touched only by the delivery's threaded steps.
+    """
 
     def __init__(self, delivery: PgDelivery, runInThread: Any) -> None:
         self.delivery = delivery
         self._run = runInThread
+        self._lock = DeferredLock()
+        self._pending = bytearray()
 
     def write(self, data: bytes) -> Deferred[None] | None:
-        delivery = self.delivery
-        if len(delivery._buffer) + len(data) < CHUNK:
-            delivery._sizer.feed(data)
-            delivery._buffer += data
+        if not self._lock.locked and len(self._pending) + len(data) < CHUNK:
+            self._pending += data
             return None
-        return self._run(delivery.write, bytes(data))
+        data = bytes(data)  # the caller may reuse its buffer
+        return self._lock.run(lambda: self._run(self.delivery.write, self._take(data)))
+
+    def _take(self, data: bytes = b"") -> bytes:
+        """What is gathered here, and C{data}: for the next threaded step."""
+        pending, self._pending = self._pending, bytearray()
+        return bytes(pending + data) if pending else data
 
     def commit(self) -> Deferred[str]:
-        return self._run(self.delivery.commit)
+        return self._lock.run(lambda: self._run(self.delivery.commit, self._take()))
 
     def abort(self) -> Deferred[None]:
-        if self.delivery._conn is None:
-            return succeed(None)
-        return self._run(self.delivery.abort)
+        def abort() -> Deferred[None]:
+            self._pending = bytearray()
+            return self._run(self.delivery.abort)
+
+        return self._lock.run(abort)
