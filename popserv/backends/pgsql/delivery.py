@@ -4,7 +4,7 @@ then stored in one short transaction at commit.
 
 A delivery holds no database connection while its message streams in (an
 LMTP transaction keeps one delivery per recipient open for its whole DATA):
-the body goes to a L{SpooledTemporaryFile} (in memory up to L{SPOOL_MEMORY},
+the body goes to a C{tempfile.SpooledTemporaryFile} (in memory up to L{SPOOL_MEMORY},
 on disk beyond, never whole in memory). At commit one pooled connection, in
 one transaction, inserts the message row and then the body as rows of
 L{CHUNK} bytes read back from the spool. The UIDL is checked there: a given
