@@ -11,8 +11,9 @@ importing one module of the package does not load every hash library.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from popserv._lazy import lazyNames
 
 if TYPE_CHECKING:
     from popserv.auth.chain import PassdbChain, chainSources
@@ -33,25 +34,15 @@ __all__ = [
 ]
 
 _WHERE = {
-    "APOPCredentials": "credentials",
-    "UsernamePassword": "credentials",
-    "PasswdFileChecker": "passwdfile",
-    "MailboxRealm": "realm",
-    "PassdbChain": "chain",
-    "chainSources": "chain",
-    "ISecretSource": "scramkeys",
-    "ScramKeys": "scramkeys",
+    "APOPCredentials": "popserv.auth.credentials",
+    "UsernamePassword": "popserv.auth.credentials",
+    "PasswdFileChecker": "popserv.auth.passwdfile",
+    "MailboxRealm": "popserv.auth.realm",
+    "PassdbChain": "popserv.auth.chain",
+    "chainSources": "popserv.auth.chain",
+    "ISecretSource": "popserv.auth.scramkeys",
+    "ScramKeys": "popserv.auth.scramkeys",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazyNames(globals(), _WHERE, __all__)

@@ -17,8 +17,9 @@ the delivery without the store.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from popserv._lazy import lazyNames
 
 if TYPE_CHECKING:
     from popserv.backends.locking import LOCK_FILE, SHARED_LOCK_FILE
@@ -51,14 +52,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(where), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazyNames(globals(), _WHERE, __all__)
