@@ -44,7 +44,8 @@ def makeChecker(
 ) -> ICredentialsChecker:
     """
     The checker of C{config}'s auth sources, each made by its kind's plugin;
-    several are asked in turn (L{popserv.auth.chain.PassdbChain}).
+    several are asked in turn (L{popserv.auth.chain.PassdbChain}), with
+    login names in the canonical form of the user-name rules.
     """
     from popserv.auth.cache import VerificationCache
     from popserv.auth.chain import chainSources
@@ -68,4 +69,10 @@ def makeChecker(
             raise ConfigError(f"passdb {spec}: cannot read {spec.args}: {e.strerror}") from None
         except ValueError as e:
             raise ConfigError(f"passdb {spec}: {e}") from None
-    return chainSources(sources, clock=reactor)
+    checker = chainSources(sources, clock=reactor)
+    rules = config.usernameRules
+    if rules.identity:
+        return checker
+    from popserv.auth.usernames import NameRulesChecker
+
+    return NameRulesChecker(checker, rules)

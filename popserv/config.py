@@ -105,6 +105,12 @@ def _schemes() -> list[str]:
     return list(SCHEMES)
 
 
+def _checkTranslation(value: str) -> None:
+    from popserv.auth.usernames import parseTranslation
+
+    parseTranslation(value)
+
+
 def _checkExpire(value: str | int) -> None:
     from popserv.policy import parseExpire
 
@@ -311,6 +317,26 @@ class Config:
         aliases=("master_user",),
         metavar="USER",
     )
+    username_lowercase: bool = setting(
+        False,
+        "Lower-case every login name (and LMTP recipient) before the auth sources see it; "
+        "off by default, as it can move maildrops whose names have capitals.",
+        BOOL,
+    )
+    default_domain: str | None = setting(
+        None,
+        "Domain appended as @DOMAIN to a login name without one.",
+        STR,
+        metavar="DOMAIN",
+    )
+    username_translation: str | None = setting(
+        None,
+        "Characters of login names translated, in pairs (from, to): '%@*@' makes "
+        "john%example.org and john*example.org into john@example.org.",
+        STR,
+        check=_checkTranslation,
+        metavar="PAIRS",
+    )
     tls_cert: str | None = setting(
         None,
         "PEM certificate (followed by its chain) for STLS and --listen-tls; re-read on SIGHUP.",
@@ -495,6 +521,17 @@ class Config:
         """The auth sources in the order they are asked: C{passwd}'s first, then C{passdb}."""
         shorthand = () if not self.passwd else (PassdbSpec("passwd-file", self.passwdPath),)
         return shorthand + self.passdb
+
+    @property
+    def usernameRules(self) -> Any:
+        """The L{popserv.auth.usernames.UsernameRules} of the user-name settings."""
+        from popserv.auth.usernames import UsernameRules, parseTranslation
+
+        return UsernameRules(
+            self.username_lowercase,
+            self.default_domain or None,
+            parseTranslation(self.username_translation or ""),
+        )
 
     @property
     def store(self) -> tuple[str, str]:

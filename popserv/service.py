@@ -252,7 +252,13 @@ def _lmtpFactory(config: Config, factory: POP3Factory, reactor: Any) -> LMTPFact
             f"lmtp: needs the portal to have exactly one checker (a chain with its sources "
             f"for several) to know the recipients; it has {len(checkers)}"
         )
-    deliverer = Deliverer(store, checkers.pop(), config.hostname or socket.getfqdn())
+    rules = config.usernameRules
+    deliverer = Deliverer(
+        store,
+        checkers.pop(),
+        config.hostname or socket.getfqdn(),
+        names=None if rules.identity else rules,
+    )
     return LMTPFactory(
         deliverer,
         reactor,

@@ -91,6 +91,7 @@ def cmdDeliver(args: argparse.Namespace) -> int:
     from popserv.threads import synchronously, waitFor
 
     config = configFrom(args)
+    args.user = config.usernameRules(args.user)
     checkRecipient(config, args.user)
     try:
         store = makeStore(config, synchronously, createMissing=True)

@@ -20,6 +20,7 @@ success is a L{Refusal} carrying its reply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,10 +116,19 @@ class Deliverer:
         without quotas.
     @param hostname: this server's host name: an address at it may name a
         user by its local part.
+    @param names: the user-name rules logins follow (name -> canonical name),
+        so a recipient is the user its login name would be.
     """
 
-    def __init__(self, store: IMailStore, checker: Any = None, hostname: str | None = None):
+    def __init__(
+        self,
+        store: IMailStore,
+        checker: Any = None,
+        hostname: str | None = None,
+        names: Callable[[str], str] | None = None,
+    ):
         self.store = store
+        self.names = names
         self.hostname = hostname.lower() if hostname else None
         self._sources = tuple(getattr(checker, "sources", (checker,))) if checker else ()
         self._settings = checker if IUserSettingsSource.providedBy(checker) else None
@@ -135,6 +145,8 @@ class Deliverer:
         local, at, domain = address.rpartition("@")
         if at and local and self.hostname and domain.lower() == self.hostname:
             candidates.append(local)
+        if self.names is not None:
+            candidates = list(dict.fromkeys(self.names(c) for c in candidates))
         user = None
         for candidate in candidates:
             known = yield self._knows(candidate)
