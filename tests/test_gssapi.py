@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 
 import pytest
 
@@ -205,7 +206,7 @@ def test_ticket_too_long_for_an_initial_response(realm, tmp_path):
 
 
 def test_ticket_for_another_service_is_refused(realm, tmp_path):
-    """--gssapi-principal names the one service accepted, even with its key in the keytab."""
+    """With --gssapi-principal naming another service, a ticket for pop/localhost fails."""
     client = server(realm, tmp_path, principal=f"pop/elsewhere@{realm.realm.realm}")
     assert login(client, Client(realm, "alice"))[0].startswith(b"-ERR [AUTH]")
     assert client.protocol.user is None
@@ -304,3 +305,51 @@ def test_cancelled_exchange(realm, tmp_path):
     client.send(b"*\r\n")
     assert client.lines()[0].startswith(b"-ERR")
     assert client.protocol.user is None
+
+
+# -- python-gssapi is optional ---------------------------------------------------------------
+
+
+def serverConfig(tmp_path, **settings):
+    from popserv.config import Config
+
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    return Config(
+        passwd="passwd", mail_location="maildir:mail/%n", base_dir=str(tmp_path), **settings
+    )
+
+
+def test_without_python_gssapi_the_server_starts_without_gssapi(tmp_path, monkeypatch):
+    """A node without python-gssapi (import fails) serves as before; a keytab is an error."""
+    from popserv.config import ConfigError
+    from popserv.service import makeFactory
+
+    monkeypatch.setitem(sys.modules, "gssapi", None)  # what `import gssapi` does when absent
+    factory = makeFactory(serverConfig(tmp_path))
+    assert not factory.mechanisms["GSSAPI"].available(SASLContext(None, "h"))
+    with pytest.raises(ConfigError, match="gssapi_keytab: python-gssapi is not installed"):
+        makeFactory(serverConfig(tmp_path, gssapi_keytab="pop.keytab"))
+
+
+def test_configured_from_settings(realm, tmp_path):
+    """makeFactory builds the mechanism from the settings, with the realm's default realm."""
+    from popserv.config import ConfigError
+    from popserv.service import makeFactory
+
+    factory = makeFactory(
+        serverConfig(
+            tmp_path,
+            gssapi_keytab=realm.keytab,
+            gssapi_principal=realm.principal,
+            gssapi_realm_map=("PARTNER.NET=partner.net",),
+        )
+    )
+    mechanism = factory.mechanisms["GSSAPI"]
+    assert mechanism.available(SASLContext(None, "h"))
+    assert mechanism.principal == realm.principal
+    assert mechanism.principals.user("alice@KRBTEST.COM") == "alice"
+    assert mechanism.principals.user("carol@PARTNER.NET") == "carol@partner.net"
+    onlyPlain = serverConfig(tmp_path, gssapi_keytab=realm.keytab, sasl_mechanisms=("PLAIN",))
+    assert "GSSAPI" not in makeFactory(onlyPlain).mechanisms
+    with pytest.raises(ConfigError, match="gssapi_realm_map"):
+        serverConfig(tmp_path, gssapi_realm_map=("A@B",)).validated()
