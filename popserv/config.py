@@ -132,6 +132,13 @@ def _checkFormat(template: str) -> None:
     validateFormat(template)
 
 
+def _checkRealmMap(entries: tuple[str, ...]) -> None:
+    for entry in entries:
+        realm, _, domain = entry.partition("=")
+        if not realm.strip() or any(c in realm + domain for c in "@/ "):
+            raise ValueError(f"{entry!r}: expected REALM or REALM=DOMAIN")
+
+
 def _checkPassdb(specs: tuple[Any, ...]) -> None:
     for spec in specs:
         if isinstance(spec, str) and ":" not in spec:
@@ -336,6 +343,30 @@ class Config:
         STR,
         check=_checkTranslation,
         metavar="PAIRS",
+    )
+    gssapi_keytab: str | None = setting(
+        None,
+        "Keytab of the service keys for SASL GSSAPI (Kerberos 5); GSSAPI is offered while "
+        "it is readable. Needs python-gssapi (the kerberos extra).",
+        STR,
+        defaultText="off",
+        metavar="FILE",
+    )
+    gssapi_principal: str | None = setting(
+        None,
+        "The service principal GSSAPI accepts tickets for, e.g. pop/mail.example.org (the "
+        "public name behind a load balancer, not --hostname).",
+        STR,
+        defaultText="any key in the keytab",
+        metavar="NAME",
+    )
+    gssapi_realm_map: tuple[str, ...] = setting(
+        (),
+        "A realm whose principals may log in with GSSAPI besides the default realm's: "
+        "REALM (user@REALM is user) or REALM=DOMAIN (user@DOMAIN); repeatable.",
+        LIST,
+        check=_checkRealmMap,
+        metavar="REALM[=DOMAIN]",
     )
     tls_cert: str | None = setting(
         None,

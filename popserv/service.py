@@ -36,6 +36,7 @@ from popserv.metrics import Metrics, metricsSite
 from popserv.policy import IUserSettingsSource, SessionPolicy, UserSettings, parseExpire
 from popserv.protocol import POP3Factory
 from popserv.sasl import mechanismsByName
+from popserv.sasl.gssapi import GSSAPI
 from popserv.threads import reactorThreads
 from popserv.tls import PlaintextPolicy, ServerTLS, TLSError
 
@@ -100,6 +101,19 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
             timeout=config.timeout,
         )
+    mechanisms = mechanismsByName(
+        list(config.sasl_mechanisms) if config.sasl_mechanisms else None, saltKey=saltKey
+    )
+    if config.gssapi_keytab and "GSSAPI" in mechanisms:
+        try:
+            mechanisms["GSSAPI"] = GSSAPI.configured(
+                config.path(config.gssapi_keytab),
+                config.gssapi_principal,
+                config.gssapi_realm_map,
+                run,
+            )
+        except ValueError as e:
+            raise ConfigError(f"gssapi_keytab: {e}") from None
     return POP3Factory(
         portal,
         clock=reactor,
@@ -107,10 +121,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         hostname=config.hostname,
         apop=None if config.apop else False,
         maxBadCommands=config.max_bad_commands,
-        mechanisms=mechanismsByName(
-            list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
-            saltKey=saltKey,
-        ),
+        mechanisms=mechanisms,
         policy=policy,
         language=LANGUAGES[config.language],
         tls=tls,

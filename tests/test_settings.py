@@ -82,6 +82,17 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
     "auth_cache_ttl": (["--auth-cache-ttl", "0"], 0, 0),
     "lmtp": (["--lmtp", "unix:lmtp.sock"], ["unix:lmtp.sock"], ("unix:lmtp.sock",)),
     "lmtp_max_size": (["--lmtp-max-size", "1000"], 1000, 1000),
+    "gssapi_keytab": (["--gssapi-keytab", "pop.keytab"], "pop.keytab", "pop.keytab"),
+    "gssapi_principal": (
+        ["--gssapi-principal", "pop/mail.example.org"],
+        "pop/mail.example.org",
+        "pop/mail.example.org",
+    ),
+    "gssapi_realm_map": (
+        ["--gssapi-realm-map", "AD.EXAMPLE.ORG=example.org"],
+        ["AD.EXAMPLE.ORG=example.org"],
+        ("AD.EXAMPLE.ORG=example.org",),
+    ),
 }
 
 

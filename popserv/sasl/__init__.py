@@ -17,6 +17,7 @@ from popserv.sasl.base import (
 )
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.external import External
+from popserv.sasl.gssapi import GSSAPI
 from popserv.sasl.login import Login
 from popserv.sasl.plain import Plain
 from popserv.sasl.scram import ScramSHA1, ScramSHA1Plus, ScramSHA256, ScramSHA256Plus, _Scram
@@ -38,6 +39,7 @@ __all__ = [
     "ScramSHA1Plus",
     "ScramSHA256Plus",
     "External",
+    "GSSAPI",
     "ALL_MECHANISMS",
     "mechanismsByName",
 ]
@@ -48,6 +50,7 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
     ScramSHA1Plus(),
     ScramSHA256(),
     ScramSHA1(),
+    GSSAPI(),
     External(),
     CramMD5(),
     Plain(),
