@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg import pgdatabase, postgresql  # noqa: E402,F401 (a real PostgreSQL, see pg.py)
+from slapd import slapd  # noqa: E402,F401 (a real OpenLDAP slapd, see slapd.py)
 
 from support import ServerProcess, deliver  # noqa: E402
 
