@@ -1,8 +1,7 @@
 """
 The C{--passdb ldap:URL} argument: an RFC 4516 LDAP URL, its search filter
-with C{%u} escaped as RFC 4515 asks, and the attribute map.
-
-  C{ldap[s|i]://host[:port]/BASE?ATTRIBUTES?SCOPE?FILTER?EXTENSIONS}
+with C{%u} escaped as RFC 4515 asks, and the attribute map. The form is
+C{ldap[s|i]://host[:port]/BASE?ATTRIBUTES?SCOPE?FILTER?EXTENSIONS}:
 
   - BASE: the search base (a DN), percent-encoded as URLs are;
   - ATTRIBUTES: what to read, comma-separated: C{ATTRIBUTE=FIELD} maps a
