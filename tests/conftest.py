@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kdc import kdc  # noqa: E402,F401 (a real MIT Kerberos realm, see kdc.py)
 from pg import pgdatabase, postgresql  # noqa: E402,F401 (a real PostgreSQL, see pg.py)
+from slapd import slapd  # noqa: E402,F401 (a real OpenLDAP slapd, see slapd.py)
 
 from support import ServerProcess, deliver  # noqa: E402
 

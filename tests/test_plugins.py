@@ -214,7 +214,7 @@ def test_third_party_plugins_appear_in_help(thirdParty):
     )
     assert "--tinyauth-uppercase" in proc.stdout, proc.stdout + proc.stderr
     assert re.search(r"one of\s+maildir,\s+memory,\s+pgsql,\s+tiny", proc.stdout), proc.stdout
-    kinds = r"KIND\s+one\s+of\s+passwd-file,\s+pgsql,\s+tinyauth"
+    kinds = r"KIND\s+one\s+of\s+ldap,\s+passwd-file,\s+pgsql,\s+tinyauth"
     assert re.search(kinds, proc.stdout), proc.stdout
 
 

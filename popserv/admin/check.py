@@ -43,9 +43,11 @@ def checkConfig(config: Config) -> list[str]:
         problems += _storeProblems(store)
     if config.passdb:  # the passwd shorthand is read below, user by user
         try:
-            makeChecker(replace(config, passwd=None), reactor, synchronously)
+            checker = makeChecker(replace(config, passwd=None), reactor, synchronously)
         except ConfigError as e:
             problems.append(str(e))
+        else:
+            problems += _sourceProblems(checker)
     if config.passwd:
         problems += _passwdProblems(config)
     return problems + _tlsProblems(config)
@@ -63,6 +65,22 @@ def _storeProblems(store: Any) -> list[str]:
         return [f"mail_location: {e.args[0] if e.args else e!r}"]
     finally:
         getattr(store, "close", lambda: None)()
+
+
+def _sourceProblems(checker: Any) -> list[str]:
+    """Sources that can say whether they are reachable (a directory: C{status()}) say it."""
+    problems: list[str] = []
+    for source in getattr(checker, "sources", (checker,)):
+        status = getattr(source, "status", None)
+        if status is None:
+            continue
+        try:
+            print(f"passdb: {status()}")
+        except Exception as e:
+            problems.append(f"passdb {source!r}: {e}")
+        finally:
+            getattr(source, "close", lambda: None)()
+    return problems
 
 
 def _passwdProblems(config: Config) -> list[str]:

@@ -9,6 +9,8 @@ off the reactor thread, and whether it yields a plaintext-equivalent secret
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -84,6 +86,35 @@ def _scram(hashName: str) -> Callable[[bytes, str], bool]:
     return verify
 
 
+def _saltedDigest(hashName: str) -> Callable[[bytes, str], bool]:
+    """RFC 2307 style C{{SSHA}}: base64 of C{H(password + salt) + salt} (OpenLDAP's
+    slappasswd); without salt (C{{SHA}}) when the decoded value is the digest alone."""
+    size = hashlib.new(hashName).digest_size
+
+    def verify(password: bytes, secret: str) -> bool:
+        try:
+            raw = base64.b64decode(secret.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        if len(raw) < size:
+            return False
+        digest, salt = raw[:size], raw[size:]
+        return hmac.compare_digest(hashlib.new(hashName, password + salt).digest(), digest)
+
+    return verify
+
+
+def _crypt(password: bytes, secret: str) -> bool:
+    """C{{CRYPT}}: a crypt(3) string, checked by the scheme its C{$id$} names
+    (traditional DES crypt for 13 characters without one)."""
+    for prefix, name in _CRYPT_PREFIXES.items():
+        if secret.startswith(prefix):
+            return SCHEMES[name].verify(password, secret)
+    if len(secret) == 13 and not secret.startswith("$"):
+        return _libpass("des_crypt")(password, secret)
+    return False
+
+
 _argon2 = _libpass("argon2")
 _bcrypt = _libpass("bcrypt", maxBytes=72)
 _sha512 = _libpass("sha512_crypt")
@@ -104,6 +135,14 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("MD5-CRYPT", _md5crypt),
         Scheme("SCRAM-SHA-1", _scram("sha1"), scram="SCRAM-SHA-1"),
         Scheme("SCRAM-SHA-256", _scram("sha256"), scram="SCRAM-SHA-256"),
+        # The LDAP userPassword schemes (RFC 2307, OpenLDAP's slappasswd and
+        # its argon2 module), which a passwd-file may hold as well.
+        Scheme("SHA", _saltedDigest("sha1"), slow=False),
+        Scheme("SSHA", _saltedDigest("sha1"), slow=False),
+        Scheme("SSHA256", _saltedDigest("sha256"), slow=False),
+        Scheme("SSHA512", _saltedDigest("sha512"), slow=False),
+        Scheme("CRYPT", _crypt),
+        Scheme("ARGON2", _argon2),
     ]
 }
 
