@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
-from popserv.build import makeChecker, makeStore
+from popserv.build import makeChecker, makeStore, makeTokenValidator
 from popserv.config import Config, ConfigError
 from popserv.errors import TemporaryFailure
 from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitProxied
@@ -100,7 +100,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
             timeout=config.timeout,
         )
-    return POP3Factory(
+    tokens = makeTokenValidator(config, reactor)
+    factory = POP3Factory(
         portal,
         clock=reactor,
         timeout=config.timeout,
@@ -110,6 +111,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         mechanisms=mechanismsByName(
             list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
             saltKey=saltKey,
+            tokens=tokens,
         ),
         policy=policy,
         language=LANGUAGES[config.language],
@@ -124,6 +126,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),
     )
+    factory.tokens = tokens  # a service: makeService starts it (the JWKS timer)
+    return factory
 
 
 def freezeStartupObjects() -> None:
@@ -195,6 +199,8 @@ def makeService(
         config = config.validated()
     factory = makeFactory(config, reactor, portal)
     top = PopservService(factory, reactor, config.shutdown_grace)
+    if getattr(factory, "tokens", None) is not None:
+        factory.tokens.setServiceParent(top)
     listeners: list[tuple[str, Any]] = [(d, factory) for d in config.listen]
     if factory.metrics is not None and config.metrics:
         listeners.append((config.metrics, metricsSite(factory.metrics)))
