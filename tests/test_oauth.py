@@ -288,3 +288,16 @@ def test_configuration_needs_what_each_way_needs(tmp_path):
         ).validated()
     with pytest.raises(ConfigError, match="oauth_jwks"):
         base.merged(oauth_jwks="file:///etc/passwd").validated()
+
+
+def test_a_long_auth_line_with_an_initial_response_is_accepted(tmp_path):
+    """
+    mpop sends the token on the AUTH line, over RFC 2449's 255 octets (which RFC 5034
+    section 4 forbids): AUTH lines may be as long as SASL responses; others may not.
+    """
+    client = server(tmp_path)
+    line = b"AUTH OAUTHBEARER " + b64(bearer(token(KEY)))
+    assert len(line) > 255
+    assert reply(client, line)[0].startswith(b"+OK Logged in")
+    other = server(tmp_path)
+    assert reply(other, b"NOOP " + b"x" * 400) == [b"-ERR Command line too long"]
