@@ -15,7 +15,7 @@ from popserv.config import Config, ConfigError
 from popserv.interfaces import IMailStore
 from popserv.registry import SourceContext, StoreContext, authSourceKind, storeKind
 
-__all__ = ["makeStore", "makeChecker"]
+__all__ = ["makeStore", "makeChecker", "makeTokenValidator"]
 
 
 def makeStore(config: Config, runInThread: Any, createMissing: bool | None = None) -> IMailStore:
@@ -76,3 +76,43 @@ def makeChecker(
     from popserv.auth.usernames import NameRulesChecker
 
     return NameRulesChecker(checker, rules)
+
+
+def makeTokenValidator(config: Config, reactor: Any) -> Any:
+    """
+    What checks OAuth 2.0 bearer tokens (L{popserv.auth.oauth}): a JWKS, an
+    introspection endpoint, or None when neither is configured. It is a
+    service: started, it fetches the JWKS and keeps it fresh.
+    """
+    if not config.oauth_jwks and not config.oauth_introspection:
+        return None
+    from popserv.auth.oauth import IntrospectionValidator, JWKSValidator
+
+    if config.oauth_jwks:
+        assert config.oauth_issuer and config.oauth_audience
+        return JWKSValidator(
+            reactor,
+            config.oauth_jwks,
+            config.oauth_issuer,
+            config.oauth_audience,
+            config.oauth_user_claim,
+            config.oauth_algorithms,
+        )
+    secretFile = config.path(config.oauth_client_secret_file)
+    assert config.oauth_introspection and config.oauth_client_id and secretFile
+    try:
+        with open(secretFile, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"oauth_client_secret_file: cannot read it: {e.strerror}") from None
+    if not secret:
+        raise ConfigError("oauth_client_secret_file: the file is empty")
+    return IntrospectionValidator(
+        reactor,
+        config.oauth_introspection,
+        config.oauth_client_id,
+        secret,
+        config.oauth_user_claim,
+        issuer=config.oauth_issuer,
+        audience=config.oauth_audience,
+    )

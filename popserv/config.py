@@ -75,6 +75,23 @@ def _checkMechanisms(names: tuple[str, ...]) -> None:
             raise ValueError(f"unknown SASL mechanism {name!r} (known: {', '.join(known)})")
 
 
+def _jwtAlgorithms() -> tuple[str, ...]:
+    from popserv.auth.oauth import ALLOWED_ALGORITHMS
+
+    return ALLOWED_ALGORITHMS
+
+
+def _checkAlgorithms(names: tuple[str, ...]) -> None:
+    from popserv.auth.oauth import checkAlgorithms
+
+    checkAlgorithms(names)
+
+
+def _checkURL(url: str) -> None:
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"an http(s) URL, not {url!r}")
+
+
 def _languages() -> list[str]:
     from popserv.i18n import LANGUAGES
 
@@ -400,6 +417,56 @@ class Config:
         STR,
         choices=("tls", "always"),
     )
+    oauth_jwks: str | None = setting(
+        None,
+        "OAuth 2.0 (SASL OAUTHBEARER, XOAUTH2): the identity provider's JWKS URL; access "
+        "tokens are JWTs checked against its keys (needs --oauth-issuer, --oauth-audience).",
+        STR,
+        check=_checkURL,
+        metavar="URL",
+    )
+    oauth_issuer: str | None = setting(
+        None, "OAuth 2.0: the issuer (iss) tokens must name.", STR, metavar="ISS"
+    )
+    oauth_audience: str | None = setting(
+        None,
+        "OAuth 2.0: the audience (aud) tokens must be for: this service's client id or URI.",
+        STR,
+        metavar="AUD",
+    )
+    oauth_user_claim: str = setting(
+        "email",
+        "OAuth 2.0: the claim that is the user name (email, preferred_username, sub...).",
+        STR,
+        metavar="CLAIM",
+    )
+    oauth_algorithms: tuple[str, ...] = setting(
+        ("RS256", "PS256", "ES256", "EdDSA"),
+        "OAuth 2.0: the JWT signature algorithms accepted (comma-separated or repeated), from "
+        "{choices}; never none or HS*.",
+        LIST,
+        split=",",
+        mentions=_jwtAlgorithms,
+        check=_checkAlgorithms,
+        metavar="ALGS",
+    )
+    oauth_introspection: str | None = setting(
+        None,
+        "OAuth 2.0: check each token at this RFC 7662 introspection URL instead of a JWKS "
+        "(needs --oauth-client-id, --oauth-client-secret-file).",
+        STR,
+        check=_checkURL,
+        metavar="URL",
+    )
+    oauth_client_id: str | None = setting(
+        None, "OAuth 2.0: this server's client id at the introspection endpoint.", STR
+    )
+    oauth_client_secret_file: str | None = setting(
+        None,
+        "OAuth 2.0: a file holding this server's client secret at the introspection endpoint.",
+        STR,
+        metavar="FILE",
+    )
     trusted_networks: tuple[str, ...] = setting(
         DEFAULT_TRUSTED_NETWORKS,
         "A network (CIDR) where passwords may be sent without TLS; repeatable.",
@@ -508,7 +575,20 @@ class Config:
         if not self.mail_location:
             raise ConfigError("mail_location: required, e.g. maildir:/var/mail/%d/%n/Maildir")
         self._checkPlugins()
+        self._checkOAuth()
         return self
+
+    def _checkOAuth(self) -> None:
+        if self.oauth_jwks and self.oauth_introspection:
+            raise ConfigError("oauth_introspection: give it or oauth_jwks, not both")
+        if self.oauth_jwks and not (self.oauth_issuer and self.oauth_audience):
+            raise ConfigError("oauth_jwks: needs oauth_issuer and oauth_audience")
+        if self.oauth_introspection and not (
+            self.oauth_client_id and self.oauth_client_secret_file
+        ):
+            raise ConfigError(
+                "oauth_introspection: needs oauth_client_id and oauth_client_secret_file"
+            )
 
     def _checkPlugins(self) -> None:
         from popserv.registry import authSourceKind, storeKind

@@ -54,6 +54,16 @@ def errorReply(reason: BaseException | Failure, language: Language = DEFAULT_LAN
     return wire.err(error.message(language), error.code)
 
 
+def _authLimit(line: bytes | bytearray, limit: int) -> int:
+    """
+    The longest line allowed for C{line}: an AUTH command with an initial
+    response may be as long as a SASL response. RFC 5034 section 4 forbids
+    one over 255 octets, but mpop, for one, sends OAuth bearer tokens so.
+    Asked only of lines already over C{limit}.
+    """
+    return MAX_SASL_LINE if line[:5].upper() == b"AUTH " else limit
+
+
 class CommandPipeline(LineReceiver):
     """
     Lines in, one command at a time, answers out in order.
@@ -191,7 +201,7 @@ class CommandPipeline(LineReceiver):
                 limit = MAX_SASL_LINE if self._sasl is not None else self.MAX_LENGTH
                 eol = buf.find(b"\n")
                 if eol < 0:
-                    if len(buf) > limit + 1:
+                    if len(buf) > limit + 1 and len(buf) > _authLimit(buf, limit) + 1:
                         self._discarding = True
                         del buf[:]
                     break
@@ -203,7 +213,7 @@ class CommandPipeline(LineReceiver):
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) > limit:
+                if len(line) > limit and len(line) > _authLimit(line, limit):
                     self.lineLengthExceeded(line)
                     continue
                 self.lineReceived(line)

@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
-from popserv.build import makeChecker, makeStore
+from popserv.build import makeChecker, makeStore, makeTokenValidator
 from popserv.config import Config, ConfigError
 from popserv.errors import TemporaryFailure
 from popserv.haproxy import PREFIX, ProxyWrappingFactory, TrustedPeers, splitProxied
@@ -101,8 +101,11 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             "timeout {timeout}s is below RFC 1939's 10-minute autologout minimum",
             timeout=config.timeout,
         )
+    tokens = makeTokenValidator(config, reactor)
     mechanisms = mechanismsByName(
-        list(config.sasl_mechanisms) if config.sasl_mechanisms else None, saltKey=saltKey
+        list(config.sasl_mechanisms) if config.sasl_mechanisms else None,
+        saltKey=saltKey,
+        tokens=tokens,
     )
     if config.gssapi_keytab and "GSSAPI" in mechanisms:
         try:
@@ -114,7 +117,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             )
         except ValueError as e:
             raise ConfigError(f"gssapi_keytab: {e}") from None
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         clock=reactor,
         timeout=config.timeout,
@@ -135,6 +138,8 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
             requireTLS=config.plaintext_auth == "tls", trusted=config.trusted_networks
         ),
     )
+    factory.tokens = tokens  # a service: makeService starts it (the JWKS timer)
+    return factory
 
 
 def freezeStartupObjects() -> None:
@@ -206,6 +211,8 @@ def makeService(
         config = config.validated()
     factory = makeFactory(config, reactor, portal)
     top = PopservService(factory, reactor, config.shutdown_grace)
+    if getattr(factory, "tokens", None) is not None:
+        factory.tokens.setServiceParent(top)
     listeners: list[tuple[str, Any]] = [(d, factory) for d in config.listen]
     if factory.metrics is not None and config.metrics:
         listeners.append((config.metrics, metricsSite(factory.metrics)))

@@ -22,8 +22,14 @@ BASE = {
     "passwd": "passwd",
     "mail_location": "maildir:/srv/mail/%u",
     "tls_selfsigned": True,
+    # what the OAuth URLs' samples need beside them
+    "oauth_issuer": "https://idp",
+    "oauth_audience": "pop",
+    "oauth_client_id": "pop",
+    "oauth_client_secret_file": "secret",
 }
 BASE_ARGS = ["--passwd", "passwd", "--mail-location", "maildir:/srv/mail/%u", "--tls-selfsigned"]
+BASE_ARGS += [f"--{k.replace('_', '-')}={v}" for k, v in BASE.items() if k.startswith("oauth_")]
 
 #: For each setting: its command-line arguments, its TOML value, the value
 #: both must give. A new setting without a sample fails the walk below.
@@ -60,6 +66,18 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
     "tls_client_ca": (["--tls-client-ca", "ca.pem"], "ca.pem", "ca.pem"),
     "tls_cert_user": (["--tls-cert-user", "email"], "email", "email"),
     "plaintext_auth": (["--plaintext-auth", "always"], "always", "always"),
+    "oauth_jwks": (["--oauth-jwks", "https://idp/jwks"], "https://idp/jwks", "https://idp/jwks"),
+    "oauth_issuer": (["--oauth-issuer", "https://idp"], "https://idp", "https://idp"),
+    "oauth_audience": (["--oauth-audience", "pop"], "pop", "pop"),
+    "oauth_user_claim": (["--oauth-user-claim", "sub"], "sub", "sub"),
+    "oauth_algorithms": (
+        ["--oauth-algorithms", "RS256,ES256"],
+        ["RS256", "ES256"],
+        ("RS256", "ES256"),
+    ),
+    "oauth_introspection": (["--oauth-introspection", "https://i"], "https://i", "https://i"),
+    "oauth_client_id": (["--oauth-client-id", "pop"], "pop", "pop"),
+    "oauth_client_secret_file": (["--oauth-client-secret-file", "s"], "s", "s"),
     "trusted_networks": (["--trusted-networks", "10.0.0.0/8"], ["10.0.0.0/8"], ("10.0.0.0/8",)),
     "haproxy_trusted_networks": (
         ["--haproxy-trusted-networks", "10.0.0.0/8"],

@@ -5,6 +5,8 @@ Each mechanism is one module providing L{ISASLMechanism}; an exchange ends in
 credentials that the protocol hands to the same C{Portal} as USER/PASS.
 """
 
+from typing import Any
+
 from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
@@ -19,8 +21,10 @@ from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.external import External
 from popserv.sasl.gssapi import GSSAPI
 from popserv.sasl.login import Login
+from popserv.sasl.oauthbearer import OAuthBearer
 from popserv.sasl.plain import Plain
 from popserv.sasl.scram import ScramSHA1, ScramSHA1Plus, ScramSHA256, ScramSHA256Plus, _Scram
+from popserv.sasl.xoauth2 import XOAuth2
 
 __all__ = [
     "Challenge",
@@ -40,6 +44,8 @@ __all__ = [
     "ScramSHA256Plus",
     "External",
     "GSSAPI",
+    "OAuthBearer",
+    "XOAuth2",
     "ALL_MECHANISMS",
     "mechanismsByName",
 ]
@@ -52,6 +58,8 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
     ScramSHA1(),
     GSSAPI(),
     External(),
+    OAuthBearer(),
+    XOAuth2(),
     CramMD5(),
     Plain(),
     Login(),
@@ -59,18 +67,24 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
 
 
 def mechanismsByName(
-    names: list[str] | None = None, saltKey: bytes | None = None
+    names: list[str] | None = None, saltKey: bytes | None = None, tokens: Any = None
 ) -> dict[str, ISASLMechanism]:
     """
     The mechanisms named (all if None), by upper-case name; ValueError if unknown.
 
     @param saltKey: the key SCRAM derives unknown users' salts from (see
         L{popserv.auth.scramkeys}); the same in every process that answers.
+    @param tokens: what checks OAuth bearer tokens (L{popserv.auth.oauth}); without
+        it OAUTHBEARER and XOAUTH2 are never offered.
     """
     known = {m.name: m for m in ALL_MECHANISMS}
     if saltKey is not None:
         known = {
             name: type(m)(saltKey) if isinstance(m, _Scram) else m for name, m in known.items()
+        }
+    if tokens is not None:
+        known = {
+            name: type(m)(tokens) if isinstance(m, OAuthBearer) else m for name, m in known.items()
         }
     if names is None:
         return known
