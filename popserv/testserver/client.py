@@ -32,6 +32,8 @@ RESPONSE_CODES = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM", "AUTH")
 class TestServerError(RuntimeError):
     """The test server refused a request or could not be started; the message says why."""
 
+    __test__ = False  # (not a test class, whatever pytest thinks of its name)
+
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"b64"}:

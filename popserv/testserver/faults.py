@@ -137,9 +137,9 @@ class _Tap:
             room = p._dropAt - p._replyOctets
             if len(data) >= room:
                 self._transport.write(data[:room])
+                # Closed, not reset: the client reads the octets, then the end.
                 p._cut = True
-                abort = getattr(self._transport, "abortConnection", self._transport.loseConnection)
-                abort()
+                self._transport.loseConnection()
                 return
             p._replyOctets += len(data)
         self._transport.write(data)
@@ -275,6 +275,7 @@ class TestFactory(POP3Factory):
     """
 
     protocol = FaultyProtocol
+    __test__ = False  # (not a test class, whatever pytest thinks of its name)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -65,6 +65,8 @@ class TestServerCore:
     in a few milliseconds, so a warm server can serve test after test.
     """
 
+    __test__ = False  # (not a test class, whatever pytest thinks of its name)
+
     def __init__(self, directory: str, reactor: Any) -> None:
         self.directory = os.path.abspath(directory)
         self.reactor = reactor
