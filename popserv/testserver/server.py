@@ -139,7 +139,7 @@ class TestServerCore:
         self.factory.policy = self.policy
         self.factory.faults = Faults()
         del self.factory.transcript[:]
-        yield self.run(shutil.rmtree, old, True)
+        self.run(shutil.rmtree, old, True)  # (a root of its own: no need to wait)
         return self.settings()
 
     # -- users and mail ----------------------------------------------------------
