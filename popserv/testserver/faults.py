@@ -18,7 +18,6 @@ from typing import Any
 from twisted.internet.interfaces import ITCPTransport
 from twisted.python.failure import Failure
 
-from popserv.errors import CommandError
 from popserv.protocol import POP3Factory, POP3Protocol
 
 __all__ = ["Faults", "FaultyProtocol", "TestFactory", "MALFORMATIONS"]
@@ -225,7 +224,8 @@ class FaultyProtocol(POP3Protocol):
         self._record("C", _masked(verb, line))
         self._startReply(verb, line)
         if not self._bareLF and not crlf:
-            self._badCommand(CommandError("Command lines must end with CRLF"))
+            # (English only: a test server's own refusal, not one production sends)
+            self.transport.write(b"-ERR Command lines must end with CRLF\r\n")
             return
         reply = faults.takeFailure(verb)
         if reply is not None:
