@@ -15,6 +15,7 @@ from popserv.admin.common import (
 )
 from popserv.admin.mail import cmdDeliver, cmdMigrate, cmdUidl
 from popserv.admin.options import addSettings, positive, schemeNames
+from popserv.admin.sandbox import cmdSandbox
 from popserv.admin.server import cmdDb, cmdSelfSigned, cmdServe
 from popserv.admin.users import cmdPw, cmdUser
 
@@ -117,6 +118,21 @@ def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
     )
     cert.add_argument("directory")
     cert.add_argument("hosts", nargs="*", help="host names [default: localhost]")
+
+    sandbox = command(
+        "sandbox",
+        cmdSandbox,
+        "serve a copy of a directory of .eml files (or an mbox) to try a mail client",
+        settings=False,
+    )
+    sandbox.add_argument("source", help="a directory of .eml files, or an mbox file")
+    sandbox.add_argument("--host", default="127.0.0.1", help="[default: 127.0.0.1]")
+    sandbox.add_argument("--port", type=int, default=1110, help="0: any [default: 1110]")
+    sandbox.add_argument("--tls", action="store_true", help="offer STLS and implicit TLS")
+    sandbox.add_argument("--tls-port", type=int, default=1995, help="[default: 1995]")
+    sandbox.add_argument("--user", default="sandbox", help="[default: sandbox]")
+    sandbox.add_argument("--password", help="[default: a random one, printed]")
+    sandbox.add_argument("--keep", action="store_true", help="keep the copy when stopping")
     return parser
 
 

@@ -1,0 +1,279 @@
+"""
+The test server (popserv.testserver) driven directly: users, mail, UPDATE,
+the transcript, TLS, every fault and the strictness settings. The pytest
+plugin itself is tested in a separate project (test_pytest_plugin_project.py).
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import socket
+import ssl
+import time
+
+import pytest
+
+from popserv.testserver import POP3TestServer, TestServerError
+from support import REPO
+
+
+@pytest.fixture(scope="module")
+def testServer(tmp_path_factory):
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO)  # the subprocess runs this checkout's popserv
+    try:
+        server = POP3TestServer(tmp_path_factory.mktemp("testserver")).start()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def srv(testServer):
+    testServer.reset()
+    testServer.add_user("alice", "secret")
+    return testServer
+
+
+class Raw:
+    """A socket client that shows exactly what the server sends."""
+
+    def __init__(self, port: int, timeout: float = 5) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def readUntil(self, end: bytes) -> bytes:
+        while end not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        out, sep, self.buf = self.buf.partition(end)
+        return out + sep
+
+    def readAll(self) -> bytes:
+        while chunk := self.sock.recv(65536):
+            self.buf += chunk
+        out, self.buf = self.buf, b""
+        return out
+
+    def login(self) -> None:
+        self.readUntil(b"\r\n")
+        self.send(b"USER alice\r\nPASS secret\r\n")
+        self.readUntil(b"\r\n")
+        assert self.readUntil(b"\r\n").startswith(b"+OK")
+
+
+def login(srv, **kw) -> poplib.POP3:
+    pop = poplib.POP3(srv.host, srv.port, timeout=kw.get("timeout", 5))
+    pop.user("alice")
+    pop.pass_("secret")
+    return pop
+
+
+def test_mail_and_update(srv):
+    uid = srv.deliver("alice", b"Subject: a\n\nfirst\n")
+    srv.deliver("alice", b"Subject: b\r\n\r\nsecond\r\n")
+    pop = login(srv)
+    assert pop.uidl(1).split()[-1].decode() == uid
+    pop.dele(1)
+    assert srv.deleted("alice") == []  # not before UPDATE
+    pop.quit()
+    assert srv.messages("alice") == [b"Subject: b\r\n\r\nsecond\r\n"]
+    assert srv.deleted("alice") == [b"Subject: a\n\nfirst\n"]
+
+
+def test_no_update_without_quit(srv):
+    srv.deliver("alice", b"Subject: a\r\n\r\nx\r\n")
+    pop = login(srv)
+    pop.dele(1)
+    pop.close()
+    time.sleep(0.1)
+    assert len(srv.messages("alice")) == 1 and srv.deleted("alice") == []
+
+
+def test_reset_forgets_everything(srv):
+    srv.deliver("alice", b"Subject: a\r\n\r\nx\r\n")
+    srv.fail("STAT")
+    srv.reset()
+    assert srv.messages("alice") == [] and srv.transcript() == []
+    with pytest.raises(poplib.error_proto, match="-ERR"):
+        login(srv)  # no such user any more
+
+
+def test_transcript_masks_secrets(srv):
+    pop = login(srv)
+    pop.quit()
+    pop = poplib.POP3(srv.host, srv.port, timeout=5)
+    pop.apop("alice", "secret")
+    pop.quit()
+    raw = Raw(srv.port)
+    raw.readUntil(b"\r\n")
+    raw.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n")
+    raw.readAll()
+    text = "\n".join(srv.transcript())
+    assert "secret" not in text and "AGFsaWNl" not in text
+    assert "C: PASS ***" in text and "C: APOP alice ***" in text and "C: AUTH PLAIN ***" in text
+    assert srv.transcript(connection=-1)[0].startswith("S: +OK popserv")
+
+
+def test_transcript_masks_sasl_continuations(srv):
+    raw = Raw(srv.port)
+    raw.readUntil(b"\r\n")
+    raw.send(b"AUTH PLAIN\r\n")
+    raw.readUntil(b"\r\n")
+    raw.send(b"AGFsaWNlAHNlY3JldA==\r\n")
+    assert raw.readUntil(b"\r\n").startswith(b"+OK")
+    assert srv.transcript()[-2:] == ["C: ***", srv.transcript()[-1]]
+
+
+@pytest.mark.parametrize("code", ["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "AUTH", None])
+def test_fail_with_or_without_code(srv, code):
+    reply = f"-ERR [{code}] injected" if code else "-ERR injected"
+    srv.fail("pass", reply)  # keywords are case-insensitive
+    with pytest.raises(poplib.error_proto) as e:
+        login(srv)
+    assert e.value.args[0] == reply.encode()
+
+
+def test_fail_times(srv):
+    srv.fail("STAT", "-ERR [SYS/TEMP] later", times=2)
+    pop = login(srv)
+    for _ in range(2):
+        with pytest.raises(poplib.error_proto):
+            pop.stat()
+    assert pop.stat() == (0, 0)
+    pop.quit()
+
+
+def test_drop_after(srv):
+    srv.deliver("alice", b"Subject: big\r\n\r\n" + b"y" * 10000 + b"\r\n")
+    srv.drop_after("RETR", 1000)
+    raw = Raw(srv.port)
+    raw.login()
+    raw.send(b"RETR 1\r\n")
+    assert len(raw.readAll()) == 1000
+
+
+def test_delay(srv):
+    srv.delay("NOOP", 0.5)
+    pop = login(srv)
+    started = time.monotonic()
+    pop.noop()
+    assert time.monotonic() - started >= 0.45
+    pop.quit()
+
+
+def test_never_answer_a_command(srv):
+    srv.never_answer("RETR")
+    srv.deliver("alice", b"Subject: a\r\n\r\nx\r\n")
+    pop = login(srv, timeout=0.5)
+    with pytest.raises(TimeoutError):
+        pop.retr(1)
+
+
+def test_never_answer_at_all(srv):
+    srv.never_answer()
+    raw = Raw(srv.port, timeout=0.5)
+    with pytest.raises(TimeoutError):
+        raw.sock.recv(10)
+
+
+def test_greeting_without_apop_timestamp(srv):
+    assert b"<" in poplib.POP3(srv.host, srv.port, timeout=5).getwelcome()
+    srv.no_apop_timestamp()
+    pop = poplib.POP3(srv.host, srv.port, timeout=5)
+    assert b"<" not in pop.getwelcome()
+    with pytest.raises(poplib.error_proto):
+        pop.apop("alice", "secret")
+
+
+STUFFED = b"Subject: dots\r\n\r\n.one\r\n..two\r\nend\r\n"
+
+
+@pytest.mark.parametrize(
+    "kind, wire",
+    [
+        ("no_terminator", b"+OK 35 octets\r\nSubject: dots\r\n\r\n..one\r\n...two\r\nend\r\n"),
+        ("bare_lf", b"+OK 35 octets\nSubject: dots\n\n..one\n...two\nend\n.\n"),
+        ("unstuffed", b"+OK 35 octets\r\nSubject: dots\r\n\r\n.one\r\n..two\r\nend\r\n.\r\n"),
+    ],
+)
+def test_malformed(srv, kind, wire):
+    srv.deliver("alice", STUFFED)
+    srv.malformed("RETR", kind)
+    raw = Raw(srv.port)
+    raw.login()
+    raw.send(b"RETR 1\r\n")
+    assert raw.readAll() if kind == "no_terminator" else raw.readUntil(wire[-3:]) == wire
+    if kind == "no_terminator":
+        assert raw.buf == b""
+
+
+def test_malformed_listing_and_untouched_single_line(srv):
+    srv.deliver("alice", STUFFED)
+    srv.malformed("LIST", "bare_lf")
+    raw = Raw(srv.port)
+    raw.login()
+    raw.send(b"LIST 1\r\nLIST\r\n")
+    assert raw.readUntil(b"\r\n") == b"+OK 1 35\r\n"  # one line: left alone
+    listing = raw.readUntil(b"\n.\n")
+    assert listing.startswith(b"+OK 1 ") and listing.endswith(b"\n1 35\n.\n")
+    assert b"\r" not in listing
+
+
+def test_strictness(srv):
+    raw = Raw(srv.port)
+    raw.readUntil(b"\r\n")
+    raw.send(b"NOOP\n" + b"USER " + b"a" * 300 + b"\r\n")
+    assert raw.readUntil(b"\r\n").startswith(b"-ERR")  # NOOP before login: not valid
+    assert b"too long" in raw.readUntil(b"\r\n")
+    srv.strictness(bare_lf=False, max_line=1000)
+    raw = Raw(srv.port)
+    raw.readUntil(b"\r\n")
+    raw.send(b"CAPA\n" + b"USER " + b"a" * 300 + b"\r\n")
+    assert b"CRLF" in raw.readUntil(b"\r\n")
+    assert raw.readUntil(b"\r\n").startswith(b"+OK")
+    with pytest.raises(TestServerError, match="255"):
+        srv.strictness(max_line=100)
+
+
+def test_bad_requests_are_refused(srv):
+    with pytest.raises(TestServerError, match="kind must be one of"):
+        srv.malformed("RETR", "garbled")
+    with pytest.raises(TestServerError, match="keyword"):
+        srv.fail("RETR 1")
+
+
+def test_tls(srv):
+    cafile = srv.enable_tls()
+    context = ssl.create_default_context(cafile=cafile)
+    pop = poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=context, timeout=5)
+    pop.user("alice")
+    pop.pass_("secret")
+    pop.quit()
+    pop = poplib.POP3("localhost", srv.port, timeout=5)
+    pop.stls(context)
+    pop.user("alice")
+    pop.pass_("secret")
+    pop.quit()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        poplib.POP3_SSL("127.0.0.1", srv.tls_port, context=ssl.create_default_context(), timeout=5)
+    srv.reset()
+    assert srv.tls_port is None
+
+
+def test_reset_cost(srv):
+    """The function-scoped fixture's price: one reset of the warm server."""
+    started = time.monotonic()
+    for _ in range(20):
+        srv.reset()
+    assert (time.monotonic() - started) / 20 < 0.25
