@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dovecot import dovecot  # noqa: E402,F401 (a real Dovecot, see dovecot.py)
 from pg import pgdatabase, postgresql  # noqa: E402,F401 (a real PostgreSQL, see pg.py)
 
 from support import ServerProcess, deliver  # noqa: E402

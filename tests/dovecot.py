@@ -25,10 +25,23 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Dovecot", "dovecotBinary", "PASSWORD", "MASTER_PASSWORD"]
+__all__ = ["Dovecot", "dovecotBinary", "dovecot", "PASSWORD", "MASTER_PASSWORD", "USERS"]
 
 PASSWORD = "secret"
 MASTER_PASSWORD = "master-secret"
+
+#: The users of the C{dovecot} fixture, each with Dovecot settings of its own.
+USERS: dict[str, dict[str, str]] = {
+    "alice": {},  # the default, %08Xu%08Xv
+    "bob": {"pop3_uidl_format": "%v.%u"},
+    "carol": {"pop3_uidl_format": "%f"},
+    # Saved UIDLs (P fields) win over the format popserv is told.
+    "dave": {"pop3_uidl_format": "%v.%u", "pop3_save_uidl": "yes"},
+    "erin": {},
+    "frank": {},
+    "gina": {},
+    "hugo": {"pop3_uidl_format": "%v.%u"},
+}
 
 
 def dovecotBinary() -> str | None:
@@ -172,3 +185,11 @@ def startDovecot(users: dict[str, dict[str, str]]) -> Dovecot:
     server = Dovecot(binary, users)
     server.start()
     return server
+
+
+@pytest.fixture(scope="session")
+def dovecot():
+    """A running Dovecot with L{USERS} (one per test module that uses it)."""
+    server = startDovecot(USERS)
+    yield server
+    server.stop()

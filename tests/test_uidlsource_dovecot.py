@@ -14,20 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dovecot import PASSWORD, startDovecot
+from dovecot import PASSWORD
 
 from support import ServerProcess, have
 
-#: Each user is served by Dovecot with its own settings.
-USERS = {
-    "alice": {},  # the default, %08Xu%08Xv
-    "bob": {"pop3_uidl_format": "%v.%u"},
-    "carol": {"pop3_uidl_format": "%f"},
-    # Saved UIDLs (P fields) win over the format popserv is told.
-    "dave": {"pop3_uidl_format": "%v.%u", "pop3_save_uidl": "yes"},
-    "erin": {},  # for test_migrate_pop3
-    "frank": {},
-}
 #: What popserv is told for each user.
 SOURCES = {
     "alice": "dovecot",
@@ -41,13 +31,6 @@ MESSAGES = [
     b"From: b@example.org\nSubject: two\n\nsecond\n.dotted\n",
     b"From: c@example.org\nSubject: three\n\n" + b"x" * 5000 + b"\n",
 ]
-
-
-@pytest.fixture(scope="session")
-def dovecot():
-    server = startDovecot(USERS)
-    yield server
-    server.stop()
 
 
 def listing(port: int, user: str, password: str = PASSWORD) -> list[tuple[str, str]]:
