@@ -360,6 +360,11 @@ def migrate(
     import sys
 
     progress = Progress(out if out is not None else sys.stderr)
+    from popserv.backends.maildir.foreign import storeNote
+
+    note = storeNote(source)
+    if note:
+        progress.line(note)
     started = time.monotonic()
     migration = Migration(source, target, progress)
     with _stopOnInterrupt(migration):

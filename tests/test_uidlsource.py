@@ -131,3 +131,24 @@ def test_native_writes_the_index_as_before(tmp_path):
     root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n"})
     assert uidls(tmp_path, "native") == ["1.a"]
     assert (root / INDEX_FILE).read_text() == "popserv-index 1\n1.a\t16\n"
+
+
+def test_check_config_points_out_foreign_files(tmp_path):
+    """check-config names the other servers' UIDL files it finds, and the setting."""
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    root = maildir(tmp_path, {"cur/1.a": b"x\n"})
+    (root / "dovecot-uidlist").write_text("3 V1 N2\n1 :1.a\n")
+    (tmp_path / "passwd").write_text("alice:{PLAIN}pw\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "popserv", "check-config", "--passwd", str(tmp_path / "passwd"),
+         "--mail-location", f"maildir:{tmp_path}/%u/Maildir"],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "found dovecot-uidlist in 1 maildrops; --uidl-source is native" in done.stdout, (
+        done.stdout + done.stderr
+    )

@@ -53,6 +53,8 @@ __all__ = [
     "headerUIDL",
     "FOUND_FILES",
     "carryOver",
+    "foreignNote",
+    "storeNote",
 ]
 
 #: The sources C{uidl_source} names.
@@ -331,3 +333,41 @@ def carryOver(
         if uidl is not None and uidl != entry[2]:
             found[i] = (entry[0], entry[1], uidl, entry[3], entry[4])
     return changed
+
+
+def foreignNote(maildirs: Iterable[str], source: str) -> str | None:
+    """
+    What C{check-config} and C{migrate} say about other servers' UIDL files
+    in C{maildirs} (e.g. C{found dovecot-uidlist in 3 maildrops;
+    --uidl-source is native}), or None if there are none.
+    """
+    counts = dict.fromkeys(FOUND_FILES, 0)
+    for path in maildirs:
+        for kind, name in FOUND_FILES.items():
+            if os.path.isfile(os.path.join(path, name)):
+                counts[kind] += 1
+    found = [f"{FOUND_FILES[kind]} in {n} maildrops" for kind, n in counts.items() if n]
+    if not found:
+        return None
+    return f"found {', '.join(found)}; --uidl-source is {source}"
+
+
+def storeNote(store: object) -> str | None:
+    """L{foreignNote} for a Maildir store's maildrops (None for other stores)."""
+    location = getattr(store, "location", None)
+    if location is None or not hasattr(store, "uidlSource"):
+        return None
+    from popserv.threads import waitFor
+
+    users = waitFor(store.listMaildrops())  # type: ignore[attr-defined]
+    if not isinstance(users, list):
+        return None
+    source = store.uidlSource  # type: ignore[attr-defined]
+    name = "native" if source is None else source.kind
+    paths = []
+    for user in users:
+        try:
+            paths.append(location.expand(user))
+        except Exception:
+            continue
+    return foreignNote(paths, name)
