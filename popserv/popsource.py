@@ -29,14 +29,14 @@ from urllib.parse import unquote, urlsplit
 from popserv.errors import MaildropInUse, PermanentFailure
 from popserv.interfaces import MessageInfo, validUID
 
-__all__ = ["POPURL", "parsePOPURL", "POP3Error", "POP3Source", "readCredentials"]
+__all__ = ["POPURL", "parsePOPURL", "SourceError", "POP3Source", "readCredentials"]
 
 #: The longest line accepted from the server (RFC 2449: 512 octets a response).
 _MAX_LINE = 64 * 1024
 _SCHEMES = {"pop": False, "pop3": False, "pop3s": True}
 
 
-class POP3Error(Exception):
+class SourceError(Exception):
     """The source server answered -ERR, or broke the protocol."""
 
 
@@ -145,9 +145,9 @@ class _Connection:
     def line(self) -> bytes:
         data = self.file.readline(_MAX_LINE + 1)
         if not data:
-            raise POP3Error("the server closed the connection")
+            raise SourceError("the server closed the connection")
         if len(data) > _MAX_LINE:
-            raise POP3Error("a line too long from the server")
+            raise SourceError("a line too long from the server")
         if data.endswith(b"\r\n"):
             return data[:-2]
         return data[:-1] if data.endswith(b"\n") else data
@@ -156,7 +156,7 @@ class _Connection:
         line = self.line()
         if line.startswith(b"+OK"):
             return line[3:].strip().decode("utf-8", "replace")
-        raise POP3Error(line.decode("utf-8", "replace"))
+        raise SourceError(line.decode("utf-8", "replace"))
 
     def command(self, text: str) -> str:
         self.sock.sendall(text.encode("utf-8") + b"\r\n")
@@ -172,7 +172,7 @@ class _Connection:
     def capabilities(self) -> set[str]:
         try:
             self.command("CAPA")
-        except POP3Error:
+        except SourceError:
             return set()
         return {line.split(b" ")[0].decode("ascii", "replace").upper() for line in self.lines()}
 
@@ -180,7 +180,7 @@ class _Connection:
         try:
             self.sock.sendall(b"QUIT\r\n")  # removes nothing: nothing was marked
             self.line()
-        except (OSError, POP3Error):
+        except (OSError, SourceError):
             pass
         self.sock.close()
 
@@ -302,7 +302,7 @@ class POP3Source:
             else:
                 connection.command(f"USER {user}")
                 connection.command(f"PASS {self.passwords[user]}")
-        except POP3Error as e:
+        except SourceError as e:
             connection.close()
             if "[IN-USE]" in str(e):
                 raise MaildropInUse() from None
