@@ -33,6 +33,7 @@ def makeStore(config: Config, runInThread: Any, createMissing: bool | None = Non
             runInThread,
             config.pluginOptions(plugin),
             createMissing=config.create_maildirs if createMissing is None else createMissing,
+            uidlSource=config.uidl_source,
         )
         return plugin.makeStore(args, context)
     except (OSError, ValueError) as e:

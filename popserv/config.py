@@ -156,6 +156,12 @@ def _checkRealmMap(entries: tuple[str, ...]) -> None:
             raise ValueError(f"{entry!r}: expected REALM or REALM=DOMAIN")
 
 
+def _checkUIDLSource(value: str) -> None:
+    from popserv.backends.maildir.foreign import parseSource
+
+    parseSource(value)
+
+
 def _checkPassdb(specs: tuple[Any, ...]) -> None:
     for spec in specs:
         if isinstance(spec, str) and ":" not in spec:
@@ -301,6 +307,16 @@ class Config:
         True,
         "Create a missing maildrop at first login (else the login is refused).",
         BOOL,
+    )
+    uidl_source: str = setting(
+        "native",
+        "Where a Maildir message's UIDL comes from the first time popserv lists it: native "
+        "(its name), or the server that served it before, one of {choices} (dovecot:FORMAT "
+        "for another pop3_uidl_format); kept afterwards, so clients download nothing again.",
+        STR,
+        mentions=("native", "dovecot", "dovecot:%v.%u", "courier", "xuidl", "uw"),
+        check=_checkUIDLSource,
+        metavar="SOURCE",
     )
     login_delay: int = setting(
         0,

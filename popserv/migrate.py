@@ -8,17 +8,22 @@ so it moves mail between any two kinds (Maildir, PostgreSQL, ...):
 
   - each source maildrop is opened as a session would open it, taking its
     lock: a user with a live session is skipped (and reported; run again),
-    never half copied;
+    never half copied; the target maildrop is held (locked) likewise from
+    its listing to the last copy;
   - each message the target does not list yet (by UIDL) is streamed over,
     chunk by chunk, into a delivery with the same UIDL and delivery time; the
     target's commit is atomic per message, so an interrupted run resumes
     where it stopped and a second run copies nothing;
   - each maildrop is verified: the target lists every source UIDL with the
-    same (exact RETR) size.
+    same (exact RETR) size, and each message copied now has the SHA-256 it
+    was written with.
+
+The source may also be a live POP3 server (L{popserv.popsource}).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -36,7 +41,7 @@ from popserv.errors import MaildropInUse, MessageVanished, PermanentFailure
 from popserv.interfaces import IMailStore, MessageInfo, UIDConflict
 from popserv.threads import synchronously, waitFor
 
-__all__ = ["MaildropResult", "Migration", "Progress", "migrate", "openStores"]
+__all__ = ["MaildropResult", "Migration", "Progress", "migrate", "openStores", "openTarget"]
 
 #: Bytes read from the source and written to the target at a time.
 CHUNK = 256 * 1024
@@ -145,6 +150,16 @@ def openStores(config: Config, source: str, target: str) -> tuple[IMailStore, IM
     return stores[0], stores[1]
 
 
+def openTarget(config: Config, target: str) -> IMailStore:
+    """The store C{target} names (see L{openStores}); its maildrops are made at first message."""
+    from popserv.build import makeStore
+
+    try:
+        return makeStore(replace(config, mail_location=target), synchronously, createMissing=True)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"--to {target}: {e}") from None
+
+
 class Migration:
     """
     Copies maildrops from C{source} to C{target}, one at a time, reporting
@@ -191,67 +206,106 @@ class Migration:
 
     @inlineCallbacks
     def maildrop(self, result: MaildropResult) -> Generator[Any, Any, None]:
-        """Copy one maildrop's missing messages, then verify it."""
+        """
+        Copy one maildrop's missing messages, then verify it. The target
+        maildrop stays open (locked) from its listing to the last copy, so no
+        session of the target server sees it half copied or removes a message
+        between the listing and the copy.
+        """
         user = result.user
         mailbox = yield maybeDeferred(self.source.openMailbox, user)
+        digests: dict[str, str] = {}
         try:
             infos = list((yield maybeDeferred(mailbox.listMessages)))
-            present = yield self._targetListing(user)
-            missing = [info for info in infos if info.uid not in present]
-            result.skipped = len(infos) - len(missing)
-            self.progress.start(user, len(missing), sum(info.size for info in missing))
-            for done, info in enumerate(missing, 1):
-                if self.stopping:
-                    return  # not verified: it is not complete
-                try:
-                    copied = yield self._copy(mailbox, user, info)
-                except MessageVanished:
-                    # Removed by another program since the listing: nothing to keep.
-                    infos.remove(info)
-                    continue
-                if copied:
-                    result.copied += 1
-                    result.octets += info.size
-                else:
-                    result.skipped += 1
-                self.progress.update(done, result.octets)
-            self.progress.update(len(missing), result.octets, force=True)
-            present = yield self._targetListing(user)
+            target = yield maybeDeferred(self.target.openMailbox, user)
+            try:
+                present = {i.uid: i.size for i in (yield maybeDeferred(target.listMessages))}
+                missing = [info for info in infos if info.uid not in present]
+                result.skipped = len(infos) - len(missing)
+                self.progress.start(user, len(missing), sum(info.size for info in missing))
+                for done, info in enumerate(missing, 1):
+                    if self.stopping:
+                        return  # not verified: it is not complete
+                    try:
+                        copied = yield self._copy(mailbox, user, info)
+                    except MessageVanished:
+                        # Removed by another program since the listing: nothing to keep.
+                        infos.remove(info)
+                        continue
+                    if copied:
+                        result.copied += 1
+                        result.octets += info.size
+                        digests[info.uid] = copied
+                    else:
+                        result.skipped += 1
+                    self.progress.update(done, result.octets)
+                self.progress.update(len(missing), result.octets, force=True)
+            finally:
+                yield maybeDeferred(target.close)
         finally:
             yield maybeDeferred(mailbox.close)
+        present = yield self._targetListing(user, digests)
         result.problems += _mismatches(user, infos, present)
 
     @inlineCallbacks
-    def _targetListing(self, user: str) -> Generator[Any, Any, dict[str, int]]:
-        """The target's UIDLs of C{user} now, with their sizes."""
+    def _targetListing(
+        self, user: str, digests: dict[str, str] | None = None
+    ) -> Generator[Any, Any, dict[str, int]]:
+        """
+        The target's UIDLs of C{user} now, with their sizes; a message
+        copied now (in C{digests}) whose stored bytes hash otherwise is
+        listed with size -1, a mismatch.
+        """
         mailbox = yield maybeDeferred(self.target.openMailbox, user)
         try:
             infos = yield maybeDeferred(mailbox.listMessages)
+            present = {info.uid: info.size for info in infos}
+            for info in infos:
+                if digests and info.uid in digests:
+                    reader = yield maybeDeferred(mailbox.openMessage, info)
+                    digest = hashlib.sha256()
+                    try:
+                        while data := (yield maybeDeferred(reader.read, CHUNK)):
+                            digest.update(data)
+                    finally:
+                        reader.close()
+                    if digest.hexdigest() != digests[info.uid]:
+                        present[info.uid] = -1
         finally:
             yield maybeDeferred(mailbox.close)
-        return {info.uid: info.size for info in infos}
+        return present
 
     @inlineCallbacks
-    def _copy(self, mailbox: Any, user: str, info: MessageInfo) -> Generator[Any, Any, bool]:
-        """Stream one message into the target; False if its UIDL got there meanwhile."""
+    def _copy(self, mailbox: Any, user: str, info: MessageInfo) -> Generator[Any, Any, str]:
+        """
+        Stream one message into the target: the SHA-256 of what was written,
+        or "" if its UIDL got there meanwhile.
+        """
         reader = yield maybeDeferred(mailbox.openMessage, info)
+        digest = hashlib.sha256()
         try:
             writer = yield maybeDeferred(
                 self.target.deliverMessage, user, uid=info.uid, received=info.received
             )
             try:
                 while data := (yield maybeDeferred(reader.read, CHUNK)):
+                    digest.update(data)
                     yield maybeDeferred(writer.write, data)
+                octets = getattr(reader, "octets", None)
+                if octets is not None and octets != info.size:
+                    raise PermanentFailure(
+                        f"{info.uid}: {octets} octets sent, {info.size} listed by the source"
+                    )
             except BaseException:
                 yield maybeDeferred(writer.abort)
                 raise
             try:
                 yield maybeDeferred(writer.commit)
             except UIDConflict:
-                return False  # another run copied it first
+                return ""  # another run copied it first
         finally:
             reader.close()
-        return True
+        return digest.hexdigest()
 
 
 def _mismatches(user: str, infos: Sequence[MessageInfo], present: dict[str, int]) -> list[str]:
@@ -261,6 +315,8 @@ def _mismatches(user: str, infos: Sequence[MessageInfo], present: dict[str, int]
         size = present.get(info.uid)
         if size is None:
             problems.append(f"{user}: {info.uid} is missing from the target")
+        elif size == -1:
+            problems.append(f"{user}: {info.uid} differs in the target (SHA-256)")
         elif size != info.size:
             problems.append(
                 f"{user}: {info.uid} is {size} octets in the target, {info.size} in the source"
@@ -304,6 +360,11 @@ def migrate(
     import sys
 
     progress = Progress(out if out is not None else sys.stderr)
+    from popserv.backends.maildir.foreign import storeNote
+
+    note = storeNote(source)
+    if note:
+        progress.line(note)
     started = time.monotonic()
     migration = Migration(source, target, progress)
     with _stopOnInterrupt(migration):

@@ -101,12 +101,15 @@ class StoreContext:
     @ivar runInThread: runs blocking work off the reactor (a bounded pool).
     @ivar options: this kind's options, by name without prefix, defaults filled in.
     @ivar createMissing: create a missing maildrop at first login.
+    @ivar uidlSource: C{uidl_source}: where UIDLs come from at first listing
+        (stores that keep UIDLs of their own ignore it).
     """
 
     baseDir: str
     runInThread: Callable[..., Any]
     options: Mapping[str, Any] = field(default_factory=dict)
     createMissing: bool = True
+    uidlSource: str = "native"
 
 
 @dataclass(frozen=True)

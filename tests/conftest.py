@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dovecot import dovecot  # noqa: E402,F401 (a real Dovecot, see dovecot.py)
 from kdc import kdc  # noqa: E402,F401 (a real MIT Kerberos realm, see kdc.py)
 from pg import pgdatabase, postgresql  # noqa: E402,F401 (a real PostgreSQL, see pg.py)
 from slapd import slapd  # noqa: E402,F401 (a real OpenLDAP slapd, see slapd.py)

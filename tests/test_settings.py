@@ -48,6 +48,7 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
     "apop": (["--no-apop"], False, False),
     "max_bad_commands": (["--max-bad-commands", "7"], 7, 7),
     "create_maildirs": (["--no-create-maildirs"], False, False),
+    "uidl_source": (["--uidl-source", "dovecot"], "dovecot", "dovecot"),
     "login_delay": (["--login-delay", "300"], 300, 300),
     "expire": (["--expire", "30"], 30, 30),
     "language": (["--language", "ru"], "ru", "ru"),

@@ -41,6 +41,11 @@ def checkConfig(config: Config) -> list[str]:
         problems.append(str(e))
     else:
         problems += _storeProblems(store)
+        from popserv.backends.maildir.foreign import storeNote
+
+        note = storeNote(store)
+        if note:
+            print(note)  # a remark, not a problem
     if config.passdb:  # the passwd shorthand is read below, user by user
         try:
             checker = makeChecker(replace(config, passwd=None), reactor, synchronously)

@@ -13,7 +13,7 @@ from popserv.admin.common import (
     EX_TEMPFAIL,
     AdminError,
 )
-from popserv.admin.mail import cmdDeliver, cmdMigrate, cmdUidl
+from popserv.admin.mail import addPOPSourceOptions, cmdDeliver, cmdMigrate, cmdUidl
 from popserv.admin.options import addSettings, positive, schemeNames
 from popserv.admin.sandbox import cmdSandbox
 from popserv.admin.server import cmdDb, cmdSelfSigned, cmdServe
@@ -92,9 +92,16 @@ def _parser(serveOptions: bool = True) -> argparse.ArgumentParser:
         addSettings(p, _COMMON)
         p.set_defaults(run=cmdDb)
     migrateCmd = command("migrate", cmdMigrate, "copy maildrops to another store, keeping UIDLs")
-    migrateCmd.add_argument("--from", dest="source", required=True, metavar="KIND:ARGS")
+    migrateCmd.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="KIND:ARGS|URL",
+        help="a store, or a live POP3 server: pop://USER;auth=*@HOST:PORT (pop3s:// for TLS)",
+    )
     migrateCmd.add_argument("--to", dest="target", required=True, metavar="KIND:ARGS")
     migrateCmd.add_argument("--user", dest="users", action="append", help="only USER (repeatable)")
+    addPOPSourceOptions(migrateCmd)
 
     serve = command(
         "serve",

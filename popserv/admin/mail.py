@@ -143,11 +143,71 @@ def cmdUidl(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmdMigrate(args: argparse.Namespace) -> int:
-    from popserv.migrate import migrate, openStores
+def addPOPSourceOptions(parser: argparse.ArgumentParser) -> None:
+    """C{popserv migrate}'s options for a POP3 server as the source."""
+    parser.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="user:password lines: the users to migrate from a POP URL naming none "
+        "(or the password of the one it names)",
+    )
+    parser.add_argument("--master-user", metavar="NAME", help="a master user of the source")
+    parser.add_argument("--master-password-file", metavar="FILE", help="its password")
+    parser.add_argument(
+        "--password-file", metavar="FILE", help="the password of the user the URL names"
+    )
+    parser.add_argument(
+        "--ca-file", metavar="FILE", help="CAs the source's certificate is checked with"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept any certificate, and send passwords in the clear without STLS",
+    )
+
+
+def _readSecret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def popSource(args: argparse.Namespace) -> Any:
+    """The POP3 server C{--from} names, with the credentials the options give."""
+    from popserv.popsource import POP3Source, parsePOPURL, readCredentials
 
     try:
-        stores = openStores(configFrom(args), args.source, args.target)
+        url = parsePOPURL(args.source)
+        passwords = readCredentials(args.credentials) if args.credentials else {}
+        master = None
+        if args.master_user:
+            if not args.master_password_file:
+                raise ValueError("--master-user needs --master-password-file")
+            master = (args.master_user, _readSecret(args.master_password_file))
+        if url.user and args.password_file:
+            passwords[url.user] = _readSecret(args.password_file)
+    except (OSError, ValueError) as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    if master is None:
+        if url.user and url.user not in passwords:
+            raise AdminError(f"no password for {url.user}: --password-file or --credentials")
+        if not url.user and not passwords:
+            raise AdminError("the URL names no user: say whom with --credentials", EX_USAGE)
+    elif not url.user and not passwords and not args.users:
+        raise AdminError("the URL names no user: --user or --credentials", EX_USAGE)
+    for user in args.users or ():
+        passwords.setdefault(user, "")
+    return POP3Source(url, passwords, master, caFile=args.ca_file, insecure=args.insecure)
+
+
+def cmdMigrate(args: argparse.Namespace) -> int:
+    from popserv.migrate import migrate, openStores, openTarget
+
+    config = configFrom(args)
+    try:
+        if "://" in args.source:
+            source = popSource(args)
+            return migrate(source, openTarget(config, args.target), args.users)
+        stores = openStores(config, args.source, args.target)
     except ConfigError as e:
         raise AdminError(str(e), EX_USAGE) from None
     return migrate(*stores, args.users)

@@ -31,6 +31,7 @@ class MaildirKind:
             MailLocation.parse(args, context.baseDir),
             runInThread=context.runInThread,
             createMissing=context.createMissing,
+            uidlSource=context.uidlSource,
         )
 
 

@@ -4,7 +4,10 @@ in memory about a maildrop between listings (L{MaildropCache}).
 
 Format: the line C{popserv-index 1}, then one line per message,
 C{BASE<TAB>SIZE}: the base name (a delivered Maildir file never changes, so
-its size never does) and the exact CRLF size. A missing or damaged file is
+its size never does) and the exact CRLF size; with a third field C{U=UIDL}
+for a message whose UIDL was carried over from another server (C{U=} alone:
+it was looked for and none taken; see L{popserv.backends.maildir.foreign}).
+A missing or damaged file is
 rebuilt by counting; it is written atomically (a reader sees the old file or
 the new one, never a mix) and shared by every process serving the maildrop.
 """
@@ -13,10 +16,14 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from popserv.interfaces import MessageInfo
+
+if TYPE_CHECKING:
+    from popserv.backends.maildir.foreign import UIDLSource
 
 __all__ = ["MaildropCache", "INDEX_FILE"]
 
@@ -40,6 +47,10 @@ class MaildropCache:
         self.sizes: dict[str, int] = {}
         self.loaded = False
         self.listing: tuple[tuple[int, ...], tuple[MessageInfo, ...]] | None = None
+        #: Carried-over UIDLs by base name ("": none; see L{popserv.backends.maildir.foreign}).
+        self.uids: dict[str, str] = {}
+        #: Where UIDLs come from at first listing: None for native.
+        self.source: UIDLSource | None = None
 
     def load(self) -> None:
         """Read the index file; a missing or damaged one is simply rebuilt."""
@@ -51,15 +62,24 @@ class MaildropCache:
                 if f.readline() != _INDEX_HEADER:
                     return
                 sizes = {}
+                uids: dict[str, str] = {}
                 for line in f:
                     base, sep, size = line.rstrip("\n").rpartition("\t")
                     if not sep or not (size.isascii() and size.isdigit()):
-                        return  # damaged: ignore it all
+                        if size[:2] != "U=" or not sep:
+                            return  # damaged: ignore it all
+                        uids[base.rpartition("\t")[0]] = size[2:]
+                        base, sep, size = base.rpartition("\t")
+                        if not sep or not (size.isascii() and size.isdigit()):
+                            return
                     sizes[base] = int(size)
         except (OSError, ValueError):
             return
         sizes.update(self.sizes)
         self.sizes = sizes
+        if uids:
+            uids.update(self.uids)
+            self.uids = uids
 
     def save(self, live: set[str] | None) -> None:
         """
@@ -70,11 +90,26 @@ class MaildropCache:
         """
         if live is not None:
             self.sizes = {base: size for base, size in self.sizes.items() if base in live}
+            if self.uids:
+                self.uids = {base: uid for base, uid in self.uids.items() if base in live}
         temporary = os.path.join(self.path, f"{INDEX_FILE}.{os.getpid()}.{threading.get_ident()}")
         try:
             with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(_INDEX_HEADER)
-                f.write("".join([f"{base}\t{size}\n" for base, size in self.sizes.items()]))
+                if self.uids:
+                    uids = self.uids
+                    f.write(
+                        "".join(
+                            [
+                                f"{base}\t{size}\n"
+                                if (uid := uids.get(base)) is None
+                                else f"{base}\t{size}\tU={uid}\n"
+                                for base, size in self.sizes.items()
+                            ]
+                        )
+                    )
+                else:
+                    f.write("".join([f"{base}\t{size}\n" for base, size in self.sizes.items()]))
             os.replace(temporary, os.path.join(self.path, INDEX_FILE))
         except OSError as e:
             _log.warn(

@@ -127,6 +127,8 @@ def listed(
     sizes = cache.sizes
     found, more, indexed, width = collect(path, sizes, entries, set())
     counted += more
+    if cache.source is not None or cache.uids:
+        counted += _carryOver(path, cache, found, set())
     if width:
         # Every name starts with a number of the same width (the delivery
         # time, as Maildir names do): the names alone sort the same, and
@@ -160,8 +162,11 @@ def relisted(
     kept = [info for info in previous if info.key in present]
     fresh = [entry for entry in entries if entry.path not in known]
     sizes = cache.sizes
-    found, counted, _, _ = collect(path, sizes, fresh, {info.uid for info in kept})
+    taken = {info.uid for info in kept}
+    found, counted, _, _ = collect(path, sizes, fresh, taken)
     found.sort()
+    if found and (cache.source is not None or cache.uids):
+        counted += _carryOver(path, cache, found, taken)
     if found and kept:
         last = kept[-1]
         first = found[0]
@@ -231,6 +236,22 @@ def collect(
             indexed += 1
         found.append((order, unique, uid, size, entry.path))
     return found, counted, indexed, width
+
+
+def _carryOver(path: str, cache: MaildropCache, found: list[Found], taken: set[str]) -> int:
+    """
+    Carried-over UIDLs (see L{popserv.backends.maildir.foreign}): only when
+    a source is set or some were recorded, so a native listing pays nothing.
+    Returns how many were recorded now (the index is then to be saved).
+    """
+    from popserv.backends.maildir.foreign import UIDLSource, carryOver
+
+    found.sort()  # the foreign sources number messages in delivery order
+    recorded = carryOver(cache.source or UIDLSource(), path, found, cache.uids, taken)
+    if recorded:
+        for entry in found:  # an index line needs the size
+            cache.sizes.setdefault(baseName(entry[PATH]), entry[SIZE])
+    return recorded
 
 
 def _infos(found: list[Found]) -> tuple[MessageInfo, ...]:

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from popserv.backends.locking import SHARED_LOCK_FILE, PerMaildropLocks, SharedLockFile
 from popserv.backends.maildir import scan
 from popserv.backends.maildir.delivery import MaildirDelivery, MaildirWriter, makeMaildir
+from popserv.backends.maildir.foreign import parseSource
 from popserv.backends.maildir.index import MaildropCache
 from popserv.backends.maildir.names import baseName
 from popserv.backends.maildir.walk import maildropUsers
@@ -190,6 +191,8 @@ class MaildirStore:
     @param lockFile: the shared lock file of every maildrop of this store
         (default: C{.popserv-locks} in the mail root); every process serving
         the same maildrops must use the same one.
+    @param uidlSource: C{uidl_source}: UIDLs carried over from the previous
+        server (L{popserv.backends.maildir.foreign}), or C{native}.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class MaildirStore:
         maxCachedMaildrops: int = 1024,
         cacheThreshold: int = 0,
         lockFile: str | None = None,
+        uidlSource: str = "native",
     ) -> None:
         if isinstance(location, str):
             location = MailLocation.parse(location)
@@ -213,6 +217,9 @@ class MaildirStore:
         self.cacheThreshold = cacheThreshold
         self.lockFile = lockFile
         self._locks: SharedLockFile | PerMaildropLocks | None = None
+        #: Where a message's UIDL comes from at first listing (see
+        #: L{popserv.backends.maildir.foreign}); None: its name (native).
+        self.uidlSource = None if uidlSource == "native" else parseSource(uidlSource)
 
     @property
     def description(self) -> str:
@@ -335,6 +342,7 @@ class MaildirStore:
             cache = self._caches.get(path)
             if cache is None:
                 cache = self._caches[path] = MaildropCache(path)
+                cache.source = self.uidlSource
                 while len(self._caches) > self.maxCachedMaildrops:
                     self._caches.popitem(last=False)
             else:

@@ -1,0 +1,318 @@
+"""
+A live POP3 server as the source of C{popserv migrate}: maildrops read over
+POP3 (UIDL, LIST, RETR) through the part of the store contract a migration
+uses (C{listMaildrops}, C{openMailbox}, C{listMessages}, C{openMessage}).
+
+The source is an RFC 2384 POP URL: C{pop://user;auth=*@host:port}, with
+C{pop3://} as an alias and C{pop3s://} for TLS from the first byte (curl's
+spelling). Over C{pop://}, STLS is used when offered; a password goes in the
+clear only to a loopback address or with C{insecure}. Certificates are
+verified against the system's CAs (or C{caFile}) unless C{insecure}.
+
+It never deletes: the client has no DELE at all, and QUIT removes nothing
+that was not marked. Blocking socket I/O: a command-line tool's, never the
+server's reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import unquote, urlsplit
+
+from popserv.errors import MaildropInUse, PermanentFailure
+from popserv.interfaces import MessageInfo, validUID
+
+__all__ = ["POPURL", "parsePOPURL", "SourceError", "POP3Source", "readCredentials"]
+
+#: The longest line accepted from the server (RFC 2449: 512 octets a response).
+_MAX_LINE = 64 * 1024
+_SCHEMES = {"pop": False, "pop3": False, "pop3s": True}
+
+
+class SourceError(Exception):
+    """The source server answered -ERR, or broke the protocol."""
+
+
+@dataclass(frozen=True)
+class POPURL:
+    """A parsed POP URL: C{user} is None for a URL that names none."""
+
+    host: str
+    port: int
+    tls: bool
+    user: str | None
+    auth: str = "*"
+
+    def __str__(self) -> str:
+        scheme = "pop3s" if self.tls else "pop"
+        who = f"{self.user};auth={self.auth}@" if self.user else ""
+        return f"{scheme}://{who}{self.host}:{self.port}"
+
+
+def parsePOPURL(url: str) -> POPURL:
+    """
+    RFC 2384: C{pop://[user[;auth=MECH]@]host[:port]}; also C{pop3://} and
+    C{pop3s://}. Supported mechanisms: C{*} (USER/PASS, or SASL PLAIN for a
+    master user), C{+USER} and C{PLAIN}.
+
+    @raise ValueError: not such a URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _SCHEMES:
+        raise ValueError(f"{url!r}: not a POP URL (pop://, pop3:// or pop3s://)")
+    tls = _SCHEMES[parts.scheme.lower()]
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a POP URL has no path, query or fragment")
+    netloc = parts.netloc
+    user: str | None = None
+    auth = "*"
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        name, _, params = userinfo.partition(";")
+        if ":" in name:
+            raise ValueError("no passwords in the URL: use --credentials or a prompt")
+        if params:
+            key, _, value = params.partition("=")
+            if key.lower() != "auth" or not value:
+                raise ValueError(f"{url!r}: only ;auth=MECH may follow the user")
+            auth = unquote(value).upper() if value != "*" else "*"
+        user = unquote(name) or None
+    if auth not in ("*", "+USER", "PLAIN"):
+        raise ValueError(f"{url!r}: auth={auth} is not supported (*, +USER or PLAIN)")
+    try:
+        port = parts.port or (995 if tls else 110)
+    except ValueError:
+        raise ValueError(f"{url!r}: a bad port") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{url!r}: no host")
+    return POPURL(host, port, tls, user, auth)
+
+
+def readCredentials(path: str) -> dict[str, str]:
+    """C{user:password} lines (blank lines and C{#} comments skipped)."""
+    found: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            user, sep, password = line.partition(":")
+            if not sep or not user:
+                raise ValueError(f"{path}:{number}: not user:password")
+            found[user] = password
+    return found
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Connection:
+    """One POP3 session: commands, single-line and multi-line responses."""
+
+    def __init__(self, url: POPURL, context: ssl.SSLContext, insecure: bool, timeout: float):
+        self.url = url
+        sock = socket.create_connection((url.host, url.port), timeout=timeout)
+        if url.tls:
+            sock = context.wrap_socket(sock, server_hostname=url.host)
+        self.sock = sock
+        self.file: IO[bytes] = sock.makefile("rb")
+        self.response()  # the greeting
+        if not url.tls:
+            capabilities = self.capabilities()
+            if "STLS" in capabilities:
+                self.command("STLS")
+                self.sock = context.wrap_socket(self.sock, server_hostname=url.host)
+                self.file = self.sock.makefile("rb")
+            elif not (insecure or _loopback(url.host)):
+                self.close()
+                raise PermanentFailure(
+                    f"{url.host} offers no STLS: use pop3s://, or --insecure to send "
+                    "passwords in the clear"
+                )
+
+    def line(self) -> bytes:
+        data = self.file.readline(_MAX_LINE + 1)
+        if not data:
+            raise SourceError("the server closed the connection")
+        if len(data) > _MAX_LINE:
+            raise SourceError("a line too long from the server")
+        if data.endswith(b"\r\n"):
+            return data[:-2]
+        return data[:-1] if data.endswith(b"\n") else data
+
+    def response(self) -> str:
+        line = self.line()
+        if line.startswith(b"+OK"):
+            return line[3:].strip().decode("utf-8", "replace")
+        raise SourceError(line.decode("utf-8", "replace"))
+
+    def command(self, text: str) -> str:
+        self.sock.sendall(text.encode("utf-8") + b"\r\n")
+        return self.response()
+
+    def lines(self) -> list[bytes]:
+        """A multi-line response's lines, unstuffed (small ones: UIDL, LIST, CAPA)."""
+        out = []
+        while (line := self.line()) != b".":
+            out.append(line[1:] if line.startswith(b".") else line)
+        return out
+
+    def capabilities(self) -> set[str]:
+        try:
+            self.command("CAPA")
+        except SourceError:
+            return set()
+        return {line.split(b" ")[0].decode("ascii", "replace").upper() for line in self.lines()}
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"QUIT\r\n")  # removes nothing: nothing was marked
+            self.line()
+        except (OSError, SourceError):
+            pass
+        self.sock.close()
+
+
+class _Reader:
+    """
+    One message, streamed from RETR as it is stored (LF line endings, the
+    stuffing undone), hashing its wire form (CRLF) on the way: C{sha256},
+    C{octets} when done.
+    """
+
+    def __init__(self, connection: _Connection, number: int) -> None:
+        self._connection = connection
+        connection.command(f"RETR {number}")
+        self._done = False
+        self.sha256 = hashlib.sha256()
+        self.octets = 0
+
+    def read(self, size: int) -> bytes:
+        out = []
+        count = 0
+        while not self._done and count < size:
+            line = self._connection.line()
+            if line == b".":
+                self._done = True
+                break
+            if line.startswith(b"."):
+                line = line[1:]
+            wire = line + b"\r\n"
+            self.sha256.update(wire)
+            self.octets += len(wire)
+            out.append(line + b"\n")
+            count += len(line) + 1
+        return b"".join(out)
+
+    def close(self) -> None:
+        while not self._done:  # the rest of the response, so the session goes on
+            self.read(1 << 20)
+
+
+class _Mailbox:
+    def __init__(self, connection: _Connection, received: float) -> None:
+        self._connection = connection
+        self._received = received
+
+    def listMessages(self) -> list[MessageInfo]:
+        """UIDL and LIST; delivery times made up, one second apart, to keep the order."""
+        connection = self._connection
+        connection.command("UIDL")
+        uidls = dict(line.decode("utf-8", "replace").split(" ", 1) for line in connection.lines())
+        connection.command("LIST")
+        sizes = dict(line.decode("ascii", "replace").split(" ")[:2] for line in connection.lines())
+        infos = []
+        seen = set()
+        for number in sorted(sizes, key=int):
+            uid = uidls.get(number, "").strip()
+            if not validUID(uid) or uid in seen:
+                raise PermanentFailure(
+                    f"message {number}: no usable UIDL from the server: {uid!r}"
+                )
+            seen.add(uid)
+            infos.append(MessageInfo(uid, int(sizes[number]), int(number)))
+        start = self._received - len(infos)
+        return [info._replace(received=start + i) for i, info in enumerate(infos)]
+
+    def openMessage(self, info: MessageInfo) -> _Reader:
+        return _Reader(self._connection, info.key)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class POP3Source:
+    """
+    Maildrops on a live POP3 server (see the module's docstring), for
+    L{popserv.migrate.Migration}.
+
+    @param passwords: each user's password (for a URL naming none: every
+        user to migrate), or the master user's through C{master}.
+    @param master: a master user of the source: C{(name, password)}; logs in
+        with SASL PLAIN, the user as the authorization identity.
+    """
+
+    def __init__(
+        self,
+        url: POPURL,
+        passwords: dict[str, str],
+        master: tuple[str, str] | None = None,
+        caFile: str | None = None,
+        insecure: bool = False,
+        timeout: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.passwords = passwords
+        self.master = master
+        self.insecure = insecure
+        self.timeout = timeout
+        self.context = ssl.create_default_context(cafile=caFile)
+        if insecure:
+            self.context.check_hostname = False
+            self.context.verify_mode = ssl.CERT_NONE
+        self.started = time.time()
+
+    @property
+    def description(self) -> str:
+        return str(self.url)
+
+    def listMaildrops(self) -> list[str]:
+        return [self.url.user] if self.url.user else sorted(self.passwords)
+
+    def openMailbox(self, user: str) -> _Mailbox:
+        connection = _Connection(self.url, self.context, self.insecure, self.timeout)
+        try:
+            if self.master is not None:
+                name, password = self.master
+                self._plain(connection, user, name, password)
+            elif self.url.auth == "PLAIN":
+                self._plain(connection, "", user, self.passwords[user])
+            else:
+                connection.command(f"USER {user}")
+                connection.command(f"PASS {self.passwords[user]}")
+        except SourceError as e:
+            connection.close()
+            if "[IN-USE]" in str(e):
+                raise MaildropInUse() from None
+            raise PermanentFailure(f"cannot log in to {self.url.host}: {e}") from None
+        except KeyError:
+            connection.close()
+            raise PermanentFailure(f"no password for {user}") from None
+        return _Mailbox(connection, self.started)
+
+    @staticmethod
+    def _plain(connection: _Connection, authzid: str, authcid: str, password: str) -> None:
+        token = base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode()).decode()
+        connection.command(f"AUTH PLAIN {token}")

@@ -1,0 +1,123 @@
+"""
+`popserv migrate --from pop://...`: maildrops fetched from a live, real Dovecot
+(tests/dovecot.py) over POP3 into a popserv store under their old UIDLs;
+checked, resumable, never deleting on the source. Afterwards a fetchmail that
+kept its mail on Dovecot downloads nothing again from popserv.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from dovecot import MASTER_PASSWORD, PASSWORD
+from test_uidlsource_dovecot import MESSAGES, fetchmail, fill, listing, requireFetchmail
+
+from popserv.popsource import parsePOPURL
+from support import REPO, ServerProcess
+
+
+def migrate(tmp, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "popserv", "migrate", *args],
+        cwd=tmp,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_pop_urls():
+    url = parsePOPURL("pop://erin;auth=*@mail.example:1110")
+    assert (url.host, url.port, url.tls, url.user, url.auth) == (
+        "mail.example",
+        1110,
+        False,
+        "erin",
+        "*",
+    )
+    assert parsePOPURL("pop3s://mail.example").port == 995
+    assert parsePOPURL("pop3://a%40b.example;AUTH=+USER@h").user == "a@b.example"
+    assert parsePOPURL("pop://h").user is None
+    for bad in ("imap://h", "pop://u:pw@h", "pop://u;auth=APOP@h", "pop://h/INBOX", "pop://"):
+        with pytest.raises(ValueError):
+            parsePOPURL(bad)
+
+
+def test_migrate_from_dovecot(dovecot, tmp_path):
+    """
+    One user named in the URL: every message copied with its Dovecot UIDL,
+    verified; a second run copies nothing; Dovecot still has everything; a
+    fetchmail that kept mail on Dovecot finds nothing new on popserv.
+    """
+    requireFetchmail()
+    user = "erin"
+    fill(dovecot, user)
+    before = listing(dovecot.port, user)
+    kept = fetchmail(dovecot.port, user, tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    target = f"maildir:{tmp_path}/mail/%u/Maildir"
+    url = f"pop://{user};auth=*@127.0.0.1:{dovecot.port}"
+
+    first = migrate(tmp_path, "--from", url, "--to", target, "--password-file", str(secret))
+    assert first.returncode == 0, first.stderr
+    assert "3 messages copied" in first.stderr, first.stderr
+    second = migrate(tmp_path, "--from", url, "--to", target, "--password-file", str(secret))
+    assert second.returncode == 0, second.stderr
+    assert "0 messages copied, 3 already there" in second.stderr, second.stderr
+    assert listing(dovecot.port, user) == before  # nothing deleted on the source
+    assert "DELE" not in dovecot.log()
+
+    server = ServerProcess(tmp_path, {user: f"{{PLAIN}}{PASSWORD}"}).start()
+    try:
+        assert listing(server.port, user) == before
+        again = fetchmail(server.port, user, tmp_path)
+        log = again.stdout + again.stderr
+        assert again.returncode == 1, log  # no new mail
+        assert len(list((tmp_path / "out").iterdir())) == len(MESSAGES)
+        # The bodies arrived intact: RETR from popserv gives what Dovecot gave.
+    finally:
+        server.stop()
+
+
+def test_migrate_every_user_with_a_master_user(dovecot, tmp_path):
+    """A URL naming no user, the users from --credentials, logged in as a master user."""
+    for user in ("gina", "hugo"):
+        fill(dovecot, user)
+    expected = {user: listing(dovecot.port, user) for user in ("gina", "hugo")}
+    credentials = tmp_path / "users"
+    credentials.write_text("gina:\nhugo:\n")
+    master = tmp_path / "master"
+    master.write_text(MASTER_PASSWORD + "\n")
+    args = [
+        "--from", f"pop://127.0.0.1:{dovecot.port}",
+        "--to", f"maildir:{tmp_path}/mail/%u/Maildir",
+        "--credentials", str(credentials),
+        "--master-user", "master", "--master-password-file", str(master),
+    ]  # fmt: skip
+    done = migrate(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert "2 maildrops, 6 messages copied" in done.stderr, done.stderr
+    server = ServerProcess(tmp_path, {u: f"{{PLAIN}}{PASSWORD}" for u in expected}).start()
+    try:
+        assert {user: listing(server.port, user) for user in expected} == expected
+    finally:
+        server.stop()
+
+
+def test_wrong_password_is_reported(dovecot, tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("wrong\n")
+    done = migrate(
+        tmp_path,
+        "--from", f"pop://erin@127.0.0.1:{dovecot.port}",
+        "--to", f"maildir:{tmp_path}/mail/%u/Maildir",
+        "--password-file", str(secret),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "cannot log in" in done.stderr, done.stderr
