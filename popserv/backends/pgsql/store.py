@@ -329,7 +329,8 @@ class PgStore:
     # -- IFailedLogins --
 
     def recordFailure(self, address: str, when: float, forget: float) -> Deferred[int]:
-        return self.runInThread(self.database.run, shared.recordFailure, address, when, forget)
+        # Not retried: a statement whose answer was lost may have counted.
+        return self.runInThread(self.database.runOnce, shared.recordFailure, address, when, forget)
 
     def clearFailures(self, address: str) -> Deferred[None]:
         return self.runInThread(self.database.run, shared.clearFailures, address)
