@@ -91,7 +91,7 @@ _HELD_BY = (
 _HOLDS = "SELECT " + _HELD_BY.replace("%(pid)s", "pg_backend_pid()")
 
 #: The removal: the barrier, then the check, then the DELETE, in one
-#: statement and so one transaction (see L{AdvisoryLocks.removeMessages}).
+#: statement and so one transaction (see L{AdvisoryLocks.remove}).
 _REMOVE = (
     "WITH ok AS MATERIALIZED (SELECT CASE WHEN pg_advisory_xact_lock(%(b1)s, %(b2)s) IS NULL"
     " THEN false ELSE " + _HELD_BY + " END AS held),"
