@@ -19,6 +19,7 @@ from twisted.internet import task
 from popserv.admin import main
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import UsernamePassword
+from popserv.backends.pgsql.schema import CURRENT
 from popserv.errors import AccountDisabled, TemporaryFailure, UnknownUser
 from popserv.threads import synchronously
 
@@ -281,3 +282,21 @@ def test_deliver_knows_the_users_in_sql(users, tmp_path):
     out = deliver("nobody")
     assert out.returncode == 67 and b"no user nobody" in out.stderr, out
     assert not (tmp_path / "nobody").exists()
+
+
+def test_check_config_reports_the_users_database(pgdatabase, tmp_path, capsys):
+    """check-config says whether a pgsql passdb's database is reached and its schema."""
+    config = tmp_path / "popserv.conf"
+    mail = f'mail_location = "maildir:{tmp_path}/mail/%u"\ncreate_maildirs = true\n'
+    config.write_text(mail + f'passdb = ["pgsql:{pgdatabase}"]\n')
+    assert main(["check-config", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "passdb pgsql:" in out and "schema version 0" in out and "popserv db init" in out
+    assert main(["db", "init", "--passdb", f"pgsql:{pgdatabase}"]) == 0
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert f"database reached, schema version {CURRENT}" in capsys.readouterr().out
+    config.write_text(mail + 'passdb = ["pgsql:postgresql:///x?host=/nonexistent"]\n')
+    assert main(["check-config", "--config", str(config)]) == 1
+    assert "passdb pgsql:" in (out := capsys.readouterr().out)
+    assert "cannot reach the database" in out

@@ -40,7 +40,7 @@ def checkConfig(config: Config) -> list[str]:
     except ConfigError as e:
         problems.append(str(e))
     else:
-        problems += _storeProblems(store)
+        problems += _statusProblems("mail_location", store)
         from popserv.backends.maildir.foreign import storeNote
 
         note = storeNote(store)
@@ -52,40 +52,25 @@ def checkConfig(config: Config) -> list[str]:
         except ConfigError as e:
             problems.append(str(e))
         else:
-            problems += _sourceProblems(checker)
+            for source in getattr(checker, "sources", (checker,)):
+                problems += _statusProblems(f"passdb {source!r}", source)
     if config.passwd:
         problems += _passwdProblems(config)
     return problems + _tlsProblems(config)
 
 
-def _storeProblems(store: Any) -> list[str]:
-    """A store that can say how it is (a database: reached, its schema) says it."""
-    status = getattr(store, "status", None)
-    if status is None:
-        return []
+def _statusProblems(label: str, part: Any) -> list[str]:
+    """A store or auth source that can say how it is (a database: reached,
+    its schema) says it; either way it is closed."""
+    status = getattr(part, "status", None)
     try:
-        print(f"mail_location: {status()}")
+        if status is not None:
+            print(f"{label}: {status()}")
         return []
     except Exception as e:
-        return [f"mail_location: {e.args[0] if e.args else e!r}"]
+        return [f"{label}: {e.args[0] if e.args else e!r}"]
     finally:
-        getattr(store, "close", lambda: None)()
-
-
-def _sourceProblems(checker: Any) -> list[str]:
-    """Sources that can say whether they are reachable (a directory: C{status()}) say it."""
-    problems: list[str] = []
-    for source in getattr(checker, "sources", (checker,)):
-        status = getattr(source, "status", None)
-        if status is None:
-            continue
-        try:
-            print(f"passdb: {status()}")
-        except Exception as e:
-            problems.append(f"passdb {source!r}: {e}")
-        finally:
-            getattr(source, "close", lambda: None)()
-    return problems
+        getattr(part, "close", lambda: None)()
 
 
 def _passwdProblems(config: Config) -> list[str]:

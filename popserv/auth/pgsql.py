@@ -376,6 +376,42 @@ class PgPassdb:
     def overriddenSettings(self) -> frozenset[str]:
         return self._overridden
 
+    def status(self) -> str:
+        """
+        One line for C{popserv check-config} (blocking): the database
+        reached and, for popserv's own table, its schema version; for an
+        operator's query, that it runs and returns a password column.
+
+        @raise TemporaryFailure: the database cannot be reached.
+        @raise ValueError: the schema is missing or old, or the query fails.
+        """
+        import psycopg
+
+        from popserv.backends.pgsql.schema import CURRENT, schemaVersion
+
+        try:  # a connection of its own: an answer at once, not after the pool's timeout
+            conn = self.database.connect(autocommit=True)
+        except TemporaryFailure as e:
+            reason = str(e.__cause__).strip()
+            raise TemporaryFailure(f"cannot reach the database: {reason}") from None
+        with conn:
+            version = schemaVersion(conn)
+            if self.query == DEFAULT_QUERY:
+                if version < CURRENT:
+                    raise ValueError(
+                        f"database reached, schema version {version} but {CURRENT} is"
+                        " needed: run popserv db init|upgrade"
+                    )
+                return f"database reached, schema version {version}"
+            try:
+                cursor = conn.execute(self.query, {"user": ""})
+            except psycopg.Error as e:
+                raise ValueError(f"database reached, the password query fails: {e}") from None
+            columns = {_column(c.name) for c in cursor.description or ()}
+            if "password" not in columns:
+                raise ValueError("database reached, the password query returns no password")
+            return "database reached, the password query runs"
+
     def close(self) -> None:
         self.database.close()
 

@@ -10,7 +10,9 @@ itself when the database is back. Connections broken by a restart are
 found when next used: the pool is then checked and the work retried once on
 a fresh connection (every piece of work here is one statement or one
 transaction, so a retry after a failure repeats nothing that was committed,
-except a removal or an upsert, which are idempotent).
+except a removal or an upsert, which are idempotent). Work that is not
+(counting a failed login) is run with C{retry=False}: the statement may have
+run before the connection broke, and running it again would count twice.
 
 The URI is passed to libpq untouched; TCP keepalives and a connect timeout
 are added only where it says nothing of them.
@@ -107,11 +109,16 @@ class Database:
         except psycopg.Error as e:
             raise self.failure(e) from e
 
-    def run(self, work: Callable[..., T], *args: Any, transaction: bool = False) -> T:
+    def run(
+        self, work: Callable[..., T], *args: Any, transaction: bool = False, retry: bool = True
+    ) -> T:
         """
         C{work(connection, *args)} on a pooled connection (call from a
         thread): each statement on its own, or, if C{transaction}, all in one
         transaction. Unreachable: L{TemporaryFailure}.
+
+        @param retry: run C{work} once more on a fresh connection when the
+            one it ran on broke (false for work that must not run twice).
         """
         import psycopg
 
@@ -129,13 +136,18 @@ class Database:
                             # others be. Check them all, then try once more.
                             conn.close()
                             self.pool.check()
-                            continue
+                            if retry:
+                                continue
                         raise
             except Exception as e:
                 if unreachable(e):
                     raise self.failure(e) from e
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def runOnce(self, work: Callable[..., T], *args: Any) -> T:
+        """L{run} without the retry: for work that must not run twice."""
+        return self.run(work, *args, retry=False)
 
     def getconn(self) -> Any:
         """

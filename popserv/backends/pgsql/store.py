@@ -217,16 +217,10 @@ class PgMailbox:
         return self._store.runInThread(self._removeLocked, ids)
 
     def _removeLocked(self, ids: list[int]) -> list[MessageInfo]:
-        # Only while this process holds the lock: a lost lock connection
-        # frees it, and another node may be serving the maildrop now.
-        self._store.locks.check(self.user)
-        return self._store.database.run(self._remove, ids)
-
-    def _remove(self, conn: Any, ids: list[int]) -> list[MessageInfo]:
-        # One transaction: all of them or, if the node dies first, none.
-        conn.execute(
-            "DELETE FROM messages WHERE maildrop = %s AND id = ANY(%s)", (self.maildrop, ids)
-        )
+        # Only while this process holds the lock, checked in the DELETE's
+        # own transaction: a lost lock connection frees it, and another
+        # node may be serving the maildrop now.
+        self._store.locks.remove(self.user, self.maildrop, ids)
         return []
 
     def close(self) -> Deferred[None] | None:
@@ -335,7 +329,8 @@ class PgStore:
     # -- IFailedLogins --
 
     def recordFailure(self, address: str, when: float, forget: float) -> Deferred[int]:
-        return self.runInThread(self.database.run, shared.recordFailure, address, when, forget)
+        # Not retried: a statement whose answer was lost may have counted.
+        return self.runInThread(self.database.runOnce, shared.recordFailure, address, when, forget)
 
     def clearFailures(self, address: str) -> Deferred[None]:
         return self.runInThread(self.database.run, shared.clearFailures, address)
