@@ -68,7 +68,7 @@ def _statusProblems(label: str, part: Any) -> list[str]:
             print(f"{label}: {status()}")
         return []
     except Exception as e:
-        return [f"{label}: {e.args[0] if e.args else e!r}"]
+        return [f"{label}: {str(e) or repr(e)}"]
     finally:
         getattr(part, "close", lambda: None)()
 
