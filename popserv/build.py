@@ -41,7 +41,7 @@ def makeStore(config: Config, runInThread: Any, createMissing: bool | None = Non
 
 
 def makeChecker(
-    config: Config, reactor: Any, runInThread: Any, saltKey: bytes | None = None
+    config: Config, reactor: Any, runInThread: Any, saltKey: Any = None
 ) -> ICredentialsChecker:
     """
     The checker of C{config}'s auth sources, each made by its kind's plugin;

@@ -122,7 +122,9 @@ class SourceContext:
     @ivar cache: remembers successful slow-hash checks (a
         L{popserv.auth.cache.VerificationCache}), or None.
     @ivar saltKey: the key SCRAM salts derive from (shared by every process
-        serving the same mail), or None for a per-process one.
+        serving the same mail): bytes, or a
+        L{popserv.auth.scramkeys.LateKey} still to be fetched (pass it to
+        C{stableSalt} as it is); None for a per-process one.
     """
 
     baseDir: str
@@ -131,7 +133,7 @@ class SourceContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     masterUsers: frozenset[str] = frozenset()
     cache: Any = None
-    saltKey: bytes | None = None
+    saltKey: Any = None
 
 
 #: The plugins found, by interface: looked for once per process.

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.auth.realm import MailboxRealm
-from popserv.auth.scramkeys import SCRAM_KEY_FILE, loadKeyFile, saltKeyForRoot
+from popserv.auth.scramkeys import SCRAM_KEY_FILE, LateKey, loadKeyFile, saltKeyForRoot
 from popserv.build import makeChecker, makeStore, makeTokenValidator
 from popserv.config import Config, ConfigError
 from popserv.errors import TemporaryFailure
@@ -76,7 +76,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     if portal is None:
         config.validated()
         store = makeStore(config, run)
-        saltKey = _saltKey(store)
+        saltKey = _saltKey(store, run, reactor)
         checker = makeChecker(config, reactor, run, saltKey)
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
         memory = store if ILoginMemory.providedBy(store) else None
@@ -158,11 +158,12 @@ def freezeStartupObjects() -> None:
 SCRAM_SALT_KEY = "scram-salt"
 
 
-def _saltKey(store: IMailStore) -> bytes | None:
+def _saltKey(store: IMailStore, runInThread: Any, clock: Any) -> bytes | LateKey | None:
     """
     The SCRAM salt key every process serving C{store} shares: kept beside a
     Maildir store's maildrops, or in a store that keeps shared keys (pgsql);
-    other stores get this process's own key.
+    other stores get this process's own key. A shared key that cannot be
+    fetched now (the database is down) is a L{LateKey}, fetched later.
     """
     location = getattr(store, "location", None)
     if isinstance(location, MailLocation):
@@ -170,14 +171,20 @@ def _saltKey(store: IMailStore) -> bytes | None:
     if ISharedKeys.providedBy(store):
         try:
             return store.sharedKey(SCRAM_SALT_KEY)
-        except Exception as e:  # down, or a schema to upgrade: say what it costs
-            why = "the database is unreachable" if isinstance(e, TemporaryFailure) else str(e)
+        except TemporaryFailure:
+            _log.warn(
+                "{store} cannot give the shared key for SCRAM's made-up salts (the "
+                "database is unreachable): SCRAM logins get [SYS/TEMP] until it is fetched",
+                store=getattr(store, "description", store),
+            )
+            return LateKey(lambda: store.sharedKey(SCRAM_SALT_KEY), runInThread, clock)
+        except Exception as e:  # a schema to upgrade: say what it costs
             _log.warn(
                 "{store} cannot give the shared key for SCRAM's made-up salts ({why}): "
                 "this process uses its own, so with several nodes they tell unknown "
                 "users from real ones",
                 store=getattr(store, "description", store),
-                why=why.strip(),
+                why=str(e).strip(),
             )
             return None
     _log.info(

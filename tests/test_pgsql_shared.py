@@ -129,3 +129,44 @@ def test_server_shares_penalty_and_salt_key_and_closes_the_store(pgdatabase, tmp
     store.runInThread = synchronously
     PopservService(factory, Clock())._closeStore(None)
     assert store.database.pool.closed
+
+
+def test_a_node_started_with_the_database_down_fetches_the_salt_key_later(
+    pgdatabase, tmp_path, postgresql
+):
+    """
+    No per-process key for good: until the shared key is fetched, SCRAM's salts fail
+    with [SYS/TEMP], and the first use once the database is back fetches it.
+    """
+    from popserv.auth.scramkeys import LateKey
+    from popserv.config import Config
+    from popserv.errors import TemporaryFailure
+    from popserv.service import SCRAM_SALT_KEY, makeFactory
+    from popserv.threads import synchronously
+
+    initialized(pgdatabase)
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    config = Config(passwd=str(tmp_path / "passwd"), mail_location=f"pgsql:{pgdatabase}")
+    clock = Clock()
+    postgresql.stop()
+    try:
+        factory = makeFactory(config, clock)
+        scram = factory.mechanisms["SCRAM-SHA-256"]
+        key = scram.saltKey
+        assert isinstance(key, LateKey)
+        key._runInThread = synchronously
+        with pytest.raises(TemporaryFailure):
+            scram.fakeKeys("nobody")
+    finally:
+        postgresql.start()
+    with pytest.raises(TemporaryFailure):
+        scram.fakeKeys("nobody")  # the last try was under a second ago
+    clock.advance(1.5)
+    fake = scram.fakeKeys("nobody")
+    other = makeStore(pgdatabase)
+    try:
+        assert key.value == other.sharedKey(SCRAM_SALT_KEY)
+    finally:
+        other.close()
+    assert scram.fakeKeys("nobody") == fake
+    factory.portal.realm.store.close()

@@ -22,7 +22,9 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -41,6 +43,8 @@ __all__ = [
     "formatScramSecret",
     "loadKeyFile",
     "saltKeyForRoot",
+    "LateKey",
+    "keyBytes",
 ]
 
 _log = Logger()
@@ -87,14 +91,79 @@ class ISecretSource(Interface):
         """The SCRAM keys of C{user} for C{mechanism} (e.g. SCRAM-SHA-256), or None."""
 
 
-def stableSalt(saltKey: bytes, mechanism: str, user: str) -> bytes:
+class LateKey:
+    """
+    A shared salt key that could not be fetched yet (its database was down
+    when the server started). Until it is, whatever needs it fails with
+    L{TemporaryFailure} (C{[SYS/TEMP]}), and each such call, at most one a
+    C{retry} seconds, fetches it again in a thread: a node never settles on
+    a key of its own that the other nodes do not share.
+
+    @param fetch: gets the key (blocking; run through C{runInThread}).
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], bytes],
+        runInThread: Callable[..., Deferred[Any]],
+        clock: Any,
+        retry: float = 1.0,
+    ) -> None:
+        self.value: bytes | None = None
+        self._fetch = fetch
+        self._runInThread = runInThread
+        self._clock = clock
+        self._retry = retry
+        self._pending = False
+        self._next = 0.0
+
+    def __repr__(self) -> str:
+        return f"LateKey({'fetched' if self.value is not None else 'pending'})"
+
+    def get(self) -> bytes:
+        """The key; L{TemporaryFailure} while it is not fetched (and a new try)."""
+        if self.value is not None:
+            return self.value
+        self.refresh()
+        if self.value is not None:  # fetched at once (a synchronous fetch)
+            return self.value
+        from popserv.errors import TemporaryFailure
+
+        raise TemporaryFailure()
+
+    def refresh(self) -> None:
+        """Fetch the key in a thread, unless a try is under way or too recent."""
+        now = self._clock.seconds()
+        if self.value is not None or self._pending or now < self._next:
+            return
+        self._pending, self._next = True, now + self._retry
+        d = self._runInThread(self._fetch)
+        d.addCallbacks(self._fetched, self._failed)
+
+    def _fetched(self, value: bytes) -> None:
+        self._pending = False
+        self.value = value
+        _log.info("the shared key for SCRAM's salts is fetched")
+
+    def _failed(self, failure: Any) -> None:
+        self._pending = False
+        _log.debug("the shared key for SCRAM's salts: {error}", error=failure.getErrorMessage())
+
+
+def keyBytes(saltKey: bytes | LateKey) -> bytes:
+    """C{saltKey}'s bytes (L{LateKey.get} for a key still to be fetched)."""
+    return saltKey if isinstance(saltKey, bytes) else saltKey.get()
+
+
+def stableSalt(saltKey: bytes | LateKey, mechanism: str, user: str) -> bytes:
     """
     A salt for C{user} that is the same wherever C{saltKey} is: for keys
     derived from a plaintext password, and for the made-up keys of unknown
     users, so the two look alike. C{mechanism} is the base name (no
     C{-PLUS}), as a stored secret serves both variants.
     """
-    return hmac.new(saltKey, f"salt\0{mechanism}\0{user}".encode(), hashlib.sha256).digest()[:16]
+    key = keyBytes(saltKey)
+    return hmac.new(key, f"salt\0{mechanism}\0{user}".encode(), hashlib.sha256).digest()[:16]
 
 
 def deriveScramKeys(
@@ -115,13 +184,13 @@ def deriveScramKeys(
     return ScramKeys(salt, stored, server, iterations)
 
 
-def fakeScramKeys(saltKey: bytes, mechanism: str, user: str) -> ScramKeys:
+def fakeScramKeys(saltKey: bytes | LateKey, mechanism: str, user: str) -> ScramKeys:
     """
     Made-up keys for an unknown C{user}: nothing can match them, and their
     salt and iteration count look like a plaintext user's (L{stableSalt}).
     """
     digest = _DIGESTS[mechanism]
-    seed = hmac.new(saltKey, f"{mechanism}\0{user}".encode(), digest).digest()
+    seed = hmac.new(keyBytes(saltKey), f"{mechanism}\0{user}".encode(), digest).digest()
     return ScramKeys(stableSalt(saltKey, mechanism, user), seed, seed, ITERATIONS)
 
 

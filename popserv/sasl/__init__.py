@@ -7,6 +7,7 @@ credentials that the protocol hands to the same C{Portal} as USER/PASS.
 
 from typing import Any
 
+from popserv.auth.scramkeys import LateKey
 from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
@@ -67,7 +68,7 @@ ALL_MECHANISMS: tuple[ISASLMechanism, ...] = (
 
 
 def mechanismsByName(
-    names: list[str] | None = None, saltKey: bytes | None = None, tokens: Any = None
+    names: list[str] | None = None, saltKey: bytes | LateKey | None = None, tokens: Any = None
 ) -> dict[str, ISASLMechanism]:
     """
     The mechanisms named (all if None), by upper-case name; ValueError if unknown.

@@ -19,7 +19,13 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from popserv.auth.credentials import Impersonation, VerifiedCredentials
-from popserv.auth.scramkeys import ITERATIONS, PROCESS_SALT_KEY, fakeScramKeys, stableSalt
+from popserv.auth.scramkeys import (
+    ITERATIONS,
+    PROCESS_SALT_KEY,
+    LateKey,
+    fakeScramKeys,
+    stableSalt,
+)
 from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
@@ -153,7 +159,7 @@ class _Scram:
     plus = False
     plaintext = False
 
-    def __init__(self, saltKey: bytes | None = None) -> None:
+    def __init__(self, saltKey: bytes | LateKey | None = None) -> None:
         """
         @param saltKey: the key unknown users' salts derive from (see
             L{popserv.auth.scramkeys}); the same in every process that answers.
