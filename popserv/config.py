@@ -558,10 +558,6 @@ class Config:
             raise ConfigError("passwd: a passwd-file (or a --passdb) is required")
         if not self.mail_location:
             raise ConfigError("mail_location: required, e.g. maildir:/var/mail/%d/%n/Maildir")
-        if bool(self.proxy_master_user) != bool(self.proxy_master_password_file):
-            raise ConfigError(
-                "proxy_master_user: needs proxy_master_password_file, and the reverse"
-            )
         self._checkPlugins()
         return self
 

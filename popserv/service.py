@@ -146,6 +146,8 @@ def _proxied(config: Config, reactor: Any, local: MailboxRealm, source: Any) -> 
     from popserv.proxy.realm import ProxyRealm, Router
 
     password = None
+    if bool(config.proxy_master_user) != bool(config.proxy_master_password_file):
+        raise ConfigError("proxy_master_user: needs proxy_master_password_file, and the reverse")
     if config.proxy_master_password_file:
         try:
             with open(config.path(config.proxy_master_password_file), "rb") as f:
