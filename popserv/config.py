@@ -437,7 +437,7 @@ class Config:
         DEFAULT_LOGOUT_FORMAT,
         "The line logged when a session ends, a Python format string over: user ip port "
         "tls mechanism reason duration retr retr_bytes top top_bytes dele removed left "
-        "bytes_out commands bad_commands.",
+        "bytes_out commands bad_commands backend_host.",
         STR,
         check=_checkFormat,
     )
