@@ -116,6 +116,9 @@ class BackendLogin(Protocol):
     # -- connection events -----------------------------------------------------
 
     def connectionMade(self) -> None:
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # Short commands, each awaited: Nagle would hold them for a delayed ACK.
+            self.transport.setTcpNoDelay(True)
         if self.header:
             self.transport.write(self.header)
         if self.tlsMode == IMPLICIT_TLS:

@@ -10,11 +10,17 @@ answer is final (L{BackendRefused}).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,18 +47,19 @@ class BackendConnector:
     @param tlsOptions: C{tlsOptions(host, verify)}: the client TLS options
         for a backend (verified against the proxy's CA unless C{verify} is false).
     @param endpointFor: C{endpointFor(reactor, host, port, timeout)}: a
-        client endpoint (C{HostnameEndpoint} by default).
+        client endpoint (by default TCP for an IP address, C{HostnameEndpoint}
+        for a name).
     """
 
     def __init__(
         self,
         reactor: Any,
         tlsOptions: Callable[[str, bool], Any],
-        endpointFor: Callable[..., Any] = HostnameEndpoint,
+        endpointFor: Callable[..., Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.tlsOptions = tlsOptions
-        self.endpointFor = endpointFor
+        self.endpointFor = endpointFor or _endpointFor
 
     def login(
         self,
@@ -115,6 +122,16 @@ class BackendConnector:
             return Failure(BackendUnavailable())
 
         return connecting.addCallbacks(loggedIn, failed)
+
+
+def _endpointFor(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """An IP address is connected to directly; a name through C{HostnameEndpoint}."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+    return kind(reactor, host, port, timeout=timeout)
 
 
 def _withAuth(login: LoginAs, auth: str) -> LoginAs:
