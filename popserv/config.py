@@ -145,6 +145,13 @@ def _checkNetworks(networks: tuple[str, ...]) -> None:
             raise ValueError(f"{network!r} is not a network") from None
 
 
+def _checkPopURLs(urls: tuple[str, ...]) -> None:
+    from popserv.popurl import parsePopURL
+
+    for url in urls:
+        parsePopURL(url)
+
+
 def _checkFormat(template: str) -> None:
     validateFormat(template)
 
@@ -513,7 +520,7 @@ class Config:
         DEFAULT_LOGOUT_FORMAT,
         "The line logged when a session ends, a Python format string over: user ip port "
         "tls mechanism reason duration retr retr_bytes top top_bytes dele removed left "
-        "bytes_out commands bad_commands.",
+        "bytes_out commands bad_commands backend_host.",
         STR,
         check=_checkFormat,
     )
@@ -554,6 +561,50 @@ class Config:
         "remembered, so frequent polling costs no hashing; 0 checks every login.",
         INT,
         check=_atLeast(0),
+    )
+    proxy_backend: tuple[str, ...] = setting(
+        (),
+        "Proxy mode: relay users to this backend POP3 server, an RFC 2384 POP URL "
+        "(pop://;AUTH=*@mail2.example.org:110, pop://;STLS@host, pop3s://host:995); repeat "
+        "for a list tried in order. Every user without proxy=n or a host= of their own goes "
+        "there; without it only users with proxy=y are proxied.",
+        LIST,
+        check=_checkPopURLs,
+        metavar="URL",
+    )
+    proxy_ca: str | None = setting(
+        None,
+        "Proxy mode: verify the backends' TLS certificates against these CA certificates "
+        "(PEM); default: the system's.",
+        STR,
+        metavar="FILE",
+    )
+    proxy_master_user: str | None = setting(
+        None,
+        "Proxy mode: log in to backends as this master user (SASL PLAIN with the user as "
+        "authorization id) rather than with the user's own password, so that every "
+        "mechanism works at the front.",
+        STR,
+        metavar="NAME",
+    )
+    proxy_master_password_file: str | None = setting(
+        None,
+        "Proxy mode: the file holding the master user's password (its first line).",
+        STR,
+        metavar="FILE",
+    )
+    proxy_timeout: int = setting(
+        30,
+        "Proxy mode: seconds to reach and log in to a backend, the whole list (a user's "
+        "proxy_timeout= overrides it).",
+        INT,
+        check=_atLeast(1),
+    )
+    proxy_send_proxy: bool = setting(
+        False,
+        "Proxy mode: send backends a PROXY v2 header with the client's address (for a "
+        "backend listening with haproxy: and trusting this proxy).",
+        BOOL,
     )
     plugin_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     base_dir: str = field(default_factory=os.getcwd, compare=False)

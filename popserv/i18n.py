@@ -104,6 +104,12 @@ RUSSIAN = Language(
         "Mailbox is locked by another session": "Ящик занят другим сеансом",
         "Temporary server failure, try again later": "Временный сбой сервера, повторите позже",
         "Permanent server failure": "Постоянный сбой сервера",
+        "Mail server temporarily unavailable, try again later": (
+            "Почтовый сервер временно недоступен, повторите позже"
+        ),
+        "This account is on another server: log in with USER/PASS or SASL PLAIN": (
+            "Этот ящик на другом сервере: войдите с USER/PASS или SASL PLAIN"
+        ),
         "Internal server error": "Внутренняя ошибка сервера",
         "Invalid user name": "Недопустимое имя пользователя",
         "Message was removed from the maildrop by another program": "Сообщение удалено из ящика другой программой",

@@ -28,6 +28,8 @@ __all__ = [
     "IFailedLogins",
     "ISharedKeys",
     "IUserDirectory",
+    "IRelayedSession",
+    "LoginMind",
     "validUID",
     "InvalidUID",
     "UIDConflict",
@@ -138,6 +140,37 @@ class IMailbox(Interface):
 
     def close() -> None | Deferred[None]:
         """Release the maildrop lock. Called exactly once per opened mailbox."""
+
+
+class LoginMind(NamedTuple):
+    """
+    What a realm may know of a login besides the user's name (the C{mind}
+    of C{Portal.login}): the credentials as the client gave them (a proxy
+    forwards a password) and the client's transport (its addresses).
+    """
+
+    credentials: Any
+    transport: Any
+
+
+class IRelayedSession(Interface):
+    """
+    The avatar of a user whose session is relayed to another server (the
+    proxy mode): a realm hands it out in place of an L{IMailbox}, already
+    logged in there.
+    """
+
+    greeting = Attribute("The other server's +OK answer to the login, CRLF included (bytes).")
+    backendName = Attribute("The other server, as the logout line names it (str).")
+
+    def start(transport: Any, leftover: bytes, stats: Any, activity: Any) -> Any:
+        """
+        Relay between the client's C{transport} and the other server from
+        now on. C{leftover}: what the client sent after its login command;
+        C{stats.bytes_out} counts what the client is sent; C{activity()} is
+        called on traffic (the idle timer). Return the callable the client's
+        further bytes are to be given to.
+        """
 
 
 class IMailStore(Interface):

@@ -34,7 +34,7 @@ from popserv.errors import (
     PlaintextRefused,
     POP3Error,
 )
-from popserv.interfaces import IMailbox, MessageInfo
+from popserv.interfaces import IMailbox, IRelayedSession, LoginMind, MessageInfo
 from popserv.pipeline import CommandPipeline
 from popserv.policy import UserSettings
 from popserv.sasl import Challenge, ISASLMechanism, SASLContext
@@ -129,7 +129,9 @@ class Authorization(CommandPipeline):
 
     def _login(self, credentials: Any, mechanism: str) -> Deferred[bytes]:
         started = time.monotonic()
-        d = self.factory.portal.login(credentials, None, IMailbox)
+        d = self.factory.portal.login(
+            credentials, LoginMind(credentials, self.transport), IMailbox
+        )
         d.addCallback(self._loggedIn, credentials.username, mechanism, started)
         d.addErrback(self._loginFailed, credentials.username, mechanism)
         return d
@@ -141,8 +143,10 @@ class Authorization(CommandPipeline):
         mechanism: str,
         started: float,
     ) -> Deferred[bytes] | bytes:
-        _, mailbox, logout = avatar
+        interface, mailbox, logout = avatar
         self._logout = logout
+        if interface is IRelayedSession:
+            return self._relayed(mailbox, getattr(logout, "avatarId", user), mechanism)
         # The auth source's name for the user (a realm of popserv's says it):
         # the maildrop, the settings and the login record go by it.
         user = getattr(logout, "avatarId", user)
@@ -179,6 +183,36 @@ class Authorization(CommandPipeline):
         count, size = self.transaction.stat()
         # No log line here: the session's one line is written when it ends.
         return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
+
+    def _relayed(self, session: Any, user: str, mechanism: str) -> bytes:
+        """
+        The proxy mode: the user was logged in at another server. Its +OK
+        goes to the client, and from now on the session is a byte relay:
+        this protocol parses nothing more and only keeps the idle timer and
+        the logout line (see L{popserv.proxy}).
+        """
+        if not self.lifecycle.connected:
+            self._runLogout()
+            return b""
+        factory = self.factory
+        self.state = State.TRANSACTION
+        self._challenge = self._pendingUser = None
+        self.user = user
+        stats = self.stats
+        stats.loggedIn(user, mechanism)
+        stats.backend_host = session.backendName
+        factory.penalty.succeeded(stats.ip)
+        factory.policy.recordLogin(user)
+        self.setTimeout(factory.timeout)
+        self.transport.write(session.greeting)
+        leftover = bytes(self._inbuf)
+        del self._inbuf[:]
+        if self._readPaused:
+            self._readPaused = False
+            self.transport.resumeProducing()
+        # An instance attribute: the transport's calls go straight to the relay.
+        self.dataReceived = session.start(self.transport, leftover, stats, self.resetTimeout)
+        return b""
 
     def _loginFailed(
         self, failure: Failure, user: str, mechanism: str

@@ -46,6 +46,7 @@ LOGOUT_FIELDS = (
     "bytes_out",
     "commands",
     "bad_commands",
+    "backend_host",
 )
 
 
@@ -70,6 +71,8 @@ class SessionStats:
     bytes_out: int = 0
     commands: int = 0
     bad_commands: int = 0
+    #: The server a proxied session was relayed to (L{popserv.proxy}).
+    backend_host: str = "-"
     perCommand: dict[str, int] | None = None
 
     def command(self, verb: str) -> None:

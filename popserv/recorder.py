@@ -69,6 +69,8 @@ class SessionRecorder(SessionStats):
         """The session is over: write its logout line and fold it into the metrics."""
         self.tls = tls
         fields = self.fields()
+        if self.backend_host != "-" and "{backend_host}" not in logoutFormat:
+            logoutFormat += " backend={backend_host}"  # a proxied session names its backend
         self.logFields(logoutFormat, fields)
         if self.metrics is not None:
             self.metrics.sessionEnded(self, fields["duration"])

@@ -82,7 +82,7 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
         memory = store if ILoginMemory.providedBy(store) else None
         source = checker if IUserSettingsSource.providedBy(checker) else None
         policy = SessionPolicy(reactor, defaults, source, memory=memory)
-        portal = makePortal(checker, store, policy)
+        portal = Portal(_proxied(config, reactor, MailboxRealm(store, policy), source), [checker])
         if config.auth_penalty_shared and IFailedLogins.providedBy(store):
             failures = store
     tls = None
@@ -140,6 +140,39 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     )
     factory.tokens = tokens  # a service: makeService starts it (the JWKS timer)
     return factory
+
+
+def _proxied(config: Config, reactor: Any, local: MailboxRealm, source: Any) -> Any:
+    """The realm, wrapped in the proxy's when users may be proxied (L{popserv.proxy})."""
+    if source is None and not config.proxy_backend:
+        return local
+    from popserv.popurl import parsePopURL
+    from popserv.proxy.connect import BackendConnector, clientTLS
+    from popserv.proxy.realm import ProxyRealm, Router
+
+    password = None
+    if bool(config.proxy_master_user) != bool(config.proxy_master_password_file):
+        raise ConfigError("proxy_master_user: needs proxy_master_password_file, and the reverse")
+    if config.proxy_master_password_file:
+        try:
+            with open(config.path(config.proxy_master_password_file), "rb") as f:
+                password = f.readline().rstrip(b"\r\n")
+        except OSError as e:
+            raise ConfigError(f"proxy_master_password_file: {e}") from None
+    try:
+        tls = clientTLS(config.path(config.proxy_ca))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"proxy_ca: {e}") from None
+    backends = tuple(parsePopURL(url) for url in config.proxy_backend)
+    return ProxyRealm(
+        local,
+        Router(source, backends, config.proxy_timeout),
+        BackendConnector(reactor, tls),
+        local.policy,
+        config.proxy_master_user,
+        password,
+        config.proxy_send_proxy,
+    )
 
 
 def freezeStartupObjects() -> None:

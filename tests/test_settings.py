@@ -112,6 +112,20 @@ SAMPLES: dict[str, tuple[list[str], object, object]] = {
         ["AD.EXAMPLE.ORG=example.org"],
         ("AD.EXAMPLE.ORG=example.org",),
     ),
+    "proxy_backend": (
+        ["--proxy-backend", "pop://;AUTH=*@mail2.example.org:110"],
+        ["pop://;AUTH=*@mail2.example.org:110"],
+        ("pop://;AUTH=*@mail2.example.org:110",),
+    ),
+    "proxy_ca": (["--proxy-ca", "ca.pem"], "ca.pem", "ca.pem"),
+    "proxy_master_user": (["--proxy-master-user", "proxy"], "proxy", "proxy"),
+    "proxy_master_password_file": (
+        ["--proxy-master-password-file", "master.pw"],
+        "master.pw",
+        "master.pw",
+    ),
+    "proxy_timeout": (["--proxy-timeout", "5"], 5, 5),
+    "proxy_send_proxy": (["--proxy-send-proxy"], True, True),
 }
 
 

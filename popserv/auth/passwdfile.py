@@ -5,7 +5,9 @@ Each line is C{user:{SCHEME}secret[:uid:gid:gecos:home:shell:extra]}; blank
 lines and lines starting with C{#} are ignored. Of the further fields only
 the extra fields (space-separated) are read: C{login_delay=N},
 C{expire=N|NEVER}, C{quota_bytes=N}, C{quota_messages=N} (also with
-Dovecot's C{userdb_} prefix) and C{nologin}.
+Dovecot's C{userdb_} prefix), C{nologin}, and the proxy's routing fields
+(C{proxy=y host= port= destuser= proxy_timeout= starttls= ssl=}, see
+L{popserv.proxy.fields}).
 The file is re-read when it changes on disk, so adding a user needs no restart.
 """
 
@@ -37,6 +39,7 @@ from popserv.auth.scramkeys import (
 from popserv.errors import AccountDisabled, UnknownUser
 from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
+from popserv.proxy.fields import routingSetting
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
@@ -74,6 +77,10 @@ def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
             if not (value.isascii() and value.isdigit()):
                 raise ValueError(f"{key} must be a whole number (0: no limit)")
             settings[_QUOTAS[key]] = int(value)
+        else:
+            routed = routingSetting(key, value)
+            if routed is not None:
+                settings[routed[0]] = routed[1]
     return settings, disabled
 
 

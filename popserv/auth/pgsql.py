@@ -58,6 +58,7 @@ from popserv.auth.scramkeys import (
 from popserv.errors import AccountDisabled, TemporaryFailure, UnknownUser
 from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
+from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PgPassdb", "DEFAULT_QUERY", "UserRow", "parseRow"]
@@ -130,6 +131,23 @@ def parseRow(given: str, columns: list[str], values: tuple[Any, ...]) -> UserRow
                 value=value,
                 error=e,
             )
+    for column in ROUTING_FIELDS:
+        value = row.get(column)
+        if value is None or column == "port" and value == "":
+            continue
+        try:
+            routed = routingSetting(column, value)
+        except (TypeError, ValueError) as e:
+            _log.warn(
+                "pgsql passdb: user {user}: bad {column} {value!r} ignored ({error})",
+                user=name,
+                column=column,
+                value=value,
+                error=e,
+            )
+            continue
+        if routed is not None:
+            settings[routed[0]] = routed[1]
     return UserRow(str(name), scheme, secret, settings, bool(row.get("nologin")))
 
 

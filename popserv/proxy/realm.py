@@ -1,0 +1,204 @@
+"""
+The proxy's realm and its routing: which users are proxied, to which
+backends, and the login there, in place of opening a maildrop.
+
+L{ProxyRealm} wraps the server's own realm. For a user its L{Router} routes,
+it logs in to the backend and hands back an L{IRelayedSession} avatar; the
+protocol answers with the backend's C{+OK} and relays from then on. Every
+other user goes to the wrapped realm, unchanged.
+
+LOGIN-DELAY and the failed-login penalty apply here, at the front, only:
+the backends behind a proxy should turn theirs off (Dovecot does the same
+for its proxied backends: C{auth_penalty} is off for logins that come
+from C{login_trusted_networks}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.errors import AuthenticationFailed, POP3Error, ResponseCode, TemporaryFailure
+from popserv.interfaces import IRelayedSession
+from popserv.policy import IUserSettingsSource, SessionPolicy
+from popserv.popurl import IMPLICIT_TLS, PLAIN_TLS, STARTTLS, PopURL
+from popserv.proxy.client import BackendRefused, LoginAs
+from popserv.proxy.connect import BackendConnector
+from popserv.proxy.proxyv2 import proxyHeader
+from popserv.proxy.relay import RelayedSession
+
+__all__ = ["Route", "Router", "ProxyRealm", "BackendAnswer", "DEFAULT_PROXY_TIMEOUT"]
+
+_log = Logger()
+
+#: Seconds to reach and log in to a backend (the whole list), as Dovecot's default.
+DEFAULT_PROXY_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    Where a user's session goes.
+
+    @ivar backends: tried in order.
+    @ivar user: the name to log in as there (C{destuser}).
+    @ivar verify: verify the backends' certificates (C{ssl=any-cert} does not).
+    """
+
+    backends: tuple[PopURL, ...]
+    user: str
+    timeout: float = DEFAULT_PROXY_TIMEOUT
+    verify: bool = True
+
+
+class Router:
+    """
+    Routes users from their settings (L{popserv.proxy.fields}) and a default
+    list of backends.
+
+    A user with C{proxy=y} goes to their own C{host=} or, without one, to the
+    default list; with a default list every user without C{proxy=n} is
+    proxied; without one, only C{proxy=y} users are.
+    """
+
+    def __init__(
+        self,
+        source: IUserSettingsSource | None,
+        backends: tuple[PopURL, ...] = (),
+        timeout: float = DEFAULT_PROXY_TIMEOUT,
+    ) -> None:
+        self.source = source
+        self.backends = backends
+        self.timeout = timeout
+
+    def routeFor(self, user: str) -> Route | None:
+        """The route of C{user}, or None: served here."""
+        fields = self.source.settingsFor(user) if self.source is not None else {}
+        if not fields.get("proxy", bool(self.backends)):
+            return None
+        host = fields.get("proxyHost")
+        verify = "any-cert" not in (fields.get("proxySSL"), fields.get("proxyStartTLS"))
+        if host is not None:
+            implicit = bool(fields.get("proxySSL"))
+            tls = (
+                IMPLICIT_TLS
+                if implicit
+                else STARTTLS
+                if fields.get("proxyStartTLS")
+                else PLAIN_TLS
+            )
+            port = fields.get("proxyPort", 995 if implicit else 110)
+            backends: tuple[PopURL, ...] = (PopURL(host, port, tls),)
+        elif self.backends:
+            backends = self.backends
+        else:
+            _log.warn(
+                "user {user} is to be proxied but has no host= and there is no --proxy-backend",
+                user=user,
+            )
+            raise TemporaryFailure()
+        return Route(
+            backends,
+            fields.get("proxyDestUser", user),
+            fields.get("proxyTimeout", self.timeout),
+            verify,
+        )
+
+
+class BackendAnswer(POP3Error):
+    """A backend's refusal, passed on with its code (C{[IN-USE]}, C{[SYS/TEMP]}...)."""
+
+    def __init__(self, refused: BackendRefused) -> None:
+        text = refused.line[4:].decode("utf-8", "replace").strip()
+        if refused.code is not None:
+            text = text.partition("]")[2].strip()
+        super().__init__(text.replace("{", "{{").replace("}", "}}") or "Login refused")
+        self.code = refused.code  # type: ignore[assignment]
+
+
+@implementer(IRealm)
+class ProxyRealm:
+    """
+    Proxied users get a session at their backend; the others the wrapped realm's avatar.
+
+    @param local: the realm for users served here.
+    @param masterUser: log in to backends as this master user (with
+        C{masterPassword}) rather than with the user's own password.
+    @param sendHeader: send backends a PROXY v2 header with the client's address.
+    """
+
+    def __init__(
+        self,
+        local: Any,
+        router: Router,
+        connector: BackendConnector,
+        policy: SessionPolicy | None = None,
+        masterUser: str | None = None,
+        masterPassword: bytes | None = None,
+        sendHeader: bool = False,
+    ) -> None:
+        self.local = local
+        self.router = router
+        self.connector = connector
+        self.policy = policy
+        self.masterUser = masterUser
+        self.masterPassword = masterPassword
+        self.sendHeader = sendHeader
+
+    @property
+    def store(self) -> Any:
+        """The wrapped realm's store (LMTP and shutdown look for it)."""
+        return getattr(self.local, "store", None)
+
+    def requestAvatar(self, avatarId: str, mind: object, *interfaces: Any) -> Any:
+        route = self.router.routeFor(avatarId)
+        if route is None:
+            return self.local.requestAvatar(avatarId, mind, *interfaces)
+        checked = None if self.policy is None else self.policy.checkLogin(avatarId)
+        if checked is None:
+            d = maybeDeferred(self._connect, route, avatarId, mind)
+        else:
+            d = checked.addCallback(lambda _: self._connect(route, avatarId, mind))
+        return d.addCallback(lambda session: (IRelayedSession, session, session))
+
+    def _connect(self, route: Route, avatarId: str, mind: Any) -> Deferred[RelayedSession]:
+        credentials = getattr(mind, "credentials", None)
+        if self.masterUser is not None:
+            login = LoginAs(route.user, None, self.masterUser, self.masterPassword)
+        elif IUsernamePassword.providedBy(credentials) and hasattr(credentials, "password"):
+            login = LoginAs(route.user, credentials.password)
+        else:
+            raise TemporaryFailure(
+                "This account is on another server: log in with USER/PASS or SASL PLAIN"
+            )
+        header = b""
+        transport = getattr(mind, "transport", None)
+        if self.sendHeader and transport is not None:
+            header = proxyHeader(transport.getPeer(), transport.getHost())
+        d = self.connector.login(route.backends, login, route.timeout, header, route.verify)
+
+        def named(session: RelayedSession) -> RelayedSession:
+            session.avatarId = avatarId
+            return session
+
+        return d.addCallbacks(named, self._refused)
+
+    def _refused(self, failure: Any) -> Any:
+        refused = failure.check(BackendRefused) and failure.value
+        if not refused:
+            return failure
+        _log.info(
+            "backend refused the login: {line}", line=refused.line.decode("utf-8", "replace")
+        )
+        if refused.code == ResponseCode.AUTH:
+            if self.masterUser is not None:
+                # The proxy's master credentials were refused: not the user's fault.
+                raise TemporaryFailure()
+            raise AuthenticationFailed()
+        raise BackendAnswer(refused)

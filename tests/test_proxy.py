@@ -1,0 +1,125 @@
+"""Unit tests of the proxy's parts: POP URLs, routing fields, the PROXY v2 header,
+the backend login client (over StringTransport) and the relay's back-pressure."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.testing import StringTransport
+from twisted.protocols.haproxy._v2parser import V2Parser
+
+from popserv.auth.passwdfile import parsePasswdFile
+from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
+from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
+from popserv.proxy.proxyv2 import proxyHeader
+from popserv.proxy.realm import Router
+from popserv.proxy.relay import RelayedSession
+
+
+def test_pop_urls():
+    assert parsePopURL("pop://;AUTH=*@mail2.example.org:110") == PopURL("mail2.example.org", 110)
+    assert parsePopURL("pop3s://host") == PopURL("host", 995, IMPLICIT_TLS)
+    assert parsePopURL("pop3://u;AUTH=+apop@[::1]:1110") == PopURL(
+        "::1", 1110, auth="+APOP", user="u"
+    )
+    assert parsePopURL("pop://;STLS@h").tls == STARTTLS
+    for bad in ("imap://h", "pop://h/path", "pop://;AUTH=GSSAPI@h", "pop://h:99999", "pop://"):
+        with pytest.raises(ValueError):
+            parsePopURL(bad)
+
+
+def test_passwd_routing_fields_and_router():
+    users = parsePasswdFile(
+        "alice:{PLAIN}x:::::: proxy=y host=10.0.0.5 port=1110 destuser=al starttls=yes\n"
+        "bob:{PLAIN}x:::::: proxy=1 ssl=y host=b proxy_timeout=3\n"
+        "carol:{PLAIN}x\n"
+        "dave:{PLAIN}x:::::: proxy=n\n"
+    )
+
+    class Source:
+        def settingsFor(self, user):
+            return users[user].settings
+
+    router = Router(Source())
+    alice = router.routeFor("alice")
+    assert alice.backends == (PopURL("10.0.0.5", 1110, STARTTLS),) and alice.user == "al"
+    bob = router.routeFor("bob")
+    assert bob.backends == (PopURL("b", 995, IMPLICIT_TLS),) and bob.timeout == 3
+    assert router.routeFor("carol") is None  # absent means no
+    withDefault = Router(Source(), (PopURL("d", 110),))
+    assert withDefault.routeFor("carol").backends == (PopURL("d", 110),)
+    assert withDefault.routeFor("dave") is None
+
+
+def test_proxy_v2_header_parses_back():
+    header = proxyHeader(
+        IPv4Address("TCP", "192.0.2.7", 40000), IPv4Address("TCP", "10.0.0.1", 110)
+    )
+    info = V2Parser.parse(header)
+    assert (info.source.host, info.source.port) == ("192.0.2.7", 40000)
+    assert (info.destination.host, info.destination.port) == ("10.0.0.1", 110)
+    local = V2Parser.parse(proxyHeader(UNIXAddress(b"/s"), UNIXAddress(b"/s")))
+    assert local.source is None
+
+
+def _login(login: LoginAs, tlsMode: str = "none"):
+    protocol = BackendLogin(login, tlsMode, None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    results = []
+    protocol.done.addBoth(results.append)
+    return protocol, transport, results
+
+
+def test_login_prefers_sasl_plain_when_offered():
+    protocol, transport, results = _login(LoginAs("alice", b"pw"))
+    protocol.dataReceived(b"+OK hi\r\n")
+    assert transport.value() == b"CAPA\r\n"
+    transport.clear()
+    protocol.dataReceived(b"+OK\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n")
+    assert transport.value() == b"AUTH PLAIN " + base64.b64encode(b"\0alice\0pw") + b"\r\n"
+    protocol.dataReceived(b"+OK Logged in\r\n")
+    assert results == [b"+OK Logged in"]
+
+
+def test_login_falls_back_to_user_pass_and_passes_refusals():
+    protocol, transport, results = _login(LoginAs("alice", b"pw"))
+    protocol.dataReceived(b"+OK hi\r\n-ERR no CAPA\r\n")
+    assert transport.value() == b"CAPA\r\nUSER alice\r\n"
+    protocol.dataReceived(b"+OK\r\n-ERR [IN-USE] locked\r\n")
+    assert transport.value().endswith(b"PASS pw\r\n")
+    assert results[0].check(BackendRefused) and results[0].value.code == "IN-USE"
+
+
+def test_master_login_uses_authzid_and_bad_greeting_is_a_failure():
+    protocol, transport, results = _login(LoginAs("alice", None, "master", b"mpw"))
+    protocol.dataReceived(b"+OK hi\r\n")
+    expected = base64.b64encode(b"alice\0master\0mpw")
+    assert transport.value() == b"AUTH PLAIN " + expected + b"\r\n"
+    protocol, transport, results = _login(LoginAs("alice", b"pw"))
+    protocol.dataReceived(b"-ERR [SYS/TEMP] busy\r\n")
+    assert results[0].check(BackendFailed)  # another backend may be tried
+
+
+def test_relay_back_pressure_both_ways():
+    protocol, back, results = _login(LoginAs("alice", b"pw"), "none")
+    protocol.dataReceived(b"+OK hi\r\n-ERR\r\n")
+    protocol.dataReceived(b"+OK\r\n+OK in\r\n")
+    session = RelayedSession(protocol, results[0], "b:110", "alice")
+    front = StringTransport()
+
+    class Stats:
+        bytes_out = 0
+
+    stats = Stats()
+    toBackend = session.start(front, b"STAT\r\n", stats, lambda: None)
+    assert back.value().endswith(b"STAT\r\n")
+    assert back.producer is front and front.producer is back
+    protocol.dataReceived(b"+OK 1 5\r\n")
+    toBackend(b"QUIT\r\n")
+    assert front.value() == b"+OK 1 5\r\n" and stats.bytes_out == 9
+    assert back.value().endswith(b"QUIT\r\n")
+    protocol.connectionLost(None)
+    assert front.disconnecting and front.producer is None

@@ -1,0 +1,208 @@
+"""
+The proxy in front of a real Dovecot (Debian's dovecot-pop3d, started by the
+test), with real clients at the front: fetchmail and mpop (USER/PASS,
+forwarded) and curl (SASL PLAIN), in both login modes and with STLS to
+Dovecot verified against --proxy-ca. Skipped without Dovecot on a developer
+machine; a failure in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.dovecotbackend import DovecotServer, available
+from tests.support import ServerProcess, deliver, have, makeTestPKI
+
+MESSAGE = b"Subject: via dovecot\r\n\r\nfrom the backend\r\n"
+
+if not available():
+    if os.environ.get("CI"):
+        raise RuntimeError("dovecot-pop3d is required in CI (see .ci/run)")
+    pytest.skip("dovecot-pop3d is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dovecot")
+    pki = makeTestPKI(tmp / "pki")
+    # pytest's directories are private to root; Dovecot's own user must reach its files.
+    root = Path(tempfile.mkdtemp(prefix="popserv-dovecot-"))
+    root.chmod(0o755)
+    server = DovecotServer(
+        root / "dovecot",
+        {"alice": "secret", "bob": "bobpw"},
+        masters={"proxymaster": "masterpw"},
+        cert=pki["cert"],
+        key=pki["key"],
+    )
+    server.pki = pki
+    deliver(server.maildir("alice"), MESSAGE)
+    deliver(server.maildir("bob"), MESSAGE)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        cmd, cwd=tmp, capture_output=True, timeout=60, env={**os.environ, "HOME": str(tmp)}
+    )
+
+
+@pytest.fixture
+def forwarding(tmp_path, dovecot):
+    """A proxy forwarding USER/PASS and PLAIN to Dovecot over STLS (verified)."""
+    proxy = ServerProcess(
+        tmp_path / "proxy",
+        {
+            "alice": f"{{PLAIN}}secret:::::: proxy=y host=localhost port={dovecot.port} "
+            "starttls=y",
+        },
+        extra=f'proxy_ca = "{dovecot.pki["ca"]}"\n',
+    ).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.mark.skipif(not have("fetchmail"), reason="fetchmail is not installed")
+def test_fetchmail_through_the_proxy_to_dovecot(tmp_path, forwarding, dovecot):
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text('poll 127.0.0.1 user "alice" password "secret"\n')
+    rc.chmod(0o600)
+    out = tmp_path / "out"
+    out.mkdir()
+    mda = f"sh -c 'cat > \"$(mktemp {out}/msg.XXXXXX)\"'"
+    proc = _run(
+        [
+            "fetchmail",
+            "-f",
+            str(rc),
+            "--nosyslog",
+            "--verbose",
+            "--sslproto",
+            "",
+            "--pidfile",
+            str(tmp_path / "fm.pid"),
+            "-i",
+            str(tmp_path / "ids"),
+            "--protocol",
+            "pop3",
+            "--service",
+            str(forwarding.port),
+            "--user",
+            "alice",
+            "--auth",
+            "password",
+            "--norewrite",
+            "--keep",
+            "--timeout",
+            "30",
+            "--mda",
+            mda,
+            "127.0.0.1",
+        ],  # fmt: skip
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [got] = [p.read_bytes() for p in out.iterdir()]
+    assert got.endswith(MESSAGE.replace(b"\r\n", b"\n"))  # after fetchmail's Received:
+    forwarding.waitForLog("user=alice ip=127.0.0.1 tls=no mechanism=USER")
+    assert f"backend=localhost:{dovecot.port}" in forwarding.waitForLog("backend=")
+    assert "Login: user=<alice>, method=PLAIN" in dovecot.logText()
+
+
+@pytest.mark.skipif(not have("mpop"), reason="mpop is not installed")
+def test_mpop_through_the_proxy_to_dovecot(tmp_path, forwarding):
+    conf = tmp_path / "mpoprc"
+    conf.write_text(
+        textwrap.dedent(f"""\
+            defaults
+            timeout 30
+            account alice
+            host 127.0.0.1
+            port {forwarding.port}
+            user alice
+            password secret
+            tls off
+            auth user
+            delivery mbox {tmp_path / "mbox"}
+            keep on
+            uidls_file {tmp_path / "uidls"}
+            """)
+    )
+    conf.chmod(0o600)
+    proc = _run(["mpop", "--debug", "-C", str(conf), "alice"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert b"from the backend" in (tmp_path / "mbox").read_bytes()
+
+
+@pytest.mark.skipif(not have("curl"), reason="curl is not installed")
+def test_curl_sasl_plain_through_the_proxy_to_dovecot(tmp_path, forwarding):
+    proc = _run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--noproxy",
+            "*",
+            "--login-options",
+            "AUTH=PLAIN",
+            f"pop3://alice:secret@127.0.0.1:{forwarding.port}/1",
+        ],  # fmt: skip
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == MESSAGE
+
+
+def test_master_user_mode_to_dovecot(tmp_path, dovecot):
+    """APOP at the front (no password to forward); the proxy logs in as Dovecot's master."""
+    (tmp_path / "master.pw").write_text("masterpw\n")
+    proxy = ServerProcess(
+        tmp_path / "proxy",
+        {"bob": "{PLAIN}frontpw"},
+        extra=(
+            f'proxy_backend = ["pop://;AUTH=PLAIN@127.0.0.1:{dovecot.port}"]\n'
+            'proxy_master_user = "proxymaster"\n'
+            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
+        ),
+    ).start()
+    try:
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.apop("bob", "frontpw")
+        assert client.stat() == (1, len(MESSAGE))
+        assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == MESSAGE
+        client.quit()
+        assert "Login: user=<bob>, method=PLAIN" in dovecot.logText()
+    finally:
+        proxy.stop()
+
+
+def test_wrong_master_password_is_sys_temp(tmp_path, dovecot):
+    (tmp_path / "master.pw").write_text("nope\n")
+    proxy = ServerProcess(
+        tmp_path / "proxy",
+        {"bob": "{PLAIN}frontpw"},
+        extra=(
+            f'proxy_backend = ["pop://127.0.0.1:{dovecot.port}"]\n'
+            'proxy_master_user = "proxymaster"\n'
+            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
+        ),
+    ).start()
+    try:
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.user("bob")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_("frontpw")
+    finally:
+        proxy.stop()
