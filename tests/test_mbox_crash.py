@@ -219,5 +219,3 @@ def test_sigkill_during_update_while_an_mta_appends(tmp_path):
     # Some kills must land in the middle of a rewrite, before and after the rename.
     if KILLS >= 30:
         assert stats["all-kept"] and (stats["all-gone"] + stats["finished"]), stats
-
-
