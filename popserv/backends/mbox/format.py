@@ -93,7 +93,7 @@ class Scanned:
 
 
 def received(line: bytes) -> float | None:
-    """The time in a C{From sender Sat Dec  5 08:41:02 2026} line (local time)."""
+    """The delivery time a C{From } line gives (its C{asctime} date, local time), or None."""
     m = _DATE.search(line)
     if m is None or m.group(1) not in _MONTHS:
         return None

@@ -23,6 +23,7 @@ import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from popserv.backends.mbox.format import Scanned, scan
 
@@ -73,6 +74,8 @@ class Index:
     fmt: str
     tail: str = ""
     entries: list[Entry] = field(default_factory=list)
+    #: The session listing made from it, kept by the store (not stored).
+    listing: tuple[Any, ...] | None = None
 
 
 def indexPath(spool: str) -> str:

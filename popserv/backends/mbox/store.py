@@ -287,11 +287,13 @@ class MboxStore:
 
 
 def _infos(index: Index) -> tuple[MessageInfo, ...]:
-    ino = index.stamp[1]
-    return tuple(
-        MessageInfo(e.uid, e.size, (ino, e.start, e.body, e.end), e.received)
-        for e in index.entries
-    )
+    if index.listing is None:
+        ino = index.stamp[1]
+        index.listing = tuple(
+            MessageInfo(e.uid, e.size, (ino, e.start, e.body, e.end), e.received)
+            for e in index.entries
+        )
+    return index.listing
 
 
 def _files(directory: str, parts: list[str], bound: dict[str, str]) -> Iterator[tuple[str, str]]:
