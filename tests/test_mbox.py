@@ -309,6 +309,26 @@ def test_dotlock_of_a_dead_process_is_stale(tmp_path):
     assert not (tmp_path / "alice.lock").exists()
 
 
+def test_a_rewrite_clears_what_killed_processes_left(tmp_path):
+    """A half-made dotlock of a dead process and a new spool never renamed."""
+    store, path = spool(tmp_path, b"S: 1\n\n", b"S: 2\n\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (tmp_path / f".alice.popserv-lock.{dead}.1").write_text(dead)
+    (tmp_path / f".alice.popserv-lock.{os.getpid()}.1").write_text("live")
+    (tmp_path / ".alice.popserv-new.1").write_bytes(b"half")
+    mailbox = result(store.openMailbox("alice"))
+    infos = result(mailbox.listMessages())
+    assert result(mailbox.removeMessages(infos[:1])) == []
+    result(mailbox.close())
+    assert sorted(os.listdir(tmp_path)) == [
+        ".alice.popserv-index",
+        f".alice.popserv-lock.{os.getpid()}.1",
+        ".popserv-locks",
+        "alice",
+    ]
+
+
 def test_live_and_fresh_dotlocks_are_respected_old_ones_are_not(tmp_path):
     path = tmp_path / "alice"
     path.write_bytes(b"")

@@ -182,7 +182,8 @@ def refresh(fd: int, old: Index | None, fmt: str) -> Index:
     reuse: dict[str, list[str]] = {}
     begin = 0
     if old is not None and old.fmt == fmt:
-        grown = old.stamp[:2] == stamp[:2] and size >= old.stamp[2]
+        # Equal sizes are no append (a mail reader may have rewritten in place).
+        grown = old.stamp[:2] == stamp[:2] and size > old.stamp[2]
         if grown and old.entries and tailOf(fd, old.entries) == old.tail:
             kept = old.entries[:-1]
             last = old.entries[-1]

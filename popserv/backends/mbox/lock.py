@@ -26,16 +26,23 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 import time
 
 from twisted.logger import Logger
 
 from popserv.errors import TemporaryFailure
 
-__all__ = ["SpoolLock", "SpoolLocked", "isStale"]
+__all__ = ["SpoolLock", "SpoolLocked", "isStale", "processAlive", "LINK_PREFIX"]
 
 _log = Logger()
 
+#: The name (with the spool's name filled in) under which a dotlock is
+#: written before it is linked into place; one a killed process left is
+#: removed by the next rewrite.
+LINK_PREFIX = ".%s.popserv-lock."
+
+_OWN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 _DOT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -46,7 +53,8 @@ class SpoolLocked(TemporaryFailure):
         super().__init__("Mailbox is locked by another program, try again later")
 
 
-def _alive(pid: int) -> bool:
+def processAlive(pid: int) -> bool:
+    """Whether a process of this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +80,7 @@ def isStale(lockPath: str, staleAfter: float, now: float | None = None) -> bool:
     if text.isdigit():
         pid = int(text)
         # procmail and Exim write 0 or their own formats: only a real pid counts.
-        if pid > 1 and not _alive(pid):
+        if pid > 1 and not processAlive(pid):
             return True
     return False
 
@@ -127,7 +135,7 @@ class SpoolLock:
         attempt = 0
         while True:
             try:
-                fd = os.open(self.lockPath, _DOT_FLAGS, 0o644)
+                mine = self._makeDotlock()
             except FileExistsError:
                 if isStale(self.lockPath, self.staleAfter):
                     _log.warn("removing the stale lock {path}", path=self.lockPath)
@@ -145,13 +153,40 @@ class SpoolLock:
                     # as mutt and Postfix do then.
                     return
                 raise
+            self._dotlock = mine
+            return
+
+    def _makeDotlock(self) -> tuple[int, int]:
+        """
+        Make C{FILE.lock} holding our pid, atomically: written under a name of
+        our own, then linked into place (as mutt and procmail do), so that no
+        one ever sees it empty, even if we are killed.
+        """
+        directory, name = os.path.split(self.path)
+        own = os.path.join(directory, f"{LINK_PREFIX % name}{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(
+            own, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        try:
+            os.write(fd, b"%d\n" % os.getpid())
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(own, self.lockPath)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            # No hard links here: the plain exclusive create.
+            fd = os.open(self.lockPath, _DOT_FLAGS, 0o644)
             try:
                 os.write(fd, b"%d\n" % os.getpid())
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-            self._dotlock = (st.st_dev, st.st_ino)
-            return
+        finally:
+            os.unlink(own)
+        return (st.st_dev, st.st_ino)
 
     def _takeFcntl(self, deadline: float) -> None:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)

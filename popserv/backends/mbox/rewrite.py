@@ -32,7 +32,7 @@ from popserv.backends.mbox.index import (
     tailOf,
     writeIndex,
 )
-from popserv.backends.mbox.lock import SpoolLock
+from popserv.backends.mbox.lock import LINK_PREFIX, SpoolLock, processAlive
 
 __all__ = ["removeFromSpool", "NEW_SUFFIX"]
 
@@ -47,14 +47,24 @@ def _syncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def _clearLeftovers(directory: str, prefix: str) -> None:
-    """Remove new spools that a killed rewrite left (we hold the locks: none is live)."""
-    for name in os.listdir(directory):
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
+def _clearLeftovers(directory: str, name: str) -> None:
+    """
+    Remove new spools a killed rewrite left (we hold the locks: none is
+    live), and dotlocks in the making whose process is dead.
+    """
+    rewrites = f".{name}{NEW_SUFFIX}."
+    links = LINK_PREFIX % name
+    for entry in os.listdir(directory):
+        if entry.startswith(links):
+            pid = entry[len(links) :].split(".", 1)[0]
+            if not pid.isdigit() or processAlive(int(pid)):
+                continue
+        elif not entry.startswith(rewrites):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+        except OSError:
+            pass
 
 
 def removeFromSpool(spool: str, uids: Collection[str], fmt: str, lockTimeout: float) -> Index:
@@ -67,14 +77,15 @@ def removeFromSpool(spool: str, uids: Collection[str], fmt: str, lockTimeout: fl
     where = indexPath(spool)
     prefix = f".{name}{NEW_SUFFIX}."
     with SpoolLock(spool, timeout=lockTimeout) as lock:
-        index = refresh(lock.fd, readIndex(where), fmt)
+        old = readIndex(where)
+        index = refresh(lock.fd, old, fmt)
         gone = set(uids)
         keep = [e for e in index.entries if e.uid not in gone]
         if len(keep) == len(index.entries):
-            if index.stamp != stampOf(os.fstat(lock.fd)):
+            if index is not old:
                 writeIndex(where, index)
             return index
-        _clearLeftovers(directory, prefix)
+        _clearLeftovers(directory, name)
         temporary = os.path.join(directory, f"{prefix}{os.getpid()}")
         st = os.fstat(lock.fd)
         out = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
