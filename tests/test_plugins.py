@@ -213,7 +213,8 @@ def test_third_party_plugins_appear_in_help(thirdParty):
         timeout=60,
     )
     assert "--tinyauth-uppercase" in proc.stdout, proc.stdout + proc.stderr
-    assert re.search(r"one of\s+maildir,\s+memory,\s+pgsql,\s+tiny", proc.stdout), proc.stdout
+    stores = r"one of\s+maildir,\s+mbox,\s+memory,\s+pgsql,\s+tiny"
+    assert re.search(stores, proc.stdout), proc.stdout
     kinds = r"KIND\s+one\s+of\s+ldap,\s+passwd-file,\s+pgsql,\s+tinyauth"
     assert re.search(kinds, proc.stdout), proc.stdout
 

@@ -79,7 +79,7 @@ def test_help_documents_every_option():
         (["--passwd", "x"], "mail_location"),
         (
             ["--passwd", "x", "--mail-location", "imap:/x"],
-            "unknown mail storage kind .imap. \\(installed: maildir, memory, pgsql\\)",
+            "unknown mail storage kind .imap. \\(installed: maildir, mbox, memory, pgsql\\)",
         ),
         (["--passwd", "x", "--mail-location", "/m/%q"], "unknown variable"),
         (["--passwd", "x", "--mail-location", "/m/%u", "--timeout", "0"], "timeout"),
