@@ -372,3 +372,14 @@ def test_refusals_and_no_secret_in_the_log(setup, source):
         assert line not in log and line[len(line) // 2 :][:16] not in log, (line, log)
         if len(line) > 100:
             assert base64.b64decode(line)[40:56].hex() not in log
+
+
+def test_the_guide_lists_every_pair():
+    """docs/guide/auth-matrix.rst names exactly the test ids of this module."""
+    from support import REPO
+
+    text = (REPO / "docs" / "guide" / "auth-matrix.rst").read_text()
+    assert set(re.findall(r"test_login\[([^\]]+)\]", text)) == {f"{s}-{m}" for s, m in PAIRS}
+    refused = set(re.findall(r"test_not_offered\[([^\]]+)\]", text))
+    assert refused == {f"{s}-{m}" for s, m in IMPOSSIBLE}
+    assert len(PAIRS) + len(IMPOSSIBLE) == len(SOURCES) * len(MECHANISMS)
