@@ -188,8 +188,10 @@ def fetchJSON(
     request.add_header("Accept", "application/json")
     for name, value in (headers or {}).items():
         request.add_header(name.decode("ascii"), value.decode("ascii"))
+    # No proxy from the environment: the server's Agent uses none either.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with opener.open(request, timeout=timeout) as response:
             data = response.read(MAX_BODY + 1)
     except urllib.error.HTTPError as e:
         raise ValueError(f"{url}: HTTP status {e.code}") from None
