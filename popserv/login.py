@@ -33,6 +33,7 @@ from popserv.errors import (
     MaildropInUse,
     PlaintextRefused,
     POP3Error,
+    TemporaryFailure,
 )
 from popserv.interfaces import IMailbox, IRelayedSession, LoginMind, MessageInfo
 from popserv.pipeline import CommandPipeline
@@ -345,6 +346,11 @@ class Authorization(CommandPipeline):
 
     def _saslFailed(self, failure: Failure) -> Failure | Deferred[bytes]:
         self._sasl = None
+        # A source, identity provider or keytab that is down is no failed
+        # login (unless a source also refused the client), as for USER/PASS.
+        if failure.check(TemporaryFailure) and not failure.value.penalize:
+            self.stats.loginFailed("error", self._saslMechanism)
+            return failure
         self.stats.loginFailed("failed", self._saslMechanism)
         return self._penalize(failure)
 

@@ -56,6 +56,8 @@ USERS: dict[str, tuple[str | None, str | None, dict[str, str]]] = {
     "erin": ("erin-pw", "{SSHA}", {"mail": "erin@example.org", "employeeType": "TRUE"}),
     "frank": (None, None, {"mail": "frank@example.org"}),
     "grace": ("gr(a)ce*pw", "{SSHA}", {"mail": "grace@example.org"}),
+    # a plaintext-equivalent secret: APOP, CRAM-MD5 and SCRAM in the lookup mode
+    "henry": ("h3nry-clear", "{CLEARTEXT}", {"mail": "henry@example.org"}),
 }
 
 
@@ -85,6 +87,8 @@ def _slappasswd(password: str, scheme: str) -> str:
 
 
 def _hash(password: str, scheme: str) -> str:
+    if scheme == "{CLEARTEXT}":
+        return scheme + password
     if scheme == "{CRYPT}":
         from popserv.auth.schemes import hashPassword
 

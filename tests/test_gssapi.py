@@ -210,8 +210,17 @@ def test_ticket_in_an_initial_response_is_taken(realm, tmp_path):
 
 
 def test_ticket_for_another_service_is_refused(realm, tmp_path):
-    """With --gssapi-principal naming another service, a ticket for pop/localhost fails."""
-    client = server(realm, tmp_path, principal=f"pop/elsewhere@{realm.realm.realm}")
+    """
+    With --gssapi-principal naming another service of the keytab, a ticket for
+    pop/localhost fails. (A keytab without the named key is the server's fault:
+    test_auth_outages.py.)
+    """
+    elsewhere = f"pop/elsewhere@{realm.realm.realm}"
+    keytab = str(tmp_path / "two.keytab")
+    realm.realm.addprinc(elsewhere)
+    for principal in (elsewhere, realm.principal):
+        realm.realm.extract_keytab(principal, keytab)  # -norandkey: the keys stay
+    client = server(realm, tmp_path, principal=elsewhere, keytab=keytab)
     assert login(client, Client(realm, "alice"))[0].startswith(b"-ERR [AUTH]")
     assert client.protocol.user is None
 

@@ -56,7 +56,7 @@ def checkConfig(config: Config) -> list[str]:
                 problems += _statusProblems(f"passdb {source!r}", source)
     if config.passwd:
         problems += _passwdProblems(config)
-    return problems + _tlsProblems(config)
+    return problems + _mechanismProblems(config, reactor) + _tlsProblems(config)
 
 
 def _statusProblems(label: str, part: Any) -> list[str]:
@@ -71,6 +71,40 @@ def _statusProblems(label: str, part: Any) -> list[str]:
         return [f"{label}: {str(e) or repr(e)}"]
     finally:
         getattr(part, "close", lambda: None)()
+
+
+def _mechanismProblems(config: Config, reactor: Any) -> list[str]:
+    """
+    The sources of the password-less mechanisms say whether they can be
+    used: the GSSAPI keytab (readable, the service key in it), the OAuth
+    JWKS or introspection endpoint (fetched once).
+    """
+    from popserv.build import makeTokenValidator
+    from popserv.sasl.gssapi import GSSAPI
+    from popserv.threads import synchronously
+
+    offered = {m.upper() for m in config.sasl_mechanisms} if config.sasl_mechanisms else None
+    problems: list[str] = []
+    if config.gssapi_keytab and (offered is None or "GSSAPI" in offered):
+        try:
+            mechanism = GSSAPI.configured(
+                config.path(config.gssapi_keytab),
+                config.gssapi_principal,
+                config.gssapi_realm_map,
+                synchronously,
+            )
+            print(f"gssapi: {mechanism.status()}")
+        except ValueError as e:
+            problems.append(f"gssapi_keytab: {e}")
+    if offered is None or offered & {"OAUTHBEARER", "XOAUTH2"}:
+        try:
+            tokens = makeTokenValidator(config, reactor)
+            if tokens is not None:
+                print(f"oauth: {tokens.status()}")
+        except (ConfigError, ValueError) as e:
+            setting = "oauth_jwks" if config.oauth_jwks else "oauth_introspection"
+            problems.append(str(e) if isinstance(e, ConfigError) else f"{setting}: {e}")
+    return problems
 
 
 def _passwdProblems(config: Config) -> list[str]:

@@ -52,6 +52,7 @@ __all__ = [
     "ALLOWED_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
     "checkAlgorithms",
+    "fetchJSON",
 ]
 
 _log = Logger()
@@ -173,6 +174,37 @@ class HTTPClient:
         raise TemporaryFailure()
 
 
+def fetchJSON(
+    url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 10.0
+) -> Any:
+    """
+    Blocking, for C{popserv check-config} only (never on the reactor): the
+    JSON the URL answers with; ValueError says why not (no body, no secret).
+    """
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST" if body else "GET")
+    request.add_header("Accept", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name.decode("ascii"), value.decode("ascii"))
+    # No proxy from the environment: the server's Agent uses none either.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            data = response.read(MAX_BODY + 1)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{url}: HTTP status {e.code}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{url}: cannot be reached: {getattr(e, 'reason', None) or e}") from None
+    if len(data) > MAX_BODY:
+        raise ValueError(f"{url}: response over {MAX_BODY} bytes")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ValueError(f"{url}: the answer is not JSON") from None
+
+
 # -- JWTs checked against a JWKS ----------------------------------------------------------
 
 
@@ -269,6 +301,29 @@ class JWKSValidator(Service):
                 continue  # a key type or curve PyJWT cannot use
             keys[entry.get("kid") or ""] = (key, entry.get("alg"))
         self.keys = keys
+
+    def status(self, timeout: float = 10.0) -> str:
+        """
+        Blocking, for C{popserv check-config}: fetch the JWKS once; ValueError
+        if it cannot be fetched or holds no key usable for the algorithms.
+        """
+        jwks = fetchJSON(self.url, timeout=timeout)
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise ValueError(f"{self.url}: not a JWKS")
+        usable = 0
+        for entry in jwks["keys"]:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue
+            if entry.get("alg") and entry["alg"] not in self.algorithms:
+                continue
+            try:
+                jwt.PyJWK(entry)
+            except jwt.PyJWTError:
+                continue
+            usable += 1
+        if not usable:
+            raise ValueError(f"{self.url}: no signing key for {', '.join(self.algorithms)}")
+        return f"{self.url}: reachable, {usable} signing key{'s' if usable > 1 else ''}"
 
     # -- tokens ----------------------------------------------------------------
 
@@ -385,6 +440,22 @@ class IntrospectionValidator(Service):
         )
         d.addCallback(self._verdict)
         return d
+
+    def status(self, timeout: float = 10.0) -> str:
+        """
+        Blocking, for C{popserv check-config}: introspect a made-up token once;
+        ValueError unless the endpoint answers (an inactive token) and takes
+        the client credentials.
+        """
+        body = urlencode({"token": "popserv-check-config", "token_type_hint": "access_token"})
+        headers = {
+            b"Content-Type": b"application/x-www-form-urlencoded",
+            b"Authorization": self._authorization,
+        }
+        answer = fetchJSON(self.url, body.encode("ascii"), headers, timeout)
+        if not isinstance(answer, dict) or "active" not in answer:
+            raise ValueError(f"{self.url}: not an RFC 7662 introspection answer")
+        return f"{self.url}: reachable, client credentials accepted"
 
     def _verdict(self, answer: Any) -> str:
         if not isinstance(answer, dict):

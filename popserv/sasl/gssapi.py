@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.auth.credentials import Impersonation, VerifiedCredentials
+from popserv.errors import TemporaryFailure
 from popserv.sasl.base import (
     Challenge,
     ISASLExchange,
@@ -171,10 +172,19 @@ class _GSSAPIExchange:
         """In a thread: take one context token; the next challenge."""
         import gssapi
 
-        try:
-            if self._context is None:
+        if self._context is None:
+            try:
                 credentials = self._mechanism.acceptorCredentials()
-                self._context = gssapi.SecurityContext(creds=credentials, usage="accept")
+            except gssapi.exceptions.GSSError as e:
+                # The server's fault, not the client's: [SYS/TEMP], no failed login.
+                _log.error(
+                    "GSSAPI: no service key in {keytab}: {why}",
+                    keytab=self._mechanism.keytab,
+                    why=_failure(e),
+                )
+                raise TemporaryFailure() from None
+            self._context = gssapi.SecurityContext(creds=credentials, usage="accept")
+        try:
             reply = self._context.step(token)
             if not self._context.complete:
                 return Challenge(reply or b"")
@@ -292,6 +302,24 @@ class GSSAPI:
         if self.principal is not None:
             name = gssapi.Name(self.principal, gssapi.NameType.kerberos_principal)
         return gssapi.Credentials(name=name, usage="accept", store={"keytab": self.keytab})
+
+    def status(self) -> str:
+        """
+        Blocking, for C{popserv check-config}: the keytab is readable and
+        holds the service key; ValueError says what is wrong.
+        """
+        import gssapi
+
+        if self.keytab is None:
+            raise ValueError("no keytab configured")
+        if not os.access(self.keytab, os.R_OK):
+            raise ValueError(f"{self.keytab} is not readable")
+        try:
+            self.acceptorCredentials()
+        except gssapi.exceptions.GSSError as e:
+            raise ValueError(_failure(e)) from None
+        which = f"a key for {self.principal}" if self.principal else "service keys"
+        return f"{self.keytab}: readable, holds {which}"
 
     def available(self, context: SASLContext) -> bool:
         # Without TLS too: the ticket exchange gives a listener nothing to
