@@ -242,6 +242,26 @@ def test_xoauth2_user_must_be_the_tokens(tmp_path):
     assert auth(client, b"XOAUTH2", b"user=x\x01auth=Bearer\x01\x01") == BAD_AUTH
 
 
+def test_xoauth2_user_is_compared_after_the_user_name_rules(tmp_path):
+    from popserv.auth.usernames import NameRulesChecker, UsernameRules
+
+    client = server(tmp_path)
+    checker = next(iter(client.protocol.factory.portal.checkers.values()))
+    lowercase = NameRulesChecker(checker, UsernameRules(lowercase=True))
+    for interface in lowercase.credentialInterfaces:
+        client.protocol.factory.portal.checkers[interface] = lowercase
+    lines = auth(client, b"XOAUTH2", xoauth2(token(KEY), user="Alice@Example.ORG"))
+    assert lines[0].startswith(b"+OK"), lines
+    assert client.protocol.user == USER
+
+
+def test_xoauth2_user_of_another_for_a_master_users_token(tmp_path):
+    client = server(tmp_path, masters=("admin",))
+    tok = token(KEY, email="admin")
+    assert auth(client, b"XOAUTH2", xoauth2(tok, user="bob@example.org"))[0].startswith(b"+OK")
+    assert client.protocol.user == "bob@example.org"
+
+
 # -- secrets and settings ---------------------------------------------------------------------
 
 

@@ -351,11 +351,12 @@ class LdapPassdb:
                 scheme, secret = parseStoredPassword(stored.decode("utf-8"))
                 break
             except (UnknownScheme, ValueError, UnicodeDecodeError) as e:
+                # The error's text may quote the stored value: name its kind only.
                 _log.warn(
-                    "{source}: user {user}: bad userPassword: {error}",
+                    "{source}: user {user}: a userPassword popserv cannot read ({kind})",
                     source=self,
                     user=name,
-                    error=e,
+                    kind="unknown scheme" if isinstance(e, UnknownScheme) else "malformed",
                 )
         settings: dict[str, Any] = {}
         for column, setting in _SETTINGS.items():

@@ -83,7 +83,10 @@ def _renamed(credentials: Any, rules: Callable[[str], str]) -> Any:
     if isinstance(name, str):
         changes["username"] = rules(name)
     if IImpersonation.providedBy(credentials):
-        changes["credentials"] = _renamed(credentials.credentials, rules)
+        actor = _renamed(credentials.credentials, rules)
+        if getattr(actor, "username", None) == changes.get("username"):
+            return actor  # the user acting as themselves, in another spelling
+        changes["credentials"] = actor
     return dataclasses.replace(credentials, **changes) if changes else credentials
 
 

@@ -4,7 +4,8 @@ RFC 7628, still what many clients send::
 
     user=alice@example.org^Aauth=Bearer TOKEN^A^A
 
-The C{user} must be the one the token names. A refused token gets the
+The C{user} must be the one the token names (after the user-name rules),
+unless the token's user is a master user. A refused token gets the
 error challenge C{+ base64({"status":"401","schemes":"bearer"})}; the
 client answers with an empty response and the login fails with
 C{-ERR [AUTH]}. Otherwise as L{popserv.sasl.oauthbearer}.
@@ -16,8 +17,7 @@ import json
 
 from zope.interface import implementer
 
-from popserv.auth.credentials import VerifiedCredentials
-from popserv.sasl.base import ISASLMechanism, Outcome, SASLError
+from popserv.sasl.base import ISASLMechanism, SASLError
 from popserv.sasl.oauthbearer import KVSEP, BearerExchange, OAuthBearer, bearerToken
 
 __all__ = ["XOAuth2"]
@@ -41,12 +41,6 @@ class _XOAuth2Exchange(BearerExchange):
         if not pairs.get("user"):
             raise SASLError()
         return pairs["user"], bearerToken(pairs)
-
-    def _valid(self, user: str, claimed: str | None) -> Outcome:
-        if claimed != user:
-            # No authorization id in XOAUTH2: a token for someone else is refused.
-            raise SASLError()
-        return Outcome(VerifiedCredentials(user, self.mechanism))
 
     def errorStatus(self) -> bytes:
         return json.dumps({"status": "401", "schemes": "bearer"}).encode("ascii")
