@@ -354,3 +354,29 @@ def test_a_stuck_server_is_killed_at_stop(tmp_path):
     assert time.monotonic() - started_at < 10
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # gone, and reaped
+
+
+GUIDE = REPO / "docs" / "guide" / "testing.rst"
+FAULTS = ("fail", "drop_after", "delay", "never_answer", "malformed", "no_apop_timestamp")
+
+
+def test_the_guide_matches_the_api():
+    """Every public name documented, each signature as written, each fault with an example."""
+    import inspect
+    import re
+
+    text = GUIDE.read_text()
+    public = {n for n in dir(POP3TestServer) if not n.startswith("_")} - {"start", "stop"}
+    public |= {"host", "port", "tls_port", "cafile", "directory"}
+    assert [n for n in sorted(public) if f"pop3_server.{n}" not in text] == []
+    documented = re.findall(r"``pop3_server\.(\w+)\(([^`]*)\)``", text)
+    assert len(documented) >= 12
+    for name, params in documented:
+        signature = inspect.signature(getattr(POP3TestServer, name))
+        expected = [
+            p.name if p.default is p.empty else f"{p.name}={p.default!r}".replace("'", '"')
+            for p in list(signature.parameters.values())[1:]
+        ]
+        assert [p.strip() for p in params.split(",") if p.strip()] == expected, name
+    for name in (*FAULTS, "strictness"):
+        assert re.search(rf"^ {{4,}}pop3_server\.{name}\(", text, re.M), f"no example of {name}"
