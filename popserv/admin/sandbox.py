@@ -26,7 +26,7 @@ def sourceMessages(source: str) -> Iterator[bytes]:
     """
     The messages of C{source}, one at a time: the C{.eml} files of a
     directory by name, one C{.eml} file, or the messages of an mbox file in
-    order. A file that is none of these is refused (L{ValueError}), not
+    order. A file that is none of these is refused (C{ValueError}), not
     served as an empty mailbox.
     """
     if os.path.isdir(source):
