@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import poplib
+import signal
 import socket
 import ssl
+import tempfile
 import time
 
 import pytest
@@ -18,17 +20,22 @@ from popserv.testserver import POP3TestServer, TestServerError
 from support import REPO
 
 
-@pytest.fixture(scope="module")
-def testServer(tmp_path_factory):
+def started(directory=None, pythonpath: str = str(REPO), **kw) -> POP3TestServer:
+    """A test server running this checkout's popserv (or what C{pythonpath} holds)."""
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(REPO)  # the subprocess runs this checkout's popserv
+    os.environ["PYTHONPATH"] = pythonpath
     try:
-        server = POP3TestServer(tmp_path_factory.mktemp("testserver")).start()
+        return POP3TestServer(directory, **kw).start()
     finally:
         if old is None:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def testServer(tmp_path_factory):
+    server = started(tmp_path_factory.mktemp("testserver"))
     yield server
     server.stop()
 
@@ -277,3 +284,99 @@ def test_reset_cost(srv):
     for _ in range(20):
         srv.reset()
     assert (time.monotonic() - started) / 20 < 0.25
+
+
+def test_transcript_connections_numbered_from_1_after_reset(srv):
+    login(srv).quit()
+    srv.reset()
+    srv.add_user("alice", "secret")
+    login(srv).quit()
+    assert srv.transcript(connection=1)[0].startswith("S: +OK popserv")
+    assert srv.transcript(connection=1) == srv.transcript()
+
+
+def test_a_late_answer_is_not_taken_for_the_next_one(srv):
+    """A request that timed out leaves the channel in step: its answer is skipped."""
+    srv.deliver("alice", b"Subject: a\r\n\r\nx\r\n")
+    os.kill(srv.pid, signal.SIGSTOP)
+    srv.timeout = 0.3
+    try:
+        with pytest.raises(TestServerError, match="transcript: no answer in 0.3s"):
+            srv.transcript()
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+        srv.timeout = 30
+    assert srv.messages("alice") == [b"Subject: a\r\n\r\nx\r\n"]
+    assert srv.deleted("alice") == []
+
+
+def test_bad_arguments_are_refused_clearly(srv):
+    with pytest.raises(TestServerError, match="fail: ValueError: a reply is one line"):
+        srv.fail("RETR", "-ERR one\r\n+OK two")
+    with pytest.raises(TestServerError, match="add_user: TypeError: a user name"):
+        srv.add_user(None, "pw")
+    with pytest.raises(TestServerError, match="drop_after: ValueError: octets: a number"):
+        srv.drop_after("RETR", "100")
+    with pytest.raises(TestServerError, match="delay: ValueError: seconds: a number"):
+        srv.delay("RETR", "1")
+    with pytest.raises(TypeError, match="bytes, str or an email.message.Message"):
+        srv.deliver("alice", 42)
+    assert srv.transcript() == []  # and the server is fine
+
+
+def test_a_server_that_cannot_start_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+    broken = tmp_path / "broken" / "twisted"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no Twisted here')\n")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where its own dir goes
+    with pytest.raises(TestServerError, match="(?s)did not start.*exit status 1.*no Twisted here"):
+        started(pythonpath=f"{broken.parent}{os.pathsep}{REPO}", timeout=10)
+    assert os.listdir(tmp_path / "tmp") == []  # its directory removed, its process reaped
+
+
+def test_a_server_that_died_says_so(tmp_path):
+    server = started(tmp_path)
+    pid = server.pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TestServerError, match="exit status -9"):
+        server.add_user("alice", "secret")
+    server.stop()
+    assert server.pid is None
+
+
+def test_a_stuck_server_is_killed_at_stop(tmp_path):
+    server = started(tmp_path)
+    pid = server.pid
+    os.kill(pid, signal.SIGSTOP)
+    started_at = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started_at < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, and reaped
+
+
+GUIDE = REPO / "docs" / "guide" / "testing.rst"
+FAULTS = ("fail", "drop_after", "delay", "never_answer", "malformed", "no_apop_timestamp")
+
+
+def test_the_guide_matches_the_api():
+    """Every public name documented, each signature as written, each fault with an example."""
+    import inspect
+    import re
+
+    text = GUIDE.read_text()
+    public = {n for n in dir(POP3TestServer) if not n.startswith("_")} - {"start", "stop"}
+    public |= {"host", "port", "tls_port", "cafile", "directory"}
+    assert [n for n in sorted(public) if f"pop3_server.{n}" not in text] == []
+    documented = re.findall(r"``pop3_server\.(\w+)\(([^`]*)\)``", text)
+    assert len(documented) >= 12
+    for name, params in documented:
+        signature = inspect.signature(getattr(POP3TestServer, name))
+        expected = [
+            p.name if p.default is p.empty else f"{p.name}={p.default!r}".replace("'", '"')
+            for p in list(signature.parameters.values())[1:]
+        ]
+        assert [p.strip() for p in params.split(",") if p.strip()] == expected, name
+    for name in (*FAULTS, "strictness"):
+        assert re.search(rf"^ {{4,}}pop3_server\.{name}\(", text, re.M), f"no example of {name}"

@@ -58,6 +58,8 @@ def test_twisted_client(pop3_server):
 TEST_PLAIN = """
 import os
 import poplib
+import signal
+import socket
 
 import popserv
 
@@ -78,6 +80,37 @@ def test_conftest_fixture(mailbox):
     pop.quit()
 
 
+def test_state_left_behind(pop3_server):
+    pop3_server.add_user("frank", "pw")
+    pop3_server.deliver("frank", b"Subject: left\\r\\n\\r\\nx\\r\\n")
+    pop3_server.fail("USER", "-ERR [SYS/TEMP] injected")
+    pop3_server.strictness(bare_lf=False, max_line=1000)
+    pop = poplib.POP3(pop3_server.host, pop3_server.port, timeout=10)
+    pop.sock.sendall(b"NOOP\\r\\n")  # a connection left open
+
+
+def test_nothing_left_over(pop3_server):
+    assert pop3_server.transcript() == [] and pop3_server.messages("frank") == []
+    sock = socket.create_connection((pop3_server.host, pop3_server.port), timeout=10)
+    sock.sendall(b"USER frank\\nPASS pw\\n")  # bare LF: production takes it
+    reader = sock.makefile("rb")
+    lines = [reader.readline() for _ in range(3)]
+    assert lines[1].startswith(b"+OK") and lines[2].startswith(b"-ERR"), lines  # no frank
+    assert pop3_server.transcript(connection=1)[1] == "C: USER frank"
+
+
+def test_the_server_killed(pop3_server):
+    os.kill(pop3_server.pid, signal.SIGKILL)
+
+
+def test_the_next_test_has_a_server(pop3_server):
+    pop3_server.add_user("gina", "pw")
+    pop = poplib.POP3(pop3_server.host, pop3_server.port, timeout=10)
+    pop.user("gina")
+    pop.pass_("pw")
+    pop.quit()
+
+
 def test_session_server_keeps_state_1(pop3_server_session):
     pop3_server_session.add_user("erin", "pw")
     pop3_server_session.deliver("erin", b"Subject: kept\\r\\n\\r\\nx\\r\\n")
@@ -87,6 +120,17 @@ def test_session_server_keeps_state_2(pop3_server_session, pop3_server):
     assert len(pop3_server_session.messages("erin")) == 1
     assert pop3_server.port != pop3_server_session.port  # two servers
     assert pop3_server.messages("erin") == []
+"""
+
+TEST_WORKER = """
+import os
+
+
+def test_where(pop3_server, pop3_server_session):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    record = f"{worker} {pop3_server.pid} {pop3_server.port} {pop3_server_session.port}"
+    with open(os.path.join(os.environ["WORKERS_DIR"], f"{worker}-{__name__}"), "w") as f:
+        f.write(record)
 """
 
 
@@ -155,7 +199,45 @@ def test_separate_project(site, tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
     assert " passed" in output and "failed" not in output and "skipped" not in output, output
-    assert "14 passed" in output, output  # 6 poplib, 2 asyncio, 1 twisted, 5 plain
+    assert "18 passed" in output, output  # 6 poplib, 2 asyncio, 1 twisted, 9 plain
+
+
+def test_separate_project_under_xdist(site, tmp_path):
+    """pytest -n 2: each worker its own servers; the order-dependent tests kept in order."""
+    env = _env(site)
+    have = subprocess.run([sys.executable, "-c", "import xdist"], env=env, cwd=tmp_path)
+    if have.returncode != 0:
+        if _ci():
+            pytest.fail("pytest-xdist (the test extra) is not installed")
+        pytest.skip("pytest-xdist is not installed")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+    (project / "test_plain.py").write_text(TEST_PLAIN)
+    shutil.copy(EXAMPLES / "test_with_poplib.py", project)
+    for name in ("a", "b", "c", "d"):
+        (project / f"test_worker_{name}.py").write_text(TEST_WORKER)
+    workers = tmp_path / "workers"
+    workers.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:twisted"]
+        + ["-n", "2", "--dist", "loadfile", "-rfEs"],
+        cwd=project,
+        env=dict(env, WORKERS_DIR=str(workers)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "19 passed" in output, output
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    for record in workers.iterdir():
+        worker, *servers = record.read_text().split()
+        seen.setdefault(worker, set()).add(tuple(servers))
+    assert set(seen) == {"gw0", "gw1"}, seen  # (four files: both workers get some)
+    assert all(len(servers) == 1 for servers in seen.values()), seen  # one pair a worker
+    (a,), (b,) = seen.values()
+    assert not set(a) & set(b), seen  # no pid, no port shared
 
 
 def test_plugin_module_imports_no_twisted(site):

@@ -105,3 +105,44 @@ def test_sandbox_missing_source(tmp_path):
         text=True,
     )
     assert out.returncode != 0 and "no such directory or mbox file" in out.stderr
+
+
+def test_sandbox_over_one_eml_file(tmp_path):
+    path = tmp_path / "one.eml"
+    path.write_bytes(b"Subject: alone\r\n\r\nbody\r\n")
+    proc, out = sandbox(path, "--password", "pw")
+    try:
+        assert "1 message(s)" in out
+        port = int(re.search(r"127\.0\.0\.1, port (\d+)", out).group(1))
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user("sandbox")
+        pop.pass_("pw")
+        assert pop.retr(1)[1] == [b"Subject: alone", b"", b"body"]
+        pop.quit()
+    finally:
+        stop(proc)
+    assert path.read_bytes() == b"Subject: alone\r\n\r\nbody\r\n"
+
+
+def test_sandbox_refuses_a_file_that_is_no_mbox(tmp_path):
+    """Not served as an empty mailbox: an error, and a failing exit status."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"Subject: not an mbox\r\n\r\nbody\r\n")
+    proc, out = sandbox(path)
+    assert proc.wait(15) == 1
+    assert "cannot read" in out and "no 'From ' line first" in out, out
+    assert "Ctrl-C" not in out
+
+
+def test_sandbox_removes_its_copy_on_sigterm_and_sighup(tmp_path):
+    source = tmp_path / "samples"
+    source.mkdir()
+    (source / "a.eml").write_bytes(b"Subject: one\r\n\r\nfirst\r\n")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        proc, out = sandbox(source)
+        work = re.search(r"served from a copy in (\S+) ", out).group(1)
+        assert os.path.isdir(work)
+        proc.send_signal(sig)
+        assert proc.wait(15) == 0, sig
+        assert not os.path.exists(work), sig
+    assert [p.name for p in source.iterdir()] == ["a.eml"]

@@ -12,6 +12,7 @@ import mailbox
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,9 @@ __all__ = ["cmdSandbox", "sourceMessages"]
 def sourceMessages(source: str) -> Iterator[bytes]:
     """
     The messages of C{source}, one at a time: the C{.eml} files of a
-    directory by name, or the messages of an mbox file in order.
+    directory by name, one C{.eml} file, or the messages of an mbox file in
+    order. A file that is none of these is refused (C{ValueError}), not
+    served as an empty mailbox.
     """
     if os.path.isdir(source):
         for name in sorted(os.listdir(source)):
@@ -33,6 +36,14 @@ def sourceMessages(source: str) -> Iterator[bytes]:
                 with open(path, "rb") as f:
                     yield f.read()
         return
+    if source.lower().endswith(".eml"):
+        with open(source, "rb") as f:
+            yield f.read()
+        return
+    with open(source, "rb") as f:
+        start = f.read(5)
+    if start and start != b"From ":
+        raise ValueError("neither a directory, an .eml file nor an mbox (no 'From ' line first)")
     box = mailbox.mbox(source, create=False)
     try:
         for key in box.iterkeys():
@@ -41,8 +52,12 @@ def sourceMessages(source: str) -> Iterator[bytes]:
         box.close()
 
 
-def settingsText(core: Any, user: str, password: str, count: int, source: str) -> str:
+def settingsText(
+    core: Any, user: str, password: str, count: int, source: str, host: str = "127.0.0.1"
+) -> str:
     """What a person needs to point Thunderbird, fetchmail or curl at the sandbox."""
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # (any address: loopback)
+    urlHost = f"[{host}]" if ":" in host else host
     s = core.settings()
     port, tlsPort, cafile = s["port"], s["tls_port"], s["cafile"]
     rc = os.path.join(core.directory, "fetchmailrc")
@@ -55,7 +70,7 @@ def settingsText(core: Any, user: str, password: str, count: int, source: str) -
     fd = os.open(rc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # fetchmail insists
     with os.fdopen(fd, "w") as f:
         f.write(
-            f'poll 127.0.0.1 protocol pop3 service {port} user "{user}" '
+            f'poll {host} protocol pop3 service {port} user "{user}" '
             f'password "{password}" keep{ssl}'
             f' mda "cat >/dev/null"\n'
         )
@@ -63,7 +78,7 @@ def settingsText(core: Any, user: str, password: str, count: int, source: str) -
         f"popserv sandbox: {count} message(s) from {source}, served from a copy in "
         f"{core.directory} (the originals are never touched).",
         "",
-        f"  server    127.0.0.1, port {port}"
+        f"  server    {host}, port {port}"
         + (f" (STARTTLS offered); implicit TLS (SSL/TLS) on port {tlsPort}" if tlsPort else ""),
         f"  user      {user}",
         f"  password  {password}",
@@ -73,7 +88,7 @@ def settingsText(core: Any, user: str, password: str, count: int, source: str) -
     lines += [
         "",
         "Thunderbird: New account > Configure manually: Incoming server POP3, hostname "
-        f"127.0.0.1, port {tlsPort or port}, connection security "
+        f"{host}, port {tlsPort or port}, connection security "
         f"{'SSL/TLS' if tlsPort else 'None'}, authentication 'Normal password', "
         f"username {user}.",
     ]
@@ -85,8 +100,8 @@ def settingsText(core: Any, user: str, password: str, count: int, source: str) -
     lines += [
         f"fetchmail:   fetchmail -f {rc} -v   (keeps the mail on the server, throws "
         "the copies away)",
-        f"curl:        curl -u {user}:{password} pop3://127.0.0.1:{port}/      (the list)",
-        f"             curl -u {user}:{password} pop3://127.0.0.1:{port}/1     (message 1)",
+        f"curl:        curl -u {user}:{password} pop3://{urlHost}:{port}/      (the list)",
+        f"             curl -u {user}:{password} pop3://{urlHost}:{port}/1     (message 1)",
     ]
     if cafile:
         lines.append(
@@ -120,6 +135,8 @@ def cmdSandbox(args: argparse.Namespace) -> int:
         except Exception as e:  # a busy port, mostly
             raise AdminError(f"cannot listen: {e}") from None
 
+        failed: list[str] = []
+
         @inlineCallbacks
         def fill() -> Any:
             count = 0
@@ -130,15 +147,20 @@ def cmdSandbox(args: argparse.Namespace) -> int:
                     yield core.deliver(args.user, message)
                     count += 1
             except Exception as e:
-                print(f"popserv sandbox: cannot read {source}: {e}", flush=True)
+                failed.append(f"cannot read {source}: {e}")
                 reactor.stop()
                 return
-            print(settingsText(core, args.user, password, count, source), flush=True)
+            text = settingsText(core, args.user, password, count, source, args.host)
+            print(text, flush=True)
 
+        # Twisted stops on SIGINT and SIGTERM; a closed terminal (SIGHUP) too.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reactor.stop))
         reactor.callWhenRunning(fill)
         reactor.run()
     finally:
         log.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        raise AdminError(failed[0])
     return EX_OK

@@ -48,7 +48,9 @@ def _messageBytes(message: bytes | str | email.message.Message) -> bytes:
         return message
     if isinstance(message, str):
         return message.encode("utf-8")
-    return message.as_bytes(policy=email.policy.SMTP)
+    if isinstance(message, email.message.Message):
+        return message.as_bytes(policy=email.policy.SMTP)
+    raise TypeError(f"a message is bytes, str or an email.message.Message, not {message!r}")
 
 
 class POP3TestServer:
@@ -74,6 +76,7 @@ class POP3TestServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._lock = threading.Lock()
+        self._requests = 0
 
     # -- the process -------------------------------------------------------------
 
@@ -83,20 +86,42 @@ class POP3TestServer:
         return os.path.join(self.directory, "server.log")
 
     @property
+    def stderr_path(self) -> str:
+        """The server process's standard error (a crash's traceback)."""
+        return os.path.join(self.directory, "stderr.log")
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (None when stopped)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> POP3TestServer:
-        """Start the subprocess and wait until it listens."""
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "popserv.testserver.server", self.directory],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=open(os.path.join(self.directory, "stderr.log"), "ab"),  # noqa: SIM115
-        )
-        ready = json.loads(self._readLine())
-        if "ready" not in ready:
-            raise TestServerError(f"unexpected start-up message: {ready!r}")
+        """
+        Start the subprocess and wait until it listens. If it does not, it is
+        stopped (killed if need be) and L{TestServerError} says why.
+        """
+        self._buffer = b""
+        with open(self.stderr_path, "ab") as stderr:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "popserv.testserver.server", self.directory],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        try:
+            ready = json.loads(self._readLine())
+            if "ready" not in ready:
+                raise TestServerError(f"unexpected start-up message: {ready!r}")
+        except BaseException as e:
+            problem = self._problem(str(e), where=not self._own)  # (own: removed now)
+            self.stop()
+            if isinstance(e, (TestServerError, ValueError)):
+                raise TestServerError(f"the test server did not start: {problem}") from None
+            raise
         self._settings(ready["ready"])
         return self
 
@@ -114,6 +139,7 @@ class POP3TestServer:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        self._buffer = b""
         if self._own:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -132,24 +158,56 @@ class POP3TestServer:
             while b"\n" not in self._buffer:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
-                    raise TestServerError(f"no answer in {self.timeout}s; see {self.log_path}")
+                    raise TestServerError(f"no answer in {self.timeout}s")
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
-                    raise TestServerError(f"the test server exited; see {self.log_path}")
+                    raise TestServerError("the test server exited")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
 
+    def _problem(self, what: str, where: bool = True) -> str:
+        """C{what}, and if the process ended, its exit status and last words."""
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(0.5)  # (a process that closed its output is about to end)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc is not None and proc.returncode is not None:
+            what += f" (exit status {proc.returncode})"
+            try:
+                with open(self.stderr_path, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+                    tail = f.read().decode("utf-8", "replace").strip()
+            except OSError:
+                tail = ""
+            if tail:
+                what += f"; its standard error ends:\n{tail}\n"
+        return f"{what}; see {self.log_path}" if where else what
+
     def _call(self, op: str, **args: Any) -> Any:
         if not self.running:
-            raise TestServerError(f"the test server is not running; see {self.log_path}")
+            raise TestServerError(self._problem("the test server is not running"))
         assert self._proc is not None and self._proc.stdin is not None
         with self._lock:
-            self._proc.stdin.write(json.dumps({"op": op, "args": args}).encode() + b"\n")
-            self._proc.stdin.flush()
-            answer = json.loads(self._readLine())
+            # Numbered: the answer to a request that timed out is recognised
+            # when it comes late, and skipped, not taken for the next one's.
+            self._requests += 1
+            number = self._requests
+            request = {"id": number, "op": op, "args": args}
+            try:
+                self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self._proc.stdin.flush()
+            except OSError:
+                raise TestServerError(self._problem("the test server exited")) from None
+            try:
+                while (answer := json.loads(self._readLine())).get("id") != number:
+                    pass
+            except TestServerError as e:
+                raise TestServerError(self._problem(f"{op}: {e}")) from None
         if not answer["ok"]:
-            raise TestServerError(answer["error"])
+            raise TestServerError(f"{op}: {answer['error']}")
         return _decode(answer["result"])
 
     def _settings(self, settings: dict[str, Any]) -> None:

@@ -284,6 +284,11 @@ class TestFactory(POP3Factory):
         self.connections: set[FaultyProtocol] = set()
         self._connectionCount = 0
 
+    def clearTranscript(self) -> None:
+        """An empty transcript; the next connection is number 1 again."""
+        del self.transcript[:]
+        self._connectionCount = 0
+
     def nextConnectionNumber(self) -> int:
         self._connectionCount += 1
         return self._connectionCount

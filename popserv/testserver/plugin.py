@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from popserv.testserver.client import POP3TestServer
+from popserv.testserver.client import POP3TestServer, TestServerError
 
 __all__ = ["pop3_server", "pop3_server_session"]
 
@@ -57,9 +57,12 @@ def pop3_server(
 ) -> POP3TestServer:
     """A popserv made as new for this test: no users, no mail, no faults, TLS off."""
     server = _pop3_server_warm[0]
-    if not server.running:  # a test killed it: the next one gets a new one
+    try:
+        server.reset()
+    except TestServerError:
+        # A test killed it or it hung (the error is in its log): the next one gets a new one.
+        server.stop()
         server = _pop3_server_warm[0] = _started(tmp_path_factory, "pop3_server")
-    server.reset()
     marker = request.node.get_closest_marker("pop3_server")
     if marker is not None and marker.kwargs.get("tls"):
         server.enable_tls()

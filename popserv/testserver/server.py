@@ -50,6 +50,8 @@ def _verb(command: str) -> str:
 
 
 def _replyLine(reply: str) -> bytes:
+    if not isinstance(reply, str) or "\r" in reply or "\n" in reply:
+        raise ValueError(f"a reply is one line of text, not {reply!r}")
     if not reply.startswith(("+OK", "-ERR")):
         reply = "-ERR " + reply
     return reply.encode("utf-8") + b"\r\n"
@@ -138,13 +140,15 @@ class TestServerCore:
         self.factory.portal = self._portal()
         self.factory.policy = self.policy
         self.factory.faults = Faults()
-        del self.factory.transcript[:]
+        self.factory.clearTranscript()
         self.run(shutil.rmtree, old, True)  # (a root of its own: no need to wait)
         return self.settings()
 
     # -- users and mail ----------------------------------------------------------
 
     def addUser(self, name: str, password: str) -> None:
+        if not (isinstance(name, str) and name and isinstance(password, str)):
+            raise TypeError("a user name (not empty) and a password, both str")
         self.checker.users[name] = password
 
     @inlineCallbacks
@@ -196,13 +200,13 @@ class TestServerCore:
         self.factory.faults.failures[_verb(command)] = [_replyLine(reply), times]
 
     def dropAfter(self, command: str, octets: int) -> None:
-        if octets < 0:
-            raise ValueError("octets must be 0 or more")
+        if not isinstance(octets, int) or octets < 0:
+            raise ValueError(f"octets: a number, 0 or more, not {octets!r}")
         self.factory.faults.drops[_verb(command)] = octets
 
     def delay(self, command: str, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("seconds must be 0 or more")
+        if not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"seconds: a number, 0 or more, not {seconds!r}")
         self.factory.faults.delays[_verb(command)] = seconds
 
     def neverAnswer(self, command: str | None = None) -> None:
@@ -236,10 +240,10 @@ def _encode(value: Any) -> Any:
 
 class ControlProtocol(LineReceiver):
     """
-    The control channel: a request a line (C{{"op": NAME, "args": {...}}}),
-    answered in order by C{{"ok": true, "result": ...}} or C{{"ok": false,
-    "error": TEXT}}. Bytes travel as C{{"b64": ...}}. End of input stops the
-    server.
+    The control channel: a request a line (C{{"id": N, "op": NAME, "args":
+    {...}}}), answered by C{{"id": N, "ok": true, "result": ...}} or C{{"id":
+    N, "ok": false, "error": TEXT}}. Bytes travel as C{{"b64": ...}}. End of
+    input stops the server.
     """
 
     delimiter = b"\n"
@@ -268,16 +272,22 @@ class ControlProtocol(LineReceiver):
         self._queue: Deferred[None] | None = None
 
     def lineReceived(self, line: bytes) -> None:
+        number = None
         try:
             request = json.loads(line)
+            number = request.get("id")
             op = self.ops[request["op"]]
             d = maybeDeferred(op, **request.get("args", {}))
         except Exception:
             d = Deferred()
             d.errback(Failure())
         d.addCallbacks(
-            lambda result: {"ok": True, "result": _encode(result)},
-            lambda f: {"ok": False, "error": f"{f.type.__name__}: {f.getErrorMessage()}"},
+            lambda result: {"id": number, "ok": True, "result": _encode(result)},
+            lambda f: {
+                "id": number,
+                "ok": False,
+                "error": f"{f.type.__name__}: {f.getErrorMessage()}",
+            },
         )
         d.addCallback(lambda answer: self.transport.write(json.dumps(answer).encode() + b"\n"))
 
