@@ -28,34 +28,28 @@ connection objects print theirs, so none is ever logged here.
 from __future__ import annotations
 
 import queue
-import secrets
 import ssl
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
 from popserv.auth.ldapurl import LdapURL
+from popserv.auth.lookup import LookupPassdb
 from popserv.auth.schemes import Scheme, UnknownScheme, parseStoredPassword
 from popserv.auth.scramkeys import (
-    PROCESS_SALT_KEY,
     ISecretSource,
     ScramKeys,
-    deriveScramKeys,
-    parseScramSecret,
-    stableSalt,
 )
-from popserv.errors import AccountDisabled, TemporaryFailure, UnknownUser
+from popserv.errors import TemporaryFailure
 from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.threads import RunInThread
@@ -75,9 +69,6 @@ _SETTINGS = {
     "quota_messages": "quotaMessages",
 }
 _TRUE = frozenset({"true", "yes", "on", "1"})
-
-#: Users whose latest entry is remembered (for their settings).
-_REMEMBERED = 100_000
 
 
 class DirectoryError(TemporaryFailure):
@@ -165,7 +156,7 @@ def _close(connection: Any) -> None:
 
 
 @implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource, IUserDirectory)
-class LdapPassdb:
+class LdapPassdb(LookupPassdb):
     """
     An auth source over an LDAP directory, with the answers of the other
     sources (see L{popserv.auth.pgsql.PgPassdb}): L{UnknownUser} for no
@@ -204,9 +195,6 @@ class LdapPassdb:
         self.bindDN = bindDN
         self._bindPassword = bindPassword
         self.caFile = caFile
-        self.masterUsers = frozenset(masterUsers)
-        self.cache = cache
-        self.saltKey = saltKey or PROCESS_SALT_KEY
         self.connectTimeout = connectTimeout
         self.timeout = timeout
         self.credentialInterfaces: tuple[Any, ...] = (
@@ -221,12 +209,14 @@ class LdapPassdb:
         self._searches = ConnectionPool(self._searchConnection, poolSize, timeout)
         self._binds = ConnectionPool(self._plainConnection, poolSize, timeout)
         self._threadPool: Any = None
-        self._runInThread = runInThread or self._ownThreads(reactor, poolSize)
-        self._entries: OrderedDict[str, DirectoryEntry] = OrderedDict()
-        self._kinds: frozenset[str] = frozenset()
-        self._overridden = frozenset(_SETTINGS[f] for f in fields if f in _SETTINGS)
-        self._derived: dict[tuple[str, str, str], ScramKeys] = {}
-        self._decoy: tuple[Scheme, str] | None = None
+        self._decoys = not authBind  # a bind costs the directory's time, not ours
+        self._setUp(
+            runInThread or self._ownThreads(reactor, poolSize),
+            masterUsers,
+            cache,
+            saltKey,
+            frozenset(_SETTINGS[f] for f in fields if f in _SETTINGS),
+        )
 
     def __repr__(self) -> str:
         return str(self.url)
@@ -310,7 +300,7 @@ class LdapPassdb:
 
     # -- the directory (in threads) -------------------------------------------------
 
-    def _search(self, user: str) -> DirectoryEntry | None:
+    def _find(self, user: str) -> DirectoryEntry | None:
         url = self.url
         search = url.filterFor(user)
 
@@ -414,153 +404,20 @@ class LdapPassdb:
         self._searches.run(work)
         return f"{self}: reachable, {self.url.base} found"
 
-    # -- lookups (on the reactor) ------------------------------------------------------
+    # -- checks ------------------------------------------------------------------------
 
-    def lookup(self, user: str) -> Deferred[DirectoryEntry | None]:
-        """The user's entry, or None; remembered for L{settingsFor}."""
-        return self._runInThread(self._search, user).addCallback(self._remember, user)
-
-    def _remember(self, entry: DirectoryEntry | None, user: str) -> DirectoryEntry | None:
-        entries = self._entries
-        if entry is None:
-            entries.pop(user, None)
-            return None
-        for name in {user, entry.name}:
-            entries[name] = entry
-            entries.move_to_end(name)
-        while len(entries) > _REMEMBERED:
-            entries.popitem(last=False)
-        scheme = entry.scheme
-        if scheme is not None:
-            if scheme.plaintext and "plaintext" not in self._kinds:
-                self._kinds |= {"plaintext"}
-            if scheme.scram and scheme.scram not in self._kinds:
-                self._kinds |= {scheme.scram}
-            if scheme.slow and self._decoy is None:
-                self._decoy = (scheme, entry.secret)
-        return entry
-
-    # -- ICredentialsChecker ---------------------------------------------------------
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
-        if IImpersonation.providedBy(credentials):
-            return self._impersonate(credentials)
-        return self.lookup(credentials.username).addCallback(self._check, credentials)
-
-    def _check(self, entry: DirectoryEntry | None, credentials: Any) -> Deferred[str]:
-        if entry is None:
-            return self._unknownUser(credentials)
-        if IVerifiedCredentials.providedBy(credentials):
-            d: Deferred[bool] = succeed(True)
-        elif self.authBind:
-            if not IUsernamePassword.providedBy(credentials):
-                return fail(UnauthorizedLogin())
-            d = self._runInThread(self._bindAs, entry.dn, credentials.password)
-        else:
-            d = self._verify(entry, credentials)
-        return d.addCallback(_verdict, entry)
-
-    def _verify(self, entry: DirectoryEntry, credentials: Any) -> Deferred[bool]:
-        scheme, secret = entry.scheme, entry.secret
-        if scheme is None:
+    def _checkPassword(self, found: Any, credentials: Any) -> Deferred[bool]:
+        """In the bind mode, the directory checks the password: bind as the user."""
+        if not self.authBind:
+            return super()._checkPassword(found, credentials)
+        if not IUsernamePassword.providedBy(credentials):
             return succeed(False)
-        if IUsernamePassword.providedBy(credentials):
-            password = credentials.password
-            cache = self.cache
-            if not scheme.slow:
-                return succeed(scheme.verify(password, secret))
-            if cache is not None and cache.known(entry.name, secret, password):
-                return succeed(True)
-            d = self._runInThread(scheme.verify, password, secret)
-            if cache is not None:
-                d.addCallback(self._cached, entry.name, secret, password)
-            return d
-        if IUsernameHashedPassword.providedBy(credentials) and scheme.plaintext:
-            return succeed(credentials.checkPassword(secret.encode("utf-8")))
-        return succeed(False)
-
-    def _cached(self, matched: bool, user: str, secret: str, password: bytes) -> bool:
-        if matched and self.cache is not None:
-            self.cache.remember(user, secret, password)
-        return matched
-
-    def _unknownUser(self, credentials: Any) -> Deferred[str]:
-        """
-        In the lookup mode, fail after the cost of a real hash check (as the
-        passwd-file does); binding as the user costs the directory's time,
-        which an unknown user skips.
-        """
-        if self.authBind or not IUsernamePassword.providedBy(credentials):
-            return fail(UnknownUser())
-        d = self._runInThread(self._decoyCheck, credentials.password)
-        return d.addCallback(_unknown)
-
-    def _decoyCheck(self, password: bytes) -> bool:
-        decoy = self._decoy
-        if decoy is None:
-            from popserv.auth.schemes import hashPassword
-
-            decoy = parseStoredPassword(hashPassword("ARGON2ID", secrets.token_urlsafe(16)))
-            self._decoy = decoy
-        return decoy[0].verify(password, decoy[1])
-
-    def _impersonate(self, credentials: Any) -> Deferred[str]:
-        actor = credentials.credentials
-
-        def target(entry: DirectoryEntry | None) -> Deferred[str]:
-            if entry is None:
-                return fail(UnknownUser())
-            if actor.username not in self.masterUsers:
-                return fail(UnauthorizedLogin())
-            d = self.requestAvatarId(actor)
-            return d.addCallback(lambda _actor: _verdict(True, entry))
-
-        return self.lookup(credentials.username).addCallback(target)
-
-    # -- IUserDirectory ------------------------------------------------------------------
-
-    def knowsUser(self, user: str) -> Deferred[bool]:
-        return self.lookup(user).addCallback(lambda entry: entry is not None)
-
-    # -- ISecretSource -------------------------------------------------------------------
-
-    def secretKinds(self) -> frozenset[str]:
-        return self._kinds
+        return self._runInThread(self._bindAs, found.dn, credentials.password)  # type: ignore[no-any-return]
 
     def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
         if self.authBind:
-            return succeed(None)
-        return self.lookup(user).addCallback(self._keys, user, mechanism)
-
-    def _keys(
-        self, entry: DirectoryEntry | None, user: str, mechanism: str
-    ) -> ScramKeys | Deferred[ScramKeys] | None:
-        if entry is None or entry.scheme is None:
-            return None
-        if entry.scheme.scram == mechanism:
-            return parseScramSecret(entry.secret)
-        if not entry.scheme.plaintext:
-            return None
-        key = (user, mechanism, entry.secret)
-        if key in self._derived:
-            return self._derived[key]
-        salt = stableSalt(self.saltKey, mechanism, user)
-        d = self._runInThread(deriveScramKeys, mechanism, entry.secret, salt)
-        return d.addCallback(self._keep, key)
-
-    def _keep(self, keys: ScramKeys, key: tuple[str, str, str]) -> ScramKeys:
-        if len(self._derived) >= _REMEMBERED:
-            self._derived.clear()
-        return self._derived.setdefault(key, keys)
-
-    # -- IUserSettingsSource ---------------------------------------------------------------
-
-    def settingsFor(self, user: str) -> dict[str, Any]:
-        entry = self._entries.get(user)
-        return entry.settings if entry is not None else {}
-
-    def overriddenSettings(self) -> frozenset[str]:
-        return self._overridden
+            return succeed(None)  # no password read, no keys: no lookup
+        return super().scramKeys(user, mechanism)
 
     def close(self) -> None:
         """Close the pooled connections and stop this source's threads."""
@@ -583,15 +440,3 @@ def _describe(connection: Any) -> str:
     text = result.get("description") or "no answer"
     message = result.get("message")
     return f"{text} ({message})" if message else str(text)
-
-
-def _verdict(matched: bool, entry: DirectoryEntry) -> str:
-    if not matched:
-        raise UnauthorizedLogin()
-    if entry.disabled:
-        raise AccountDisabled()
-    return entry.name
-
-
-def _unknown(_matched: object) -> str:
-    raise UnknownUser()

@@ -32,30 +32,22 @@ which every login and every LMTP recipient check makes.
 
 from __future__ import annotations
 
-import secrets
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
+from popserv.auth.lookup import LookupPassdb
 from popserv.auth.schemes import SCHEMES, Scheme, UnknownScheme, parseStoredPassword
 from popserv.auth.scramkeys import (
-    PROCESS_SALT_KEY,
     ISecretSource,
-    ScramKeys,
-    deriveScramKeys,
-    parseScramSecret,
-    stableSalt,
 )
-from popserv.errors import AccountDisabled, TemporaryFailure, UnknownUser
+from popserv.errors import TemporaryFailure
 from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
@@ -78,9 +70,6 @@ _SETTINGS = {
     "quota_bytes": "quotaBytes",
     "quota_messages": "quotaMessages",
 }
-
-#: Users whose latest row is remembered (for their settings).
-_REMEMBERED = 100_000
 
 
 @dataclass(frozen=True)
@@ -152,7 +141,7 @@ def parseRow(given: str, columns: list[str], values: tuple[Any, ...]) -> UserRow
 
 
 @implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource, IUserDirectory)
-class PgPassdb:
+class PgPassdb(LookupPassdb):
     """
     Checks the credentials the passwd-file checker does
     (L{popserv.auth.passwdfile.PasswdFileChecker}), against the rows of
@@ -187,15 +176,7 @@ class PgPassdb:
         self.database = database
         self.query = query
         self.description = description
-        self._runInThread = runInThread or reactorThreads()
-        self.masterUsers = frozenset(masterUsers)
-        self.cache = cache
-        self.saltKey = saltKey or PROCESS_SALT_KEY
-        self._rows: OrderedDict[str, UserRow] = OrderedDict()
-        self._kinds: frozenset[str] = frozenset()
-        self._overridden: frozenset[str] = frozenset()
-        self._derived: dict[tuple[str, str, str], ScramKeys] = {}
-        self._decoy: tuple[Scheme, str] | None = None
+        self._setUp(runInThread or reactorThreads(), masterUsers, cache, saltKey)
         self._runInThread(self._probe).addCallback(self._learn).addErrback(
             lambda f: _log.warn(
                 "{source}: cannot check the password query yet: {error}",
@@ -238,7 +219,7 @@ class PgPassdb:
             _log.error("{source}: the password query failed: {error}", source=self, error=e)
             raise TemporaryFailure() from e
 
-    def _fetch(self, user: str) -> UserRow | None:
+    def _find(self, user: str) -> UserRow | None:
         def query(conn: Any) -> UserRow | None:
             cursor = conn.execute(self.query, {"user": user})
             values = cursor.fetchone()
@@ -255,144 +236,6 @@ class PgPassdb:
         self._overridden |= {_SETTINGS[c] for c in map(_column, columns) if c in _SETTINGS}
         for scheme in schemes:
             self._learnKinds(scheme)
-
-    def _learnKinds(self, scheme: Scheme) -> None:
-        if scheme.plaintext and "plaintext" not in self._kinds:
-            self._kinds |= {"plaintext"}
-        if scheme.scram and scheme.scram not in self._kinds:
-            self._kinds |= {scheme.scram}
-
-    def lookup(self, user: str) -> Deferred[UserRow | None]:
-        """The user's row, or None; remembered for L{settingsFor}."""
-        return self._runInThread(self._fetch, user).addCallback(self._remember, user)
-
-    def _remember(self, row: UserRow | None, user: str) -> UserRow | None:
-        rows = self._rows
-        if row is None:
-            rows.pop(user, None)
-            return None
-        for name in {user, row.name}:
-            rows[name] = row
-            rows.move_to_end(name)
-        while len(rows) > _REMEMBERED:
-            rows.popitem(last=False)
-        if row.settings.keys() - self._overridden:
-            self._overridden |= row.settings.keys()
-        if row.scheme is not None:
-            self._learnKinds(row.scheme)
-            if row.scheme.slow and self._decoy is None:
-                self._decoy = (row.scheme, row.secret)
-        return row
-
-    # -- ICredentialsChecker ---------------------------------------------------------
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
-        if IImpersonation.providedBy(credentials):
-            return self._impersonate(credentials)
-        d = self.lookup(credentials.username)
-        return d.addCallback(self._check, credentials)
-
-    def _check(self, row: UserRow | None, credentials: Any) -> Deferred[str]:
-        if row is None:
-            return self._unknownUser(credentials)
-        scheme, secret = row.scheme, row.secret
-        if scheme is None:
-            d: Deferred[bool] = succeed(False)
-        elif IUsernamePassword.providedBy(credentials):
-            password = credentials.password
-            cache = self.cache
-            if not scheme.slow:
-                d = succeed(scheme.verify(password, secret))
-            elif cache is not None and cache.known(row.name, secret, password):
-                d = succeed(True)
-            else:
-                d = self._runInThread(scheme.verify, password, secret)
-                if cache is not None:
-                    d.addCallback(self._cached, row.name, secret, password)
-        elif IUsernameHashedPassword.providedBy(credentials) and scheme.plaintext:
-            d = succeed(credentials.checkPassword(secret.encode("utf-8")))
-        elif IVerifiedCredentials.providedBy(credentials):
-            d = succeed(True)
-        else:
-            return fail(UnauthorizedLogin())
-        return d.addCallback(_verdict, row)
-
-    def _cached(self, matched: bool, user: str, secret: str, password: bytes) -> bool:
-        if matched and self.cache is not None:
-            self.cache.remember(user, secret, password)
-        return matched
-
-    def _unknownUser(self, credentials: Any) -> Deferred[str]:
-        """Fail after the work a real account's check costs (see the passwd-file's)."""
-        if not IUsernamePassword.providedBy(credentials):
-            return fail(UnknownUser())
-        d = self._runInThread(self._decoyCheck, credentials.password)
-        return d.addCallback(_unknown)
-
-    def _decoyCheck(self, password: bytes) -> bool:
-        decoy = self._decoy
-        if decoy is None:
-            from popserv.auth.schemes import hashPassword
-
-            decoy = parseStoredPassword(hashPassword("ARGON2ID", secrets.token_urlsafe(16)))
-            self._decoy = decoy
-        return decoy[0].verify(password, decoy[1])
-
-    def _impersonate(self, credentials: Any) -> Deferred[str]:
-        actor = credentials.credentials
-
-        def target(row: UserRow | None) -> Deferred[str]:
-            if row is None:
-                return fail(UnknownUser())
-            if actor.username not in self.masterUsers:
-                return fail(UnauthorizedLogin())
-            d = self.requestAvatarId(actor)
-            return d.addCallback(lambda _actor: _verdict(True, row))
-
-        return self.lookup(credentials.username).addCallback(target)
-
-    # -- IUserDirectory ------------------------------------------------------------------
-
-    def knowsUser(self, user: str) -> Deferred[bool]:
-        return self.lookup(user).addCallback(lambda row: row is not None)
-
-    # -- ISecretSource -------------------------------------------------------------------
-
-    def secretKinds(self) -> frozenset[str]:
-        return self._kinds
-
-    def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
-        return self.lookup(user).addCallback(self._keys, user, mechanism)
-
-    def _keys(
-        self, row: UserRow | None, user: str, mechanism: str
-    ) -> ScramKeys | Deferred[ScramKeys] | None:
-        if row is None or row.scheme is None:
-            return None
-        if row.scheme.scram == mechanism:
-            return parseScramSecret(row.secret)
-        if not row.scheme.plaintext:
-            return None
-        key = (user, mechanism, row.secret)
-        if key in self._derived:
-            return self._derived[key]
-        salt = stableSalt(self.saltKey, mechanism, user)
-        d = self._runInThread(deriveScramKeys, mechanism, row.secret, salt)
-        return d.addCallback(self._keep, key)
-
-    def _keep(self, keys: ScramKeys, key: tuple[str, str, str]) -> ScramKeys:
-        if len(self._derived) >= _REMEMBERED:
-            self._derived.clear()
-        return self._derived.setdefault(key, keys)
-
-    # -- IUserSettingsSource ---------------------------------------------------------------
-
-    def settingsFor(self, user: str) -> dict[str, Any]:
-        row = self._rows.get(user)
-        return row.settings if row is not None else {}
-
-    def overriddenSettings(self) -> frozenset[str]:
-        return self._overridden
 
     def status(self) -> str:
         """
@@ -432,15 +275,3 @@ class PgPassdb:
 
     def close(self) -> None:
         self.database.close()
-
-
-def _verdict(matched: bool, row: UserRow) -> str:
-    if not matched:
-        raise UnauthorizedLogin()
-    if row.disabled:
-        raise AccountDisabled()
-    return row.name
-
-
-def _unknown(_matched: object) -> str:
-    raise UnknownUser()
