@@ -699,11 +699,11 @@ class Bench:
         return names
 
     def makeServer(self, name: str, tag: str) -> Server:
+        profile = None
+        if self.args.profile and name in ("popserv", "pgsql"):
+            self._profiles += 1
+            profile = self.workdir / f"profile-{self._profiles:02d}-{name}-{tag}.pstats"
         if name == "popserv":
-            profile = None
-            if self.args.profile:
-                self._profiles += 1
-                profile = self.workdir / f"profile-{self._profiles:02d}-{tag}.pstats"
             return Popserv(self.workdir, self.root, self.passwd, Path(self.args.source), profile)
         if name == "baseline":
             source = Path(self.args.baseline_src).resolve()
@@ -715,6 +715,7 @@ class Bench:
                 self.root,
                 self.passwd,
                 Path(self.args.source),
+                profile,
                 name="pgsql",
                 mailLocation=f"pgsql:{self.database.uri}",
                 label="popserv (pgsql)",

@@ -233,7 +233,7 @@ class PgMailbox:
         if not self._locked:
             return None
         self._locked = False
-        return self._store.runInThread(self._store.locks.release, self.user)
+        return self._store.serial(self._store.locks.release, self.user)
 
 
 @implementer(IMailStore, ILoginMemory, IMaildropUsage, IFailedLogins, ISharedKeys)
@@ -247,6 +247,11 @@ class PgStore:
     @param createMissing: make a missing maildrop at first login.
     @param poolSize: connections at most (the thread pool's size is a good fit).
     @param timeout: seconds to wait for a connection before C{[SYS/TEMP]}.
+    @param serial: runs the maildrop locks' work, which their one
+        connection serializes anyway, e.g. in order on one thread of its own
+        (a L{popserv.backends.pgsql.serial.SerialThread}, what a server's
+        store uses: a login's lock and unlock cost less than two trips
+        through C{runInThread}'s pool); None: C{runInThread}.
     """
 
     def __init__(
@@ -256,6 +261,7 @@ class PgStore:
         createMissing: bool = True,
         poolSize: int = DEFAULT_POOL_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        serial: RunInThread | None = None,
     ) -> None:
         self.uri = uri
         self.runInThread = runInThread or reactorThreads()
@@ -263,13 +269,20 @@ class PgStore:
         self.database = Database(uri, poolSize, timeout)
         self.locks = AdvisoryLocks(self.database)
         self.listings = _Listings()
+        self._serial = serial
+
+    def serial(self, f: Any, *args: Any) -> Deferred[Any]:
+        """C{f(*args)} in the lane of the locks' work (see C{serial} above)."""
+        if self._serial is None:
+            return self.runInThread(f, *args)
+        return self._serial(f, *args)
 
     @property
     def description(self) -> str:
         return "pgsql:" + re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.uri)
 
     def openMailbox(self, user: str) -> Deferred[PgMailbox]:
-        return self.runInThread(self._openMailbox, user)
+        return self.serial(self._openMailbox, user)
 
     def _openMailbox(self, user: str) -> PgMailbox:
         found = self.locks.acquire(user)  # and, in the same round trip, the maildrop
@@ -378,5 +391,8 @@ class PgStore:
         return f"database reached, schema version {version}"
 
     def close(self) -> None:
+        stop = getattr(self._serial, "stop", None)
+        if stop is not None:
+            stop()
         self.locks.close()
         self.database.close()
