@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+from test_pgsql import initialized, makeStore
 from twisted.internet.defer import Deferred, gatherResults
 
 from popserv.backends.pgsql.serial import SerialThread
+from popserv.errors import TemporaryFailure
 
 
 class FakeReactor:
@@ -111,3 +114,17 @@ def test_every_call_fires_once(count):
         assert fired(gatherResults(ds)) == [list(range(count))]
     finally:
         serial.stop()
+
+
+def test_a_login_queued_longer_than_the_timeout_fails_without_locking(pgdatabase):
+    """Behind lock work stuck on the database, a login gets [SYS/TEMP], not a wait without end."""
+    store = makeStore(initialized(pgdatabase), timeout=1)
+    try:
+        with pytest.raises(TemporaryFailure):
+            store._openMailbox("alice", time.monotonic() - 2)
+        assert "alice" not in store.locks.held
+        mailbox = store._openMailbox("alice", time.monotonic())
+        assert "alice" in store.locks.held
+        mailbox.close()
+    finally:
+        store.close()

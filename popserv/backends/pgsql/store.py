@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -288,9 +289,13 @@ class PgStore:
         return "pgsql:" + re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.uri)
 
     def openMailbox(self, user: str) -> Deferred[PgMailbox]:
-        return self.serial(self._openMailbox, user)
+        return self.serial(self._openMailbox, user, time.monotonic())
 
-    def _openMailbox(self, user: str) -> PgMailbox:
+    def _openMailbox(self, user: str, asked: float | None = None) -> PgMailbox:
+        if asked is not None and time.monotonic() - asked > self.database.timeout:
+            # Queued behind lock work that waited on an unreachable
+            # database: fail as a login that waited for a connection does.
+            raise TemporaryFailure()
         found = self.locks.acquire(user)  # and, in the same round trip, the maildrop
         if found is not None:
             return PgMailbox(self, user, *found)
