@@ -53,10 +53,12 @@ _log = Logger()
 _LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
 
 
-#: The message (none: it vanished) and its first rows (none: an empty body).
+#: The message (none: it vanished), its first rows (none: an empty body),
+#: and its last row's number, so that reading stops without asking for more.
 _OPEN = (
-    "SELECT c.data FROM messages m LEFT JOIN chunks c"
-    " ON c.message = m.id AND c.seq < %s WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
+    "SELECT c.data, (SELECT max(seq) FROM chunks l WHERE l.message = m.id)"
+    " FROM messages m LEFT JOIN chunks c ON c.message = m.id AND c.seq < %s"
+    " WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
 )
 
 
@@ -124,14 +126,17 @@ class _ChunkReader:
     the last row of the previous one is being sent.
     """
 
-    def __init__(self, mailbox: PgMailbox, messageId: int, first: list[bytes]) -> None:
+    def __init__(
+        self, mailbox: PgMailbox, messageId: int, first: list[bytes], last: int = -1
+    ) -> None:
         self._mailbox = mailbox
         self._id = messageId
         self._chunks = deque(first)
         self._current = memoryview(b"")
         self._pos = 0
         self._seq = len(first)
-        self._more = len(first) == _BATCH
+        self._last = last
+        self._more = self._seq <= last
         self._pending: Deferred[None] | None = None
 
     def read(self, size: int) -> bytes | Deferred[bytes]:
@@ -167,7 +172,7 @@ class _ChunkReader:
 
     def _got(self, rows: list[bytes]) -> None:
         self._chunks.extend(rows)
-        self._more = len(rows) == _BATCH
+        self._more = bool(rows) and self._seq <= self._last
 
     def close(self) -> None:
         self._chunks.clear()
@@ -217,7 +222,13 @@ class PgMailbox:
         rows = self._store.database.run(query)
         if not rows:
             raise MessageVanished()
-        return _ChunkReader(self, messageId, [row[0] for row in rows if row[0] is not None])
+        last = rows[0][1]
+        return _ChunkReader(
+            self,
+            messageId,
+            [row[0] for row in rows if row[0] is not None],
+            -1 if last is None else last,
+        )
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
         ids = [info.key for info in infos]
