@@ -127,6 +127,42 @@ class Result:
         return statistics.median(self.gen) if self.gen else None
 
 
+class _PeakMemory:
+    """
+    How far a process's resident set rose above where it was at L{start}:
+    its peak (C{VmHWM}, reset at start through C{/proc/PID/clear_refs},
+    Linux 4.0+) at L{stop} minus its C{VmRSS} at start. None where the
+    kernel does not allow the reset (the peak would be the process's
+    lifetime's, not the transfer's).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = 0
+        self.growth: int | None = None
+        self._reset = False
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise ValueError(f"no {field} in /proc/{self.pid}/status")
+
+    def start(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS
+            self.before = self._status("VmRSS")
+            self._reset = True
+        except (OSError, ValueError):
+            self._reset = False
+
+    def stop(self) -> None:
+        if self._reset:
+            self.growth = max(0, self._status("VmHWM") - self.before)
+
+
 @dataclass(frozen=True)
 class Row:
     key: str
@@ -184,6 +220,17 @@ def _rows(plan: Plan) -> list[Row]:
             lambda v, r: v >= 600,
             ">= 300 MB/s",
             lambda v, r: v >= 300,
+        ),
+        Row(
+            "retr50-rss",
+            "retr50",
+            f"2 node RSS growth during RETR {big} MiB (worst run)",
+            "MiB",
+            False,
+            "-",
+            None,
+            "<= 2 MiB",
+            lambda v, r: v <= 2,
         ),
         Row(
             "retr10x8",
@@ -699,11 +746,11 @@ class Bench:
         return names
 
     def makeServer(self, name: str, tag: str) -> Server:
+        profile = None
+        if self.args.profile and name in ("popserv", "pgsql"):
+            self._profiles += 1
+            profile = self.workdir / f"profile-{self._profiles:02d}-{name}-{tag}.pstats"
         if name == "popserv":
-            profile = None
-            if self.args.profile:
-                self._profiles += 1
-                profile = self.workdir / f"profile-{self._profiles:02d}-{tag}.pstats"
             return Popserv(self.workdir, self.root, self.passwd, Path(self.args.source), profile)
         if name == "baseline":
             source = Path(self.args.baseline_src).resolve()
@@ -715,6 +762,7 @@ class Bench:
                 self.root,
                 self.passwd,
                 Path(self.args.source),
+                profile,
                 name="pgsql",
                 mailLocation=f"pgsql:{self.database.uri}",
                 label="popserv (pgsql)",
@@ -824,29 +872,47 @@ class Bench:
 
     def _retr(self, name: str, key: str, users: list[str]) -> None:
         with self.running(name, key) as server:
+            growths = []
             for run in range(self.runs):
-                rate, total, elapsed, share = self._retrRun(server.port, users)
+                memory = _PeakMemory(server.pid)
+                rate, total, elapsed, share = self._retrRun(server.port, users, memory)
                 r = self.result(key, name)
                 r.samples.append(rate)
                 r.gen.append(share)
+                text = ""
+                if key == "retr50" and memory.growth is not None:
+                    growths.append(memory.growth / MiB)
+                    before = memory.before / MiB
+                    text = f", node RSS {before:,.1f} MiB + {growths[-1]:.2f} MiB at peak"
                 self.say(
                     name,
                     f"{key} run {run + 1}: {total / 1e6:.1f} MB in {elapsed * 1000:.1f} ms ="
-                    f" {rate:,.0f} MB/s, generator CPU {share:.0%}",
+                    f" {rate:,.0f} MB/s{text}, generator CPU {share:.0%}",
                 )
+            if growths:
+                self.result("retr50-rss", name).samples.append(max(growths))
 
-    def _retrRun(self, port: int, users: list[str]) -> tuple[float, int, float, float]:
-        """Every user RETRs its one message at the same moment: (MB/s, octets, s, gen CPU)."""
+    def _retrRun(
+        self, port: int, users: list[str], memory: _PeakMemory | None = None
+    ) -> tuple[float, int, float, float]:
+        """
+        Every user RETRs its one message at the same moment: (MB/s, octets,
+        s, gen CPU); C{memory} is started right before and read right after.
+        """
         engine = Engine(port)
         out: list[tuple[float, float, int]] = []
         for u in users:
             engine.start(retrSession(self.drops[u], self.table(u), out), u)
         n = len(users)
         engine.run(until=lambda: engine.parked("ready") == n)
+        if memory is not None:
+            memory.start()
         g0, w0 = genCPU(), perf_counter()
         engine.release("ready")
         engine.run(until=lambda: engine.parked("done") == n)
         g1, w1 = genCPU(), perf_counter()
+        if memory is not None:
+            memory.stop()
         engine.release("done")
         engine.run()
         engine.close()
@@ -1052,7 +1118,7 @@ class Bench:
 
     ROWS: dict[str, tuple[str, list[str]]] = {
         "login": ("rowLogin", ["login", "login-cpu"]),
-        "retr50": ("rowRetr50", ["retr50"]),
+        "retr50": ("rowRetr50", ["retr50", "retr50-rss"]),
         "retr10x8": ("rowRetr10x8", ["retr10x8"]),
         "100k": (
             "row100k",
@@ -1217,6 +1283,8 @@ class Bench:
             text = f"{v:,.2f} KiB"
         elif row.unit == "MB/s":
             text = f"{v:,.0f} MB/s"
+        elif row.unit == "MiB":
+            text = f"{v:,.1f} MiB"
         else:
             text = f"{v:,.0f} {row.unit}"
         if row.key == "idle-max":

@@ -38,14 +38,20 @@ class PgsqlKind:
 
     def makeStore(self, args: str, context: StoreContext) -> Any:
         from popserv.backends.pgsql import PgStore
+        from popserv.backends.pgsql.serial import SerialThread
+        from popserv.threads import synchronously
 
         self.check(args, context.baseDir)
+        # The locks' work on a thread of its own, unless the caller (a
+        # command) runs everything on its own thread.
+        serial = None if context.runInThread is synchronously else SerialThread()
         return PgStore(
             args,
             runInThread=context.runInThread,
             createMissing=context.createMissing,
             poolSize=context.options.get("pool_size", 10),
             timeout=context.options.get("timeout", 5),
+            serial=serial,
         )
 
 

