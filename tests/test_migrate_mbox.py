@@ -121,3 +121,21 @@ def test_wire_digest_is_the_retr_form_whatever_the_chunks():
                 digest.update(stored[i : i + size])
             assert digest.hexdigest() == hashlib.sha256(wire).hexdigest(), (stored, size)
     assert WireDigest().hexdigest() == hashlib.sha256(b"").hexdigest()
+
+
+def test_check_config_warns_of_uidl_source_outside_maildir(tmp_path):
+    """uidl_source applies to Maildir only: set for mbox, check-config says it is ignored."""
+    (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
+    config = tmp_path / "popserv.toml"
+    for location, warned in (("mbox:spool/%u", True), ("maildir:mail/%u/Maildir", False)):
+        config.write_text(
+            f'passwd = "passwd"\nmail_location = "{location}"\nuidl_source = "dovecot"\n'
+        )
+        out = popserv("check-config", "--config", str(config))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.endswith("configuration OK\n"), out.stdout
+        warning = (
+            "warning: uidl_source = dovecot applies to Maildir stores only; "
+            "the mbox store ignores it (its X-UIDL rule is always on)\n"
+        )
+        assert (warning in out.stdout) is warned, out.stdout
