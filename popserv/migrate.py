@@ -16,7 +16,9 @@ so it moves mail between any two kinds (Maildir, PostgreSQL, ...):
     where it stopped and a second run copies nothing;
   - each maildrop is verified: the target lists every source UIDL with the
     same (exact RETR) size, and each message copied now has the SHA-256 it
-    was written with.
+    was written with, taken over its wire form (CRLF line endings, as RETR
+    sends it): stores keep line endings their own way (an mbox spool in LF,
+    a Maildir as delivered), which changes nothing a client sees.
 
 The source may also be a live POP3 server (L{popserv.popsource}).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import threading
 import time
@@ -41,7 +44,15 @@ from popserv.errors import MaildropInUse, MessageVanished, PermanentFailure
 from popserv.interfaces import IMailStore, MessageInfo, UIDConflict
 from popserv.threads import synchronously, waitFor
 
-__all__ = ["MaildropResult", "Migration", "Progress", "migrate", "openStores", "openTarget"]
+__all__ = [
+    "MaildropResult",
+    "Migration",
+    "Progress",
+    "WireDigest",
+    "migrate",
+    "openStores",
+    "openTarget",
+]
 
 #: Bytes read from the source and written to the target at a time.
 CHUNK = 256 * 1024
@@ -118,6 +129,40 @@ class Progress:
             self._drawn = 0.0
         self.out.write(text + "\n")
         self.out.flush()
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class WireDigest:
+    """
+    The SHA-256 of a message's wire form, fed its stored bytes in any
+    chunks: bare LFs made CRLF (a lone CR stays data), and a final CRLF
+    added to a message that lacks one, as RETR sends it.
+    """
+
+    __slots__ = ("_sha", "_heldCR", "_last")
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._heldCR = False
+        self._last = b"\n"
+
+    def update(self, data: bytes) -> None:
+        if not data:
+            return
+        out = _BARE_LF.sub(b"\r\n", data)
+        if self._heldCR and data[:1] == b"\n":
+            out = out[1:]  # that LF ends the CRLF the last chunk began
+        self._sha.update(out)
+        self._heldCR = data[-1:] == b"\r"
+        self._last = data[-1:]
+
+    def hexdigest(self) -> str:
+        sha = self._sha.copy()
+        if self._last != b"\n":
+            sha.update(b"\r\n")
+        return sha.hexdigest()
 
 
 def _human(octets: int) -> str:
@@ -263,7 +308,7 @@ class Migration:
             for info in infos:
                 if digests and info.uid in digests:
                     reader = yield maybeDeferred(mailbox.openMessage, info)
-                    digest = hashlib.sha256()
+                    digest = WireDigest()
                     try:
                         while data := (yield maybeDeferred(reader.read, CHUNK)):
                             digest.update(data)
@@ -282,7 +327,7 @@ class Migration:
         or "" if its UIDL got there meanwhile.
         """
         reader = yield maybeDeferred(mailbox.openMessage, info)
-        digest = hashlib.sha256()
+        digest = WireDigest()
         try:
             writer = yield maybeDeferred(
                 self.target.deliverMessage, user, uid=info.uid, received=info.received

@@ -17,6 +17,8 @@ server's reactor.
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import hashlib
 import ipaddress
 import socket
@@ -227,7 +229,11 @@ class _Mailbox:
         self._received = received
 
     def listMessages(self) -> list[MessageInfo]:
-        """UIDL and LIST; delivery times made up, one second apart, to keep the order."""
+        """
+        UIDL and LIST, then each message's delivery time from its headers
+        (L{arrivals}); a message whose headers tell none gets a made-up time,
+        one second apart in message order, just before the migration began.
+        """
         connection = self._connection
         connection.command("UIDL")
         uidls = dict(line.decode("utf-8", "replace").split(" ", 1) for line in connection.lines())
@@ -243,14 +249,106 @@ class _Mailbox:
                 )
             seen.add(uid)
             infos.append(MessageInfo(uid, int(sizes[number]), int(number)))
+        times = arrivals(connection, [info.key for info in infos], self._received)
         start = self._received - len(infos)
-        return [info._replace(received=start + i) for i, info in enumerate(infos)]
+        return [
+            info._replace(received=start + i if when is None else when)
+            for i, (info, when) in enumerate(zip(infos, times, strict=True))
+        ]
 
     def openMessage(self, info: MessageInfo) -> _Reader:
         return _Reader(self._connection, info.key)
 
     def close(self) -> None:
         self._connection.close()
+
+
+#: Header octets of a message read for its delivery time at most.
+_MAX_HEADER = 64 * 1024
+#: TOP commands sent at once to a server that offers PIPELINING (RFC 2449).
+_BATCH = 64
+
+
+def arrivals(connection: _Connection, numbers: list[int], now: float) -> list[float | None]:
+    """
+    When each message arrived at the source, as its headers tell (TOP n 0):
+    the date of its top C{Received:} field (the source's own MTA wrote it
+    last), else its C{Date:}; None when neither parses, the server has no
+    TOP, or the time is in the future. Pipelined when the server offers it.
+    """
+    if not numbers:
+        return []
+    batch = _BATCH if "PIPELINING" in connection.capabilities() else 1
+    found: list[float | None] = []
+    for first in range(0, len(numbers), batch):
+        chunk = numbers[first : first + batch]
+        connection.sock.sendall(b"".join(b"TOP %d 0\r\n" % n for n in chunk))
+        for _ in chunk:
+            try:
+                connection.response()
+            except SourceError:  # no TOP, or a message gone: no time for it
+                found.append(None)
+                continue
+            when = headerTime(_headerLines(connection))
+            found.append(when if when is not None and when <= now + 300 else None)
+    return found
+
+
+def _headerLines(connection: _Connection) -> list[bytes]:
+    """A TOP response's lines, unstuffed, keeping the first L{_MAX_HEADER} octets."""
+    kept: list[bytes] = []
+    total = 0
+    while (line := connection.line()) != b".":
+        if total < _MAX_HEADER:
+            kept.append(line[1:] if line.startswith(b".") else line)
+            total += len(line) + 2
+    return kept
+
+
+def headerTime(lines: list[bytes]) -> float | None:
+    """
+    The time of the first C{Received:} field (after its last C{;}), else of
+    C{Date:}, in a message's header C{lines}; None if neither parses. A
+    time without a zone (C{-0000}) is taken as UTC.
+    """
+    fields: dict[bytes, bytes] = {}
+    name = b""
+    for line in lines:
+        if not line:
+            break  # the end of the header
+        if line[:1] in (b" ", b"\t"):
+            if name:
+                fields[name] += b" " + line.strip()
+            continue
+        name, colon, value = line.partition(b":")
+        name = name.strip().lower()
+        if not colon or name in fields:
+            name = b""  # only the first of each field counts: the top Received
+            continue
+        fields[name] = value.strip()
+    for key in (b"received", b"date"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        if key == b"received":
+            value = value.rpartition(b";")[2]
+        when = _parseDate(value.decode("latin-1").strip())
+        if when is not None:
+            return when
+    return None
+
+
+def _parseDate(text: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class POP3Source:

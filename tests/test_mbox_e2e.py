@@ -8,7 +8,8 @@ fetches from a popserv process serving it (`mail_location = "mbox:..."`).
   `mail_spool_directory` in the test's directory) delivers to a Unix account;
 - fetchmail fetches with --keep --uidl (an incremental second run fetches
   only the new mail), then without --keep (DELE + QUIT: UPDATE rewrites the
-  spool, which the MTA keeps appending to).
+  spool, which the MTA keeps appending to);
+- mpop does the same with its own UIDL file (keep on, then off).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_e2e_clients import DOTS, NOEOL, UTF8, fetched, fetchmail
 
-from clients import local, output
+from clients import local, output, split_received
 from support import ServerProcess, have
 
 PASSWORD = "wonderland"
@@ -217,3 +218,74 @@ def test_postfix_local_delivers_into_the_spool(tmp_path):
         stopPostfix(config)
         srv.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- mpop -----------------------------------------------------------------------------------
+
+
+def mpop(srv: ServerProcess, home: Path, keep: bool):
+    """One mpop run: USER/PASS without TLS, into home/Maildir, its UIDL file in home."""
+    dest = home / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    conf = home / "mpoprc"
+    conf.write_text(
+        f"account test\nhost 127.0.0.1\nport {srv.port}\nuser alice\npassword {PASSWORD}\n"
+        f"tls off\nauth user\ntimeout 30\ndelivery maildir {dest}\n"
+        f"keep {'on' if keep else 'off'}\nuidls_file {home / 'mpop-uidls'}\n"
+    )
+    conf.chmod(0o600)  # mpop refuses a readable file holding a password
+    env = dict(os.environ, HOME=str(home), LC_ALL="C")
+    return subprocess.run(
+        ["mpop", "--debug", "-C", str(conf), "test"],
+        capture_output=True, timeout=60, env=env, cwd=home,
+    )  # fmt: skip
+
+
+def delivered(home: Path) -> list[bytes]:
+    """What mpop put into home/Maildir, its Received: field taken off, sorted."""
+    return sorted(
+        split_received(p.read_bytes(), b"mpop")
+        for sub in ("new", "cur")
+        for p in (home / "Maildir" / sub).iterdir()
+    )
+
+
+def test_procmail_delivers_mpop_fetches(tmp_path):
+    """
+    mpop (keep on, its own UIDL file) fetches the spool byte-exact (dots,
+    8-bit, a quoted From line, no final newline, two identical
+    messages); a second run fetches only what procmail appended since; with
+    keep off, its DELE and QUIT empty the spool.
+    """
+    need("procmail", "procmail")
+    need("formail", "procmail")
+    need("mpop", "mpop")
+    spoolDir = tmp_path / "spool"
+    spoolDir.mkdir()
+    spool = spoolDir / "alice"
+    messages = [DOTS, UTF8, NOEOL, DOTS]
+    for message in messages:
+        procmail(spool, message)
+    srv = mboxServer(tmp_path / "server", "alice", spoolDir).start()
+    try:
+        home = tmp_path / "home"
+        home.mkdir()
+        first = mpop(srv, home, keep=True)
+        assert first.returncode == 0, output(first)
+        assert delivered(home) == sorted(local(m) for m in messages), output(first)
+        assert len((home / "mpop-uidls").read_text().split("\n")) >= len(messages)
+
+        late = b"From: late@example.org\nSubject: late\n\nFrom the MTA, later\n"
+        procmail(spool, late)
+        second = mpop(srv, home, keep=True)
+        assert second.returncode == 0, output(second)
+        assert delivered(home) == sorted(local(m) for m in [*messages, late]), output(second)
+
+        gone = mpop(srv, home, keep=False)
+        assert gone.returncode == 0 and "QUIT" in output(gone), output(gone)
+        assert delivered(home) == sorted(local(m) for m in [*messages, late])
+        assert spool.read_bytes() == b"", output(gone)
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log, srv.log

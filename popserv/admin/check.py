@@ -46,6 +46,14 @@ def checkConfig(config: Config) -> list[str]:
         note = storeNote(store)
         if note:
             print(note)  # a remark, not a problem
+    kind = config.store[0]
+    if config.uidl_source != "native" and kind != DEFAULT_STORE:
+        # A warning: the server runs, but serves the store's own UIDLs.
+        print(
+            f"warning: uidl_source = {config.uidl_source} applies to Maildir stores only; "
+            f"the {kind} store ignores it"
+            + (" (its X-UIDL rule is always on)" if kind == "mbox" else "")
+        )
     if config.passdb:  # the passwd shorthand is read below, user by user
         try:
             checker = makeChecker(replace(config, passwd=None), reactor, synchronously)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import IO, Any
 
@@ -18,8 +17,8 @@ from popserv.admin.common import (
     AdminError,
     configFrom,
 )
-from popserv.config import DEFAULT_STORE, Config, ConfigError
-from popserv.errors import InvalidUserName
+from popserv.config import Config, ConfigError
+from popserv.errors import InvalidUserName, MaildropInUse, PermanentFailure
 
 __all__ = ["deliver", "cmdDeliver", "cmdUidl", "cmdMigrate", "checkRecipient"]
 
@@ -74,17 +73,6 @@ def checkRecipient(config: Config, user: str) -> None:
         raise AdminError(f"no user {user}", EX_NOUSER)
 
 
-def maildirOf(config: Config, user: str, mustExist: bool) -> str:
-    checkRecipient(config, user)
-    try:
-        path = config.location.expand(user)
-    except Exception as e:
-        raise AdminError(f"user {user!r}: {e}", EX_NOUSER) from None
-    if mustExist and not os.path.isdir(path):
-        raise AdminError(f"{path}: no such maildir")
-    return path
-
-
 def cmdDeliver(args: argparse.Namespace) -> int:
     """Deliver standard input into the user's maildrop, through the configured store."""
     from popserv.build import makeStore
@@ -125,22 +113,47 @@ def _deliver(store: Any, user: str, source: IO[bytes]) -> Any:
 
 
 def cmdUidl(args: argparse.Namespace) -> int:
-    from popserv.backends.maildir import MaildirMailbox, MaildirStore
-    from popserv.location import MailLocation
-    from popserv.threads import synchronously
+    """
+    Print the UIDLs (and sizes) a session of C{args.user} would be served,
+    from any store, through the store contract: the maildrop is opened as a
+    session opens it (so a user in a session now is refused: run again),
+    listed, and closed. Nothing is created or changed.
+    """
+    from popserv.build import makeStore
+    from popserv.threads import synchronously, waitFor
 
     config = configFrom(args)
-    if config.mail_location and config.store[0] != DEFAULT_STORE:
-        raise AdminError(f"reads Maildirs only, not a {config.store[0]} store", EX_USAGE)
-    path = maildirOf(config, args.user, mustExist=True)
-    store = MaildirStore(MailLocation("maildir", path), runInThread=synchronously)
-    # Read-only: a scan without taking the lock, so a live session is not disturbed.
-    mailbox = MaildirMailbox(path, store, locked=False)
-    results: list[object] = []
-    mailbox.listMessages().addBoth(results.append)
-    for number, info in enumerate(results[0], 1):  # type: ignore[arg-type]
+    args.user = config.usernameRules(args.user)
+    checkRecipient(config, args.user)
+    try:
+        store = makeStore(config, synchronously, createMissing=False)
+    except ConfigError as e:
+        raise AdminError(str(e), EX_USAGE) from None
+    try:
+        outcome = waitFor(_listing(store, args.user))
+    finally:
+        getattr(store, "close", lambda: None)()
+    if isinstance(outcome, Failure):
+        if outcome.check(MaildropInUse):
+            raise AdminError(f"{args.user} is in a session now: run again", EX_TEMPFAIL)
+        if outcome.check(InvalidUserName):
+            raise AdminError(f"user {args.user!r}: {outcome.getErrorMessage()}", EX_NOUSER)
+        if outcome.check(PermanentFailure):
+            raise AdminError(f"{args.user}: {outcome.getErrorMessage()}")
+        raise AdminError(f"{args.user}: {outcome.getErrorMessage()}", EX_TEMPFAIL)
+    for number, info in enumerate(outcome, 1):
         print(f"{number} {info.uid}" + (f" {info.size}" if args.sizes else ""))
     return EX_OK
+
+
+@inlineCallbacks
+def _listing(store: Any, user: str) -> Any:
+    """C{user}'s messages as a session lists them (the maildrop opened, listed, closed)."""
+    mailbox = yield maybeDeferred(store.openMailbox, user)
+    try:
+        return list((yield maybeDeferred(mailbox.listMessages)))
+    finally:
+        yield maybeDeferred(mailbox.close)
 
 
 def addPOPSourceOptions(parser: argparse.ArgumentParser) -> None:

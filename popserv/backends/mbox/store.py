@@ -267,6 +267,9 @@ class MboxStore:
         return self.runInThread(self._startDelivery, path, uid, received)
 
     def _startDelivery(self, path: str, uid: str | None, received: float | None) -> MboxWriter:
+        if self.createMissing:
+            # A spool directory of its own (C{%d/%n} templates): made as Maildirs are.
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         delivery = MboxDelivery(path, self.fmt, uid, received, self.lockTimeout)
         return MboxWriter(delivery, self.runInThread)
 
@@ -280,6 +283,8 @@ class MboxStore:
         if self._locks is None:
             lockPath = self.lockFile or os.path.join(self.location.root, SHARED_LOCK_FILE)
             try:
+                if self.createMissing:
+                    os.makedirs(os.path.dirname(lockPath), mode=0o700, exist_ok=True)
                 self._locks = SharedLockFile(lockPath)
             except OSError as e:
                 raise PermanentFailure(f"cannot open the session lock file {lockPath}: {e}") from e
@@ -301,6 +306,9 @@ def _files(directory: str, parts: list[str], bound: dict[str, str]) -> Iterator[
     from popserv.backends.maildir.walk import _pattern, _user
 
     component, rest = parts[0], parts[1:]
+    if component == "%d" and "d" not in bound and rest:
+        # A user without a domain: the level is absent from the path.
+        yield from _files(directory, rest, {**bound, "d": ""})
     if "%" not in component:
         candidates = [(os.path.join(directory, component), {})]
     else:
