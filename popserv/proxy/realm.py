@@ -79,7 +79,10 @@ class Router:
 
     def routeFor(self, user: str) -> Route | None:
         """The route of C{user}, or None: served here."""
-        fields = self.source.settingsFor(user) if self.source is not None else {}
+        return self.routeFrom(user, self.source.settingsFor(user) if self.source else {})
+
+    def routeFrom(self, user: str, fields: dict[str, Any]) -> Route | None:
+        """The route of C{user}, whose auth source gave these C{fields}."""
         if not fields.get("proxy", bool(self.backends)):
             return None
         host = fields.get("proxyHost")
@@ -157,15 +160,33 @@ class ProxyRealm:
         return getattr(self.local, "store", None)
 
     def requestAvatar(self, avatarId: str, mind: object, *interfaces: Any) -> Any:
-        route = self.router.routeFor(avatarId)
+        # One lookup of the user's fields serves the routing, LOGIN-DELAY and
+        # the protocol's settings: a user served here costs no more than
+        # without the proxy mode.
+        policy = self.policy
+        if policy is None:
+            route = self.router.routeFor(avatarId)
+            settings = None
+        else:
+            fields = policy.overridesFor(avatarId)
+            route = self.router.routeFrom(avatarId, fields)
+            settings = policy.settingsFrom(fields)
         if route is None:
-            return self.local.requestAvatar(avatarId, mind, *interfaces)
-        checked = None if self.policy is None else self.policy.checkLogin(avatarId)
+            avatarFor = getattr(self.local, "avatarFor", None)
+            if avatarFor is None or policy is not getattr(self.local, "policy", None):
+                return self.local.requestAvatar(avatarId, mind, *interfaces)
+            return avatarFor(avatarId, settings, *interfaces)
+        checked = None if policy is None else policy.checkLogin(avatarId, settings)
         if checked is None:
             d = maybeDeferred(self._connect, route, avatarId, mind)
         else:
             d = checked.addCallback(lambda _: self._connect(route, avatarId, mind))
-        return d.addCallback(lambda session: (IRelayedSession, session, session))
+
+        def avatar(session: RelayedSession) -> tuple[Any, RelayedSession, RelayedSession]:
+            session.settings = settings
+            return IRelayedSession, session, session
+
+        return d.addCallback(avatar)
 
     def _connect(self, route: Route, avatarId: str, mind: Any) -> Deferred[RelayedSession]:
         credentials = getattr(mind, "credentials", None)
