@@ -341,7 +341,7 @@ class ProxiedPopserv(Popserv):
     backend, that serves the Maildirs: the proxied user's path, to set beside
     a direct popserv's. Both processes run on the same core, so a row's rate
     is that of the pair; the CPU figures are the pair's too (the front's own
-    is printed per run as "front").
+    is printed per run as "the proxy's own").
     """
 
     def __init__(

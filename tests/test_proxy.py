@@ -11,6 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
 
 from popserv.auth.passwdfile import parsePasswdFile
+from popserv.popsource import parsePOPURL
 from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
 from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
 from popserv.proxy.proxyv2 import proxyHeader
@@ -28,6 +29,15 @@ def test_pop_urls():
     for bad in ("imap://h", "pop://h/path", "pop://;AUTH=GSSAPI@h", "pop://h:99999", "pop://"):
         with pytest.raises(ValueError):
             parsePopURL(bad)
+    # One parser for the proxy and migrate (popserv.popsource.parsePOPURL).
+    assert parsePopURL("pop://;AUTH=USER@h").auth == "+USER"
+    assert str(parsePopURL("pop3://u;AUTH=+apop@[::1]:1110")) == "pop://u;AUTH=+APOP@[::1]:1110"
+    assert str(parsePopURL("pop://;stls@h")) == "pop://;STLS@h:110"
+    assert str(parsePopURL("pop3s://h")) == "pop3s://h:995"
+    with pytest.raises(ValueError, match="no passwords"):
+        parsePopURL("pop://u:pw@h")
+    with pytest.raises(ValueError, match="not supported"):
+        parsePOPURL("pop://u;auth=+APOP@h")  # migrate has no APOP
 
 
 def test_passwd_routing_fields_and_router():

@@ -65,7 +65,7 @@ class LoginAs:
     @ivar password: the user's own password (forwarding), or None.
     @ivar masterUser: log in as this master user, for C{user}, with
         C{masterPassword} (SASL PLAIN with an authorization id).
-    @ivar auth: C{*}, C{PLAIN}, C{USER} or C{+APOP} (from the POP URL).
+    @ivar auth: C{*}, C{PLAIN}, C{+USER} or C{+APOP} (from the POP URL).
     """
 
     user: str
@@ -209,7 +209,7 @@ class BackendLogin(Protocol):
         self._askCapa()
 
     def _askCapa(self) -> None:
-        if self.login.masterUser is not None or self.login.auth in ("PLAIN", "USER", "+APOP"):
+        if self.login.masterUser is not None or self.login.auth in ("PLAIN", "+USER", "+APOP"):
             self._authenticate(())
             return
         if self.plainKnown:
