@@ -155,6 +155,14 @@ class BackendLogin(Protocol):
             self._buffer = self._buffer[eol + 1 :]
             self._step(line)
 
+    def giveUp(self, why: str) -> None:
+        """Time is up: fail the login (another backend may be tried) and drop the connection."""
+        self._step = None
+        if not self.done.called:
+            self.done.errback(BackendFailed(why))
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def connectFailed(self, reason: Failure) -> None:
         """The connection could not be made (refused, timed out, cancelled)."""
         self._step = None

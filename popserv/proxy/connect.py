@@ -125,10 +125,9 @@ class BackendConnector:
 
         def timeUp() -> None:
             timedOut.append(True)
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
-            else:
+            if protocol.transport is None:
                 connecting()
+            protocol.giveUp(f"no answer in {share:.1f}s")
 
         timer = self.reactor.callLater(share, timeUp)
         name = f"{url.host}:{url.port}"
