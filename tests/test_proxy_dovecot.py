@@ -196,3 +196,22 @@ def test_wrong_master_password_is_sys_temp(tmp_path, dovecot):
             client.pass_("frontpw")
     finally:
         proxy.stop()
+
+
+def test_dovecot_checks_the_password_of_a_nopassword_user(tmp_path, dovecot):
+    """The front reads only the name (nopassword=y proxy=y); Dovecot checks the password."""
+    proxy = ServerProcess(
+        tmp_path / "proxy",
+        {"alice": f":::::: nopassword=y proxy=y host=127.0.0.1 port={dovecot.port}"},
+    ).start()
+    try:
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("not-alices")
+        client.user("alice")
+        client.pass_("secret")
+        assert client.stat() == (1, len(MESSAGE))
+        client.quit()
+    finally:
+        proxy.stop()

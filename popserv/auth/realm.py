@@ -10,7 +10,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.interfaces import IMailbox, IMailStore
+from popserv.errors import AuthenticationFailed
+from popserv.interfaces import IMailbox, IMailStore, UnverifiedUser
 from popserv.policy import SessionPolicy, UserSettings
 
 __all__ = ["MailboxRealm"]
@@ -54,6 +55,9 @@ class MailboxRealm:
         """
         if IMailbox not in interfaces:
             raise NotImplementedError("popserv's realm only provides IMailbox")
+        if isinstance(avatarId, UnverifiedUser):  # only a proxy's backend may serve them
+            _log.warn("user {user} has no password here (nopassword=y)", user=str(avatarId))
+            raise AuthenticationFailed()
         checked = None if self.policy is None else self.policy.checkLogin(avatarId, settings)
         if checked is None:
             d = maybeDeferred(self.store.openMailbox, avatarId)
