@@ -2,13 +2,15 @@
 """
 popserv's benchmark: the rows of the performance issue, measured for popserv,
 for popserv over PostgreSQL (--servers ...,pgsql), for a twisted.mail.pop3
-peer over the same Maildirs, and for Dovecot when it is installed. See
+peer over the same Maildirs, for Dovecot when it is installed, and for popserv
+as a proxy in front of a popserv backend (--servers ...,proxy). See
 bench/README.rst.
 
     python bench/run.py                  # everything, 3 runs per row, median
     python bench/run.py --quick          # smoke test: small sizes and counts
     python bench/run.py --rows login,dnd --runs 5 --size-hints --keep
     python bench/run.py --servers popserv,pgsql   # the Maildir and PostgreSQL stores
+    python bench/run.py --rows login,retr50 --servers popserv,proxy   # direct vs proxied
 """
 
 from __future__ import annotations
@@ -51,7 +53,16 @@ from loadgen import (  # noqa: E402
 )
 from pgsql import PgSeeder, PostgreSQL  # noqa: E402
 from seed import SEED, Maildrop, Message, Seeder  # noqa: E402
-from servers import REPO, Dovecot, Popserv, Server, TwistedPeer, dovecotBinary, stopAll  # noqa: E402
+from servers import (  # noqa: E402
+    REPO,
+    Dovecot,
+    Popserv,
+    ProxiedPopserv,
+    Server,
+    TwistedPeer,
+    dovecotBinary,
+    stopAll,
+)
 
 MiB = 1024 * 1024
 _LOG_ERROR = re.compile(r"Traceback|Error|error|Errno|Too many|Unhandled|failed|CRITICAL")
@@ -767,6 +778,14 @@ class Bench:
                 mailLocation=f"pgsql:{self.database.uri}",
                 label="popserv (pgsql)",
             )
+        if name == "proxy":
+            profile = None
+            if self.args.profile:
+                self._profiles += 1
+                profile = self.workdir / f"profile-{self._profiles:02d}-{tag}-proxy.pstats"
+            return ProxiedPopserv(
+                self.workdir, self.root, self.passwd, Path(self.args.source), profile
+            )
         if name == "twisted":
             return TwistedPeer(self.workdir, self.root, self.passwd, self.args.peer_nodelay)
         if name == "dovecot":
@@ -843,11 +862,14 @@ class Bench:
 
             sessions(p.loginWarmup)
             for run in range(self.runs):
+                front = getattr(server, "frontCPU", None)
+                f0 = front() if front else 0.0
                 (u0, s0), g0, t0 = server.cpuTimes(), genCPU(), perf_counter()
                 d0 = self.databaseCPU()
                 sessions(p.loginSessions)
                 t1, g1, (u1, s1) = perf_counter(), genCPU(), server.cpuTimes()
                 d1 = self.databaseCPU()
+                f1 = front() if front else 0.0
                 rate = p.loginSessions / (t1 - t0)
                 cpu = (u1 + s1 - u0 - s0) / p.loginSessions * 1000
                 system = (s1 - s0) / max(u1 + s1 - u0 - s0, 1e-9)
@@ -858,6 +880,9 @@ class Bench:
                     dbCPU = (d1 - d0) / p.loginSessions * 1000
                     measured.append(("login-db-cpu", dbCPU))
                     text = f", PostgreSQL CPU {dbCPU:.3f} ms/session"
+                if front:
+                    own = (f1 - f0) / p.loginSessions * 1000
+                    text = f"; the proxy's own {own:.3f} ms/session, the rest the backend's"
                 for key, value in measured:
                     r = self.result(key, name)
                     r.samples.append(value)
@@ -1171,10 +1196,12 @@ class Bench:
         wanted = self.servers()
         baseline = "baseline" in wanted
         pg = "pgsql" in wanted
+        proxy = "proxy" in wanted
         servers = [
             "popserv",
             *(["baseline"] if baseline else []),
             *(["pgsql"] if pg else []),
+            *(["proxy"] if proxy else []),
             "twisted",
             "dovecot",
         ]
@@ -1184,10 +1211,12 @@ class Bench:
             "popserv",
             *(["baseline"] if baseline else []),
             *(["popserv (pgsql)"] if pg else []),
+            *(["popserv proxy"] if proxy else []),
             "twisted.mail.pop3",
             "dovecot",
             *(["popserv/baseline"] if baseline else []),
             *(["pgsql/popserv"] if pg else []),
+            *(["proxy/popserv"] if proxy else []),
             "popserv/twisted",
             "popserv/dovecot",
             "target",
@@ -1219,6 +1248,9 @@ class Bench:
             pgRatio = gv / pv if gv is not None and pv else None
             if pg:
                 cells.append(f"{pgRatio:,.2f}x" if pgRatio is not None else "-")
+            if proxy:
+                xv = byServer.get("proxy", Result()).value
+                cells.append(f"{xv / pv:,.2f}x" if xv is not None and pv else "-")
             ratio = pv / tv if pv is not None and tv else None
             cells.append(f"{ratio:,.2f}x" if ratio is not None else "-")
             cells.append(f"{pv / dv:,.2f}x" if pv is not None and dv else "-")
@@ -1423,7 +1455,7 @@ def main(argv: list[str] | None = None) -> int:
             groups.append(name)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    known = {"popserv", "baseline", "pgsql", "twisted", "dovecot", ""}
+    known = {"popserv", "baseline", "pgsql", "proxy", "twisted", "dovecot", ""}
     unknown = set(args.servers.split(",")) - known
     if unknown:
         parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: {', '.join(sorted(known))}")

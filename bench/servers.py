@@ -1,8 +1,9 @@
 """
 The servers under test, each a child process in its own session, pinned to
 core 0, listening on 127.0.0.1 only: popserv (the twistd plugin) over the
-Maildirs, and over PostgreSQL (bench/pgsql.py), the twisted.mail.pop3 peer,
-and Dovecot when it is installed.
+Maildirs, and over PostgreSQL (bench/pgsql.py), popserv as a proxy in front of
+a popserv backend over the same Maildirs, the twisted.mail.pop3 peer, and
+Dovecot when it is installed.
 
 CPU time and memory are read from /proc for every process of the server's
 session (one process for popserv and the peer; Dovecot's master and children).
@@ -25,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "Server",
     "Popserv",
+    "ProxiedPopserv",
     "TwistedPeer",
     "Dovecot",
     "stopAll",
@@ -298,6 +300,8 @@ class Popserv(Server):
         self.source = source
         self.profile = profile
         self.config = workdir / f"{name}.conf"
+        #: More configuration lines (TOML), for a kind of popserv the bench adds.
+        self.extra = ""
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         self.config.write_text(
@@ -311,7 +315,7 @@ class Popserv(Server):
             "auth_penalty = 0\n"
             "login_timeout = 3600\n"
             "timeout = 3600\n"
-            "shutdown_grace = 1\n"
+            "shutdown_grace = 1\n" + self.extra
         )
         twistd = Path(sys.executable).parent / "twistd"
         command = (
@@ -329,6 +333,54 @@ class Popserv(Server):
         command += ["popserv", "--config", str(self.config)]
         env = dict(os.environ, PYTHONPATH=str(self.source))
         return command, env
+
+
+class ProxiedPopserv(Popserv):
+    """
+    popserv in proxy mode (C{proxy_backend}) in front of a second popserv, the
+    backend, that serves the Maildirs: the proxied user's path, to set beside
+    a direct popserv's. Both processes run on the same core, so a row's rate
+    is that of the pair; the CPU figures are the pair's too (the front's own
+    is printed per run as "the proxy's own").
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        root: Path,
+        passwd: Path,
+        source: Path = REPO,
+        profile: Path | None = None,
+    ) -> None:
+        super().__init__(
+            workdir, root, passwd, source, profile, name="proxy", label="popserv proxy"
+        )
+        self.backend = Popserv(workdir, root, passwd, source, name="proxy-backend")
+
+    def start(self, timeout: float = 60) -> Server:
+        self.backend.start(timeout)
+        self.extra = f'proxy_backend = ["pop://127.0.0.1:{self.backend.port}"]\n'
+        try:
+            return super().start(timeout)
+        except BaseException:
+            self.backend.stop()
+            raise
+
+    def cpuTimes(self) -> tuple[float, float]:
+        front, back = sessionCPU(self.pid), sessionCPU(self.backend.pid)
+        return front[0] + back[0], front[1] + back[1]
+
+    def frontCPU(self) -> float:
+        return sum(sessionCPU(self.pid))
+
+    def memory(self) -> int:
+        return sessionMemory(self.pid) + sessionMemory(self.backend.pid)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.backend.stop()
 
 
 class TwistedPeer(Server):

@@ -281,7 +281,7 @@ class Config:
         None,
         "Where maildrops are, KIND:ARGUMENTS with KIND one of {choices} (a bare path is a "
         "maildir), e.g. maildir:/var/mail/%d/%n/Maildir; %u is the user name, %n its local "
-        "part, %d its domain.",
+        "part, %d its domain. A server that only proxies (proxy_backend) needs none.",
         STR,
         short="m",
         mentions=_storeKinds,
@@ -637,10 +637,15 @@ class Config:
             raise ConfigError("listen: at least one endpoint is needed")
         if self.listen_tls and not self.tlsEnabled:
             raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
-        if not self.authSources:
+        if not self.authSources and not self.proxy_backend:
             raise ConfigError("passwd: a passwd-file (or a --passdb) is required")
-        if not self.mail_location:
+        if not self.authSources and self.proxy_master_user:
+            # Nothing would check the users' passwords: the backends let the master in.
+            raise ConfigError("proxy_master_user: needs an auth source (passwd or passdb)")
+        if not self.mail_location and not self.proxy_backend:
             raise ConfigError("mail_location: required, e.g. maildir:/var/mail/%d/%n/Maildir")
+        if not self.mail_location and self.lmtp:
+            raise ConfigError("lmtp: delivers to the mail_location, and there is none")
         self._checkPlugins()
         self._checkOAuth()
         return self
@@ -661,10 +666,11 @@ class Config:
         from popserv.registry import authSourceKind, storeKind
 
         try:
-            kind, args = self.store
-            plugin = storeKind(kind)
-            plugin.check(args, self.base_dir)
-            self.pluginOptions(plugin)
+            if self.mail_location:  # (none: a server that only proxies)
+                kind, args = self.store
+                plugin = storeKind(kind)
+                plugin.check(args, self.base_dir)
+                self.pluginOptions(plugin)
         except (ValueError, SettingError) as e:
             raise ConfigError(f"mail_location: {e}") from None
         for spec in self.authSources:

@@ -30,6 +30,7 @@ __all__ = [
     "IUserDirectory",
     "IRelayedSession",
     "LoginMind",
+    "UnverifiedUser",
     "validUID",
     "InvalidUID",
     "UIDConflict",
@@ -151,6 +152,18 @@ class LoginMind(NamedTuple):
 
     credentials: Any
     transport: Any
+
+
+class UnverifiedUser(str):
+    """
+    The name of a user whose password the front did not check (a
+    passwd-file line with C{nopassword=y}, or a proxy with no auth source of
+    its own), as a checker hands it to the realm: only a backend that checks
+    the user's own, forwarded password may serve such a user. A realm that
+    cannot do that refuses the login.
+    """
+
+    __slots__ = ()
 
 
 class IRelayedSession(Interface):

@@ -179,7 +179,9 @@ class Authorization(CommandPipeline):
         self.stats.loggedIn(user, mechanism)
         factory.penalty.succeeded(self.stats.ip)
         self.setTimeout(factory.timeout)
-        self.settings = factory.policy.settingsFor(user)
+        # The realm's lookup, if it made one: once per login is enough.
+        settings = getattr(self._logout, "settings", None)
+        self.settings = settings or factory.policy.settingsFor(user)
         factory.policy.recordLogin(user, self.settings)
         count, size = self.transaction.stat()
         # No log line here: the session's one line is written when it ends.
@@ -203,7 +205,7 @@ class Authorization(CommandPipeline):
         stats.loggedIn(user, mechanism)
         stats.backend_host = session.backendName
         factory.penalty.succeeded(stats.ip)
-        factory.policy.recordLogin(user)
+        factory.policy.recordLogin(user, getattr(session, "settings", None))
         self.setTimeout(factory.timeout)
         self.transport.write(session.greeting)
         leftover = bytes(self._inbuf)

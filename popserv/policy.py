@@ -98,7 +98,17 @@ class SessionPolicy:
     def settingsFor(self, user: str) -> UserSettings:
         if self.source is None:
             return self.defaults
-        overrides = self.source.settingsFor(user)
+        return self.settingsFrom(self.source.settingsFor(user))
+
+    def overridesFor(self, user: str) -> dict[str, Any]:
+        """
+        The source's whole dictionary for C{user} (the proxy's routing fields
+        too), to make L{settingsFrom} of without asking the source again.
+        """
+        return {} if self.source is None else self.source.settingsFor(user)
+
+    def settingsFrom(self, overrides: dict[str, Any]) -> UserSettings:
+        """The settings of a user whose source gave C{overrides}."""
         if not overrides:
             return self.defaults
         return UserSettings(
@@ -113,12 +123,16 @@ class SessionPolicy:
     def enforcesLoginDelay(self) -> bool:
         return self.defaults.loginDelay > 0 or self.variesPerUser("loginDelay")
 
-    def checkLogin(self, user: str) -> Deferred[None] | None:
+    def checkLogin(self, user: str, settings: UserSettings | None = None) -> Deferred[None] | None:
         """
         Fail with L{LoginDelayed} if C{user} logged in less than its delay
         ago: raise it, or, when the shared memory is asked, return a Deferred.
+
+        @param settings: the user's, if the caller has them already.
         """
-        delay = self.settingsFor(user).loginDelay
+        if settings is None:
+            settings = self.settingsFor(user)
+        delay = settings.loginDelay
         if delay <= 0:
             return None
         last = self._lastLogin.get(user)

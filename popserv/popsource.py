@@ -3,10 +3,11 @@ A live POP3 server as the source of C{popserv migrate}: maildrops read over
 POP3 (UIDL, LIST, RETR) through the part of the store contract a migration
 uses (C{listMaildrops}, C{openMailbox}, C{listMessages}, C{openMessage}).
 
-The source is an RFC 2384 POP URL: C{pop://user;auth=*@host:port}, with
-C{pop3://} as an alias and C{pop3s://} for TLS from the first byte (curl's
-spelling). Over C{pop://}, STLS is used when offered; a password goes in the
-clear only to a loopback address or with C{insecure}. Certificates are
+The source is an RFC 2384 POP URL (L{popserv.popurl}, the parser the proxy
+uses too): C{pop://user;auth=*@host:port}, with C{pop3://} as an alias and
+C{pop3s://} for TLS from the first byte (curl's spelling). Over C{pop://},
+STLS is used when offered (and required with C{;STLS}); a password goes in
+the clear only to a loopback address or with C{insecure}. Certificates are
 verified against the system's CAs (or C{caFile}) unless C{insecure}.
 
 It never deletes: the client has no DELE at all, and QUIT removes nothing
@@ -24,78 +25,38 @@ import ipaddress
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from typing import IO
-from urllib.parse import unquote, urlsplit
 
 from popserv.errors import MaildropInUse, PermanentFailure
 from popserv.interfaces import MessageInfo, validUID
+from popserv.popurl import STARTTLS, PopURL, parsePopURL
 
 __all__ = ["POPURL", "parsePOPURL", "SourceError", "POP3Source", "readCredentials"]
 
 #: The longest line accepted from the server (RFC 2449: 512 octets a response).
 _MAX_LINE = 64 * 1024
-_SCHEMES = {"pop": False, "pop3": False, "pop3s": True}
 
 
 class SourceError(Exception):
     """The source server answered -ERR, or broke the protocol."""
 
 
-@dataclass(frozen=True)
-class POPURL:
-    """A parsed POP URL: C{user} is None for a URL that names none."""
+#: The C{;AUTH=} values a migration implements (no APOP).
+MIGRATE_AUTHS = ("*", "+USER", "PLAIN")
 
-    host: str
-    port: int
-    tls: bool
-    user: str | None
-    auth: str = "*"
-
-    def __str__(self) -> str:
-        scheme = "pop3s" if self.tls else "pop"
-        who = f"{self.user};auth={self.auth}@" if self.user else ""
-        return f"{scheme}://{who}{self.host}:{self.port}"
+#: The parsed URL (L{popserv.popurl.PopURL}), under its first name here.
+POPURL = PopURL
 
 
-def parsePOPURL(url: str) -> POPURL:
+def parsePOPURL(url: str) -> PopURL:
     """
     RFC 2384: C{pop://[user[;auth=MECH]@]host[:port]}; also C{pop3://} and
-    C{pop3s://}. Supported mechanisms: C{*} (USER/PASS, or SASL PLAIN for a
-    master user), C{+USER} and C{PLAIN}.
+    C{pop3s://} (L{popserv.popurl.parsePopURL}). Supported mechanisms: C{*}
+    (USER/PASS, or SASL PLAIN for a master user), C{+USER} and C{PLAIN}.
 
     @raise ValueError: not such a URL.
     """
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in _SCHEMES:
-        raise ValueError(f"{url!r}: not a POP URL (pop://, pop3:// or pop3s://)")
-    tls = _SCHEMES[parts.scheme.lower()]
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: a POP URL has no path, query or fragment")
-    netloc = parts.netloc
-    user: str | None = None
-    auth = "*"
-    if "@" in netloc:
-        userinfo, netloc = netloc.rsplit("@", 1)
-        name, _, params = userinfo.partition(";")
-        if ":" in name:
-            raise ValueError("no passwords in the URL: use --credentials or a prompt")
-        if params:
-            key, _, value = params.partition("=")
-            if key.lower() != "auth" or not value:
-                raise ValueError(f"{url!r}: only ;auth=MECH may follow the user")
-            auth = unquote(value).upper() if value != "*" else "*"
-        user = unquote(name) or None
-    if auth not in ("*", "+USER", "PLAIN"):
-        raise ValueError(f"{url!r}: auth={auth} is not supported (*, +USER or PLAIN)")
-    try:
-        port = parts.port or (995 if tls else 110)
-    except ValueError:
-        raise ValueError(f"{url!r}: a bad port") from None
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"{url!r}: no host")
-    return POPURL(host, port, tls, user, auth)
+    return parsePopURL(url, MIGRATE_AUTHS)
 
 
 def readCredentials(path: str) -> dict[str, str]:
@@ -123,21 +84,21 @@ def _loopback(host: str) -> bool:
 class _Connection:
     """One POP3 session: commands, single-line and multi-line responses."""
 
-    def __init__(self, url: POPURL, context: ssl.SSLContext, insecure: bool, timeout: float):
+    def __init__(self, url: PopURL, context: ssl.SSLContext, insecure: bool, timeout: float):
         self.url = url
         sock = socket.create_connection((url.host, url.port), timeout=timeout)
-        if url.tls:
+        if url.implicitTLS:
             sock = context.wrap_socket(sock, server_hostname=url.host)
         self.sock = sock
         self.file: IO[bytes] = sock.makefile("rb")
         self.response()  # the greeting
-        if not url.tls:
+        if not url.implicitTLS:
             capabilities = self.capabilities()
             if "STLS" in capabilities:
                 self.command("STLS")
                 self.sock = context.wrap_socket(self.sock, server_hostname=url.host)
                 self.file = self.sock.makefile("rb")
-            elif not (insecure or _loopback(url.host)):
+            elif url.tls == STARTTLS or not (insecure or _loopback(url.host)):
                 self.close()
                 raise PermanentFailure(
                     f"{url.host} offers no STLS: use pop3s://, or --insecure to send "
@@ -364,7 +325,7 @@ class POP3Source:
 
     def __init__(
         self,
-        url: POPURL,
+        url: PopURL,
         passwords: dict[str, str],
         master: tuple[str, str] | None = None,
         caFile: str | None = None,

@@ -75,14 +75,21 @@ def makeFactory(config: Config, reactor: Any = None, portal: Portal | None = Non
     failures = None
     if portal is None:
         config.validated()
-        store = makeStore(config, run)
-        saltKey = _saltKey(store, run, reactor)
-        checker = makeChecker(config, reactor, run, saltKey)
+        # No mail location: the server only proxies (L{popserv.proxy}).
+        store = makeStore(config, run) if config.mail_location else None
+        saltKey = _saltKey(store, run, reactor) if store is not None else None
+        if config.authSources:
+            checker = makeChecker(config, reactor, run, saltKey)
+        else:  # a proxy that lets the backends check the passwords
+            from popserv.proxy.realm import ForwardingChecker
+
+            checker = ForwardingChecker()
         defaults = UserSettings(config.login_delay, parseExpire(config.expire))
         memory = store if ILoginMemory.providedBy(store) else None
         source = checker if IUserSettingsSource.providedBy(checker) else None
         policy = SessionPolicy(reactor, defaults, source, memory=memory)
-        portal = Portal(_proxied(config, reactor, MailboxRealm(store, policy), source), [checker])
+        local = MailboxRealm(store, policy) if store is not None else _NoLocalMail(policy)
+        portal = Portal(_proxied(config, reactor, local, source), [checker])
         if config.auth_penalty_shared and IFailedLogins.providedBy(store):
             failures = store
     tls = None
@@ -173,6 +180,27 @@ def _proxied(config: Config, reactor: Any, local: MailboxRealm, source: Any) -> 
         password,
         config.proxy_send_proxy,
     )
+
+
+class _NoLocalMail:
+    """
+    The local realm of a server that only proxies (no C{mail_location}): a
+    user no route sends to a backend (C{proxy=n}) cannot be served here.
+    """
+
+    store = None
+
+    def __init__(self, policy: SessionPolicy) -> None:
+        self.policy = policy
+
+    def requestAvatar(self, avatarId: str, mind: object, *interfaces: Any) -> Any:
+        _log.warn(
+            "user {user} is not proxied, and this server has no mail_location", user=avatarId
+        )
+        raise TemporaryFailure()
+
+    def avatarFor(self, avatarId: str, settings: Any, *interfaces: Any) -> Any:
+        return self.requestAvatar(avatarId, None, *interfaces)
 
 
 def freezeStartupObjects() -> None:

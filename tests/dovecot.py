@@ -9,6 +9,10 @@ current user. Each user's line in the passwd-file may set Dovecot settings
 of its own (C{pop3_uidl_format}, C{pop3_save_uidl}), so one server serves
 every format. C{master} is a master user (C{USER*master}). Without the
 binary the tests skip, unless C{CI} is set: then they fail.
+
+The session's C{dovecot} fixture serves the UIDL and migration tests; the
+proxy's tests start one of their own (other passwords and master user, STLS
+with a test certificate) from the same class.
 """
 
 from __future__ import annotations
@@ -22,10 +26,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["Dovecot", "dovecotBinary", "dovecot", "PASSWORD", "MASTER_PASSWORD", "USERS"]
+__all__ = [
+    "Dovecot",
+    "dovecotBinary",
+    "startDovecot",
+    "dovecot",
+    "PASSWORD",
+    "MASTER_PASSWORD",
+    "USERS",
+]
 
 PASSWORD = "secret"
 MASTER_PASSWORD = "master-secret"
@@ -62,10 +75,27 @@ class Dovecot:
     One Dovecot serving C{root/USER/Maildir} over POP3 on 127.0.0.1:C{port}.
 
     @ivar users: the users, with extra userdb fields each (C{name=value}).
+    @param passwords: a user's own password (else L{PASSWORD}).
+    @param masters: the master users and their passwords (else C{master},
+        L{MASTER_PASSWORD}).
+    @param cert: with C{key}, PEM files for STLS (else no TLS).
+    @param extra: more configuration lines.
     """
 
-    def __init__(self, binary: str, users: dict[str, dict[str, str]]) -> None:
+    def __init__(
+        self,
+        binary: str,
+        users: dict[str, dict[str, str]],
+        passwords: dict[str, str] | None = None,
+        masters: dict[str, str] | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        extra: str = "",
+    ) -> None:
         self.binary = binary
+        self.passwords = passwords or {}
+        self.masters = {"master": MASTER_PASSWORD} if masters is None else masters
+        self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="popserv-dovecot-"))
         self.dir.chmod(0o755)  # nobody walks into the Maildirs below
         self.root = self.dir / "mail"
@@ -76,6 +106,13 @@ class Dovecot:
         entry = pwd.getpwnam("nobody") if self.asRoot else pwd.getpwuid(os.getuid())
         self.uid, self.gid = entry.pw_uid, entry.pw_gid
         self.pid: int | None = None
+        self.ssl = "ssl = no\n"
+        if cert is not None and key is not None:
+            shutil.copy(cert, self.dir / "cert.pem")
+            shutil.copy(key, self.dir / "key.pem")
+            self.ssl = (
+                f"ssl = yes\nssl_cert = <{self.dir}/cert.pem\nssl_key = <{self.dir}/key.pem\n"
+            )
         self._write()
 
     def _write(self) -> None:
@@ -85,9 +122,12 @@ class Dovecot:
         for user, extra in self.users.items():
             fields = " ".join(f"userdb_{k}={v.replace('%', '%%')}" for k, v in extra.items())
             home = self.root / user
-            lines.append(f"{user}:{{PLAIN}}{PASSWORD}:{self.uid}:{self.gid}::{home}::{fields}")
+            password = self.passwords.get(user, PASSWORD)
+            lines.append(f"{user}:{{PLAIN}}{password}:{self.uid}:{self.gid}::{home}::{fields}")
         (self.dir / "passwd").write_text("\n".join(lines) + "\n")
-        (self.dir / "masters").write_text(f"master:{{PLAIN}}{MASTER_PASSWORD}\n")
+        (self.dir / "masters").write_text(
+            "".join(f"{u}:{{PLAIN}}{p}\n" for u, p in self.masters.items())
+        )
         if self.asRoot:
             internal = "default_internal_user = dovecot\ndefault_login_user = dovenull\n"
         else:
@@ -101,9 +141,7 @@ class Dovecot:
             f"state_dir = {run}/state\n"
             f"log_path = {self.dir}/dovecot.log\n"
             "protocols = pop3\n"
-            "listen = 127.0.0.1\n"
-            "ssl = no\n"
-            "disable_plaintext_auth = no\n"
+            "listen = 127.0.0.1\n" + self.ssl + "disable_plaintext_auth = no\n"
             "auth_mechanisms = plain\n"
             "auth_master_user_separator = *\n"
             f"first_valid_uid = {min(self.uid, 500)}\n"
@@ -116,7 +154,8 @@ class Dovecot:
             "userdb {\n  driver = passwd-file\n"
             f"  args = username_format=%u {self.dir}/passwd\n}}\n"
             "service pop3-login {\n  inet_listener pop3 {\n    address = 127.0.0.1\n"
-            f"    port = {self.port}\n  }}\n}}\n"
+            f"    port = {self.port}\n  }}\n  inet_listener pop3s {{\n    port = 0\n  }}\n}}\n"
+            + self.extra
         )
 
     def maildir(self, user: str) -> Path:
@@ -175,14 +214,17 @@ class Dovecot:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def startDovecot(users: dict[str, dict[str, str]]) -> Dovecot:
-    """A running Dovecot, or a skip (a failure under CI) without the binary."""
+def startDovecot(users: dict[str, dict[str, str]], **options: Any) -> Dovecot:
+    """
+    A running Dovecot (C{options}: L{Dovecot}'s), or a skip (a failure
+    under CI) without the binary.
+    """
     binary = dovecotBinary()
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("dovecot is not installed (apt-get install dovecot-pop3d)")
         pytest.skip("dovecot is not installed")
-    server = Dovecot(binary, users)
+    server = Dovecot(binary, users, **options)
     server.start()
     return server
 

@@ -32,7 +32,7 @@ def migrate(tmp, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_pop_urls():
     url = parsePOPURL("pop://erin;auth=*@mail.example:1110")
-    assert (url.host, url.port, url.tls, url.user, url.auth) == (
+    assert (url.host, url.port, url.implicitTLS, url.user, url.auth) == (
         "mail.example",
         1110,
         False,

@@ -4,18 +4,29 @@ the backend login client (over StringTransport) and the relay's back-pressure.""
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from popserv.auth.passwdfile import parsePasswdFile
+from popserv.auth.credentials import APOPCredentials, UsernamePassword
+from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
+from popserv.auth.realm import MailboxRealm
+from popserv.backends.memory import MemoryStore
+from popserv.config import ConfigError, loadConfig
+from popserv.errors import AuthenticationFailed
+from popserv.interfaces import IMailbox, UnverifiedUser
+from popserv.popsource import parsePOPURL
 from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
 from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
+from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
-from popserv.proxy.realm import Router
+from popserv.proxy.realm import ForwardingChecker, ProxyRealm, Router
 from popserv.proxy.relay import RelayedSession
+from popserv.threads import synchronously
 
 
 def test_pop_urls():
@@ -28,6 +39,15 @@ def test_pop_urls():
     for bad in ("imap://h", "pop://h/path", "pop://;AUTH=GSSAPI@h", "pop://h:99999", "pop://"):
         with pytest.raises(ValueError):
             parsePopURL(bad)
+    # One parser for the proxy and migrate (popserv.popsource.parsePOPURL).
+    assert parsePopURL("pop://;AUTH=USER@h").auth == "+USER"
+    assert str(parsePopURL("pop3://u;AUTH=+apop@[::1]:1110")) == "pop://u;AUTH=+APOP@[::1]:1110"
+    assert str(parsePopURL("pop://;stls@h")) == "pop://;STLS@h:110"
+    assert str(parsePopURL("pop3s://h")) == "pop3s://h:995"
+    with pytest.raises(ValueError, match="no passwords"):
+        parsePopURL("pop://u:pw@h")
+    with pytest.raises(ValueError, match="not supported"):
+        parsePOPURL("pop://u;auth=+APOP@h")  # migrate has no APOP
 
 
 def test_passwd_routing_fields_and_router():
@@ -123,3 +143,65 @@ def test_relay_back_pressure_both_ways():
     assert back.value().endswith(b"QUIT\r\n")
     protocol.connectionLost(None)
     assert front.disconnecting and front.producer is None
+
+
+def test_nopassword_users_are_unverified_and_no_local_mechanism_lets_them_in(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}ignored:::::: nopassword=y proxy=y host=b\nbob:{PLAIN}pw\n")
+    checker = PasswdFileChecker(passwd, synchronously)
+    results = []
+    checker.requestAvatarId(UsernamePassword("alice", b"whatever")).addBoth(results.append)
+    assert results == ["alice"] and type(results[0]) is UnverifiedUser
+    checker.requestAvatarId(UsernamePassword("bob", b"pw")).addBoth(results.append)
+    assert type(results[1]) is str  # a checked user is not marked
+    # APOP would match the digest of an empty or ignored secret: never.
+    apop = APOPCredentials("alice", b"<1.2@h>", hashlib.md5(b"<1.2@h>").hexdigest().encode())
+    checker.requestAvatarId(apop).addBoth(results.append)
+    assert results[2].check(UnauthorizedLogin)
+    checker.scramKeys("alice", "SCRAM-SHA-256").addBoth(results.append)
+    assert results[3] is None
+    # A realm that serves maildrops refuses an unverified user.
+    realm = MailboxRealm(MemoryStore())
+    with pytest.raises(AuthenticationFailed):
+        realm.requestAvatar(UnverifiedUser("alice"), None, IMailbox)
+
+
+def test_an_unverified_user_is_only_ever_forwarded():
+    class Source:
+        def settingsFor(self, user):
+            return {"proxy": True, "proxyHost": "b"} if user == "alice" else {}
+
+    connector = BackendConnector(MemoryReactorClock(), lambda host, verify: None)
+    realm = ProxyRealm(MailboxRealm(MemoryStore()), Router(Source()), connector)
+    with pytest.raises(AuthenticationFailed):  # not proxied: never served here
+        realm.requestAvatar(UnverifiedUser("carol"), None, IMailbox)
+    master = ProxyRealm(realm.local, realm.router, connector, None, "m", b"mpw")
+    with pytest.raises(AuthenticationFailed):  # the master would let any password in
+        master.requestAvatar(UnverifiedUser("alice"), None, IMailbox)
+    results = []
+    ForwardingChecker().requestAvatarId(UsernamePassword("x", b"y")).addBoth(results.append)
+    assert type(results[0]) is UnverifiedUser
+
+
+BASE_CONFIG = 'listen = ["tcp:1110"]\n'
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('passwd = "p"\n', "mail_location: required"),
+        ('proxy_backend = ["pop://b"]\n', None),  # proxies only, checks nothing
+        ('passwd = "p"\nproxy_backend = ["pop://b"]\n', None),
+        ('proxy_backend = ["pop://b"]\nlmtp = ["tcp:24"]\n', "lmtp: delivers"),
+        ('proxy_backend = ["pop://b"]\nproxy_master_user = "m"\n', "needs an auth source"),
+        ("", "passwd: a passwd-file"),
+    ],
+)
+def test_proxy_only_configurations(tmp_path, text, error):
+    path = tmp_path / "popserv.conf"
+    path.write_text(BASE_CONFIG + text)
+    if error is None:
+        loadConfig(path).validated()
+    else:
+        with pytest.raises(ConfigError, match=error):
+            loadConfig(path).validated()

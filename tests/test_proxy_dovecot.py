@@ -10,46 +10,36 @@ from __future__ import annotations
 
 import os
 import poplib
-import shutil
 import subprocess
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+from dovecot import startDovecot
 
-from tests.dovecotbackend import DovecotServer, available
-from tests.support import ServerProcess, deliver, have, makeTestPKI
+from tests.support import ServerProcess, have, makeTestPKI
 
 MESSAGE = b"Subject: via dovecot\r\n\r\nfrom the backend\r\n"
-
-if not available():
-    if os.environ.get("CI"):
-        raise RuntimeError("dovecot-pop3d is required in CI (see .ci/run)")
-    pytest.skip("dovecot-pop3d is not installed", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def dovecot(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dovecot")
-    pki = makeTestPKI(tmp / "pki")
-    # pytest's directories are private to root; Dovecot's own user must reach its files.
-    root = Path(tempfile.mkdtemp(prefix="popserv-dovecot-"))
-    root.chmod(0o755)
-    server = DovecotServer(
-        root / "dovecot",
-        {"alice": "secret", "bob": "bobpw"},
+    """The proxy's own Dovecot (tests/dovecot.py): its passwords, master user and STLS."""
+    pki = makeTestPKI(tmp_path_factory.mktemp("dovecot") / "pki")
+    server = startDovecot(
+        {"alice": {}, "bob": {}},
+        passwords={"alice": "secret", "bob": "bobpw"},
         masters={"proxymaster": "masterpw"},
         cert=pki["cert"],
         key=pki["key"],
+        # No auth penalty for the proxy's address (Dovecot's advice behind a proxy).
+        extra="login_trusted_networks = 127.0.0.0/8\n",
     )
     server.pki = pki
-    deliver(server.maildir("alice"), MESSAGE)
-    deliver(server.maildir("bob"), MESSAGE)
-    server.start()
+    server.deliver("alice", "1.via-dovecot", MESSAGE)
+    server.deliver("bob", "1.via-dovecot", MESSAGE)
     yield server
     server.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess[bytes]:
@@ -117,7 +107,7 @@ def test_fetchmail_through_the_proxy_to_dovecot(tmp_path, forwarding, dovecot):
     assert got.endswith(MESSAGE.replace(b"\r\n", b"\n"))  # after fetchmail's Received:
     forwarding.waitForLog("user=alice ip=127.0.0.1 tls=no mechanism=USER")
     assert f"backend=localhost:{dovecot.port}" in forwarding.waitForLog("backend=")
-    assert "Login: user=<alice>, method=PLAIN" in dovecot.logText()
+    assert "Login: user=<alice>, method=PLAIN" in dovecot.log()
 
 
 @pytest.mark.skipif(not have("mpop"), reason="mpop is not installed")
@@ -183,7 +173,7 @@ def test_master_user_mode_to_dovecot(tmp_path, dovecot):
         assert client.stat() == (1, len(MESSAGE))
         assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == MESSAGE
         client.quit()
-        assert "Login: user=<bob>, method=PLAIN" in dovecot.logText()
+        assert "Login: user=<bob>, method=PLAIN" in dovecot.log()
     finally:
         proxy.stop()
 
@@ -204,5 +194,24 @@ def test_wrong_master_password_is_sys_temp(tmp_path, dovecot):
         client.user("bob")
         with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
             client.pass_("frontpw")
+    finally:
+        proxy.stop()
+
+
+def test_dovecot_checks_the_password_of_a_nopassword_user(tmp_path, dovecot):
+    """The front reads only the name (nopassword=y proxy=y); Dovecot checks the password."""
+    proxy = ServerProcess(
+        tmp_path / "proxy",
+        {"alice": f":::::: nopassword=y proxy=y host=127.0.0.1 port={dovecot.port}"},
+    ).start()
+    try:
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("not-alices")
+        client.user("alice")
+        client.pass_("secret")
+        assert client.stat() == (1, len(MESSAGE))
+        client.quit()
     finally:
         proxy.stop()

@@ -304,3 +304,93 @@ def test_client_gone_mid_retr_closes_the_backend_session(tmp_path):
     finally:
         proxy.stop()
         backend.stop()
+
+
+def test_proxy_only_server_without_mail_location_or_auth_source(tmp_path, backend):
+    """
+    A front with no mail_location and no passwd: every user goes to the
+    backend, which checks the forwarded password; the front's penalty and
+    answers apply.
+    """
+    proxy = ServerProcess(
+        tmp_path / "proxy", {}, extra=f'proxy_backend = ["pop://127.0.0.1:{backend.port}"]\n'
+    )
+    proxy.config.write_text(
+        "".join(
+            line
+            for line in proxy.config.read_text().splitlines(keepends=True)
+            if not line.startswith(("passwd", "mail_location"))
+        )
+    )
+    proxy.start()
+    try:
+        client = _client(proxy)
+        # Only what carries a password to forward is offered.
+        assert client.capa()["SASL"] == ["PLAIN", "LOGIN"]
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("wrong")
+        client.user("alice")
+        assert client.pass_("secret").startswith(b"+OK")
+        assert client.stat() == (1, len(MESSAGE))
+        client.quit()
+        proxy.waitForLog("user=alice ip=127.0.0.1 tls=no mechanism=USER")
+        assert not (tmp_path / "proxy" / "mail" / "alice").exists()
+    finally:
+        proxy.stop()
+
+
+def test_nopassword_users_are_checked_by_their_backend_only(tmp_path, backend):
+    """
+    Dovecot's nopassword=y with proxy=y: the front reads only the name and
+    forwards the password; a nopassword user who is not proxied is refused,
+    and so is APOP (no password to forward).
+    """
+    proxy = _proxy(
+        tmp_path / "proxy",
+        {
+            "alice": f":::::: nopassword=y proxy=y host=127.0.0.1 port={backend.port}",
+            "dave": ":::::: nopassword=y",
+        },
+    )
+    try:
+        client = _client(proxy)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("anything")
+        client.user("alice")
+        client.pass_("secret")
+        assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == MESSAGE
+        client.quit()
+        client = _client(proxy)
+        client.user("dave")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("anything")
+        with pytest.raises(poplib.error_proto):
+            client.apop("alice", "secret")
+        client.quit()
+        assert not (tmp_path / "proxy" / "mail" / "dave").exists()
+    finally:
+        proxy.stop()
+
+
+def test_nopassword_with_a_master_user_is_refused(tmp_path, backend):
+    """Master-user mode would let any password in: a nopassword user is refused there."""
+    (tmp_path / "master.pw").write_text("masterpw\n")
+    proxy = _proxy(
+        tmp_path / "proxy",
+        {"alice": ":::::: nopassword=y"},
+        extra=(
+            f'proxy_backend = ["pop://127.0.0.1:{backend.port}"]\n'
+            'proxy_master_user = "master"\n'
+            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
+        ),
+    )
+    try:
+        client = _client(proxy)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+            client.pass_("secret")
+        assert "the proxy logs in as a master user" in proxy.waitForLog("master user: login")
+    finally:
+        proxy.stop()

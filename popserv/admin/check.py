@@ -21,7 +21,7 @@ def checkConfig(config: Config) -> list[str]:
     """Every problem of a configuration, one line each (empty: all well)."""
     from twisted.internet import endpoints, reactor
 
-    from popserv.build import makeChecker, makeStore
+    from popserv.build import makeChecker
     from popserv.threads import synchronously
 
     problems: list[str] = []
@@ -35,25 +35,16 @@ def checkConfig(config: Config) -> list[str]:
             endpoints.serverFromString(reactor, description)
         except Exception as e:  # endpoint parsers raise all sorts
             problems.append(f"listen: bad endpoint {description!r}: {e!r}")
-    try:
-        store = makeStore(config, synchronously)
-    except ConfigError as e:
-        problems.append(str(e))
-    else:
-        problems += _statusProblems("mail_location", store)
-        from popserv.backends.maildir.foreign import storeNote
-
-        note = storeNote(store)
-        if note:
-            print(note)  # a remark, not a problem
-    kind = config.store[0]
-    if config.uidl_source != "native" and kind != DEFAULT_STORE:
-        # A warning: the server runs, but serves the store's own UIDLs.
-        print(
-            f"warning: uidl_source = {config.uidl_source} applies to Maildir stores only; "
-            f"the {kind} store ignores it"
-            + (" (its X-UIDL rule is always on)" if kind == "mbox" else "")
-        )
+    if config.mail_location:  # (none: a server that only proxies)
+        problems += _storeProblems(config)
+        kind = config.store[0]
+        if config.uidl_source != "native" and kind != DEFAULT_STORE:
+            # A warning: the server runs, but serves the store's own UIDLs.
+            print(
+                f"warning: uidl_source = {config.uidl_source} applies to Maildir stores only; "
+                f"the {kind} store ignores it"
+                + (" (its X-UIDL rule is always on)" if kind == "mbox" else "")
+            )
     if config.passdb:  # the passwd shorthand is read below, user by user
         try:
             checker = makeChecker(replace(config, passwd=None), reactor, synchronously)
@@ -169,3 +160,20 @@ def cmdCheckConfig(args: argparse.Namespace) -> int:
     if not problems:
         print("configuration OK")
     return EX_PROBLEMS if problems else EX_OK
+
+
+def _storeProblems(config: Any) -> list[str]:
+    from popserv.build import makeStore
+    from popserv.threads import synchronously
+
+    try:
+        store = makeStore(config, synchronously)
+    except ConfigError as e:
+        return [str(e)]
+    problems = _statusProblems("mail_location", store)
+    from popserv.backends.maildir.foreign import storeNote
+
+    note = storeNote(store)
+    if note:
+        print(note)  # a remark, not a problem
+    return problems

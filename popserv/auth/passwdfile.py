@@ -37,9 +37,9 @@ from popserv.auth.scramkeys import (
     stableSalt,
 )
 from popserv.errors import AccountDisabled, UnknownUser
-from popserv.interfaces import IUserDirectory
+from popserv.interfaces import IUserDirectory, UnverifiedUser
 from popserv.policy import IUserSettingsSource, parseExpire
-from popserv.proxy.fields import routingSetting
+from popserv.proxy.fields import routingSetting, yes
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PasswdFileChecker", "parsePasswdFile", "PasswdEntry"]
@@ -57,18 +57,29 @@ class PasswdEntry:
     disabled: bool = False
 
 
+def _nothingMatches(password: bytes, secret: str) -> bool:
+    return False
+
+
+#: The scheme of a C{nopassword=y} line: nothing is checked here, and
+#: nothing matches (APOP, CRAM-MD5 and SCRAM need a secret; there is none).
+NO_PASSWORD = Scheme("NOPASSWORD", _nothingMatches, slow=False)
+
 #: Quota fields (enforced at LMTP delivery) and their settings' names.
 _QUOTAS = {"quota_bytes": "quotaBytes", "quota_messages": "quotaMessages"}
 
 
-def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
+def _extraFields(text: str) -> tuple[dict[str, Any], bool, bool]:
+    """The settings of a line's extra fields, and its C{nologin} and C{nopassword}."""
     settings: dict[str, Any] = {}
-    disabled = False
+    disabled = noPassword = False
     for item in text.split():
         key, _, value = item.partition("=")
         key = key.removeprefix("userdb_")
         if key == "nologin":
             disabled = True
+        elif key == "nopassword":
+            noPassword = yes(value)
         elif key == "login_delay":
             settings["loginDelay"] = int(value)
         elif key == "expire":
@@ -81,7 +92,7 @@ def _extraFields(text: str) -> tuple[dict[str, Any], bool]:
             routed = routingSetting(key, value)
             if routed is not None:
                 settings[routed[0]] = routed[1]
-    return settings, disabled
+    return settings, disabled, noPassword
 
 
 def parsePasswdFile(
@@ -109,8 +120,9 @@ def parsePasswdFile(
             bad(lineno, "no user:password")
             continue
         try:
-            scheme, secret = parseStoredPassword(fields[1])
-            settings, disabled = _extraFields(fields[7] if len(fields) > 7 else "")
+            settings, disabled, noPassword = _extraFields(fields[7] if len(fields) > 7 else "")
+            # nopassword=y (Dovecot's): the password field is not read at all.
+            scheme, secret = (NO_PASSWORD, "") if noPassword else parseStoredPassword(fields[1])
         except (UnknownScheme, ValueError) as e:
             bad(lineno, f"user {user}: {e}")
             continue
@@ -245,6 +257,9 @@ class PasswdFileChecker:
             return self._unknownUser(credentials)
         scheme, secret = entry.scheme, entry.secret
         if IUsernamePassword.providedBy(credentials):
+            if scheme is NO_PASSWORD:
+                # Only the user's backend may check this password (see UnverifiedUser).
+                return maybeDeferred(self._verdict, True, UnverifiedUser(credentials.username))
             password = credentials.password
             if scheme.slow:
                 cache = self.cache

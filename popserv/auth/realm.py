@@ -10,8 +10,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.interfaces import IMailbox, IMailStore
-from popserv.policy import SessionPolicy
+from popserv.errors import AuthenticationFailed
+from popserv.interfaces import IMailbox, IMailStore, UnverifiedUser
+from popserv.policy import SessionPolicy, UserSettings
 
 __all__ = ["MailboxRealm"]
 
@@ -41,14 +42,30 @@ class MailboxRealm:
     def requestAvatar(
         self, avatarId: str, mind: object, *interfaces: Any
     ) -> Deferred[tuple[Any, IMailbox, Callable[[], None]]]:
+        settings = None if self.policy is None else self.policy.settingsFor(avatarId)
+        return self.avatarFor(avatarId, settings, *interfaces)
+
+    def avatarFor(
+        self, avatarId: str, settings: UserSettings | None, *interfaces: Any
+    ) -> Deferred[tuple[Any, IMailbox, Callable[[], None]]]:
+        """
+        L{requestAvatar} for a user whose C{settings} were looked up already
+        (by the proxy's realm, which looks once for both); they go with the
+        logout to the protocol, which needs them too.
+        """
         if IMailbox not in interfaces:
             raise NotImplementedError("popserv's realm only provides IMailbox")
-        checked = None if self.policy is None else self.policy.checkLogin(avatarId)
+        if isinstance(avatarId, UnverifiedUser):  # only a proxy's backend may serve them
+            _log.warn("user {user} has no password here (nopassword=y)", user=str(avatarId))
+            raise AuthenticationFailed()
+        checked = None if self.policy is None else self.policy.checkLogin(avatarId, settings)
         if checked is None:
             d = maybeDeferred(self.store.openMailbox, avatarId)
         else:
             d = checked.addCallback(lambda _: self.store.openMailbox(avatarId))
-        return d.addCallback(lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox, avatarId)))
+        return d.addCallback(
+            lambda mailbox: (IMailbox, mailbox, _LogoutOnce(mailbox, avatarId, settings))
+        )
 
 
 class _LogoutOnce:
@@ -58,13 +75,18 @@ class _LogoutOnce:
     @ivar avatarId: the user as the auth source named it (which may differ
         from what the client typed: a canonical spelling), for the protocol
         to record the login and look the user's settings up under.
+    @ivar settings: the user's settings, as the realm's policy found them
+        (None without one): the protocol need not look them up again.
     """
 
-    __slots__ = ("_mailbox", "avatarId")
+    __slots__ = ("_mailbox", "avatarId", "settings")
 
-    def __init__(self, mailbox: IMailbox, avatarId: str) -> None:
+    def __init__(
+        self, mailbox: IMailbox, avatarId: str, settings: UserSettings | None = None
+    ) -> None:
         self._mailbox: IMailbox | None = mailbox
         self.avatarId = avatarId
+        self.settings = settings
 
     def __call__(self) -> Deferred[None] | None:
         """Close the mailbox (the first time); the Deferred of its release, if it takes time."""

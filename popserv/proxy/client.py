@@ -7,7 +7,8 @@ The login is a short exchange, parsed line by line::
     greeting -> [STLS -> TLS] -> CAPA -> AUTH PLAIN | USER/PASS | APOP -> +OK
 
 C{;AUTH=*} takes SASL PLAIN if CAPA lists it (one round trip with the
-initial response), else USER/PASS; master-user logins are always SASL PLAIN
+initial response), else USER/PASS; CAPA is not asked when the connector
+remembers that this backend offers PLAIN (C{plainKnown}); master-user logins are always SASL PLAIN
 with the user as the authorization id. After the final C{+OK} the protocol
 parses nothing more: it passes the backend's bytes on as they come.
 """
@@ -64,7 +65,7 @@ class LoginAs:
     @ivar password: the user's own password (forwarding), or None.
     @ivar masterUser: log in as this master user, for C{user}, with
         C{masterPassword} (SASL PLAIN with an authorization id).
-    @ivar auth: C{*}, C{PLAIN}, C{USER} or C{+APOP} (from the POP URL).
+    @ivar auth: C{*}, C{PLAIN}, C{+USER} or C{+APOP} (from the POP URL).
     """
 
     user: str
@@ -91,10 +92,24 @@ class BackendLogin(Protocol):
     @param tls: the TLS client options for STLS or implicit TLS (None: none).
     @param tlsMode: L{popserv.popurl.STARTTLS}, L{popserv.popurl.IMPLICIT_TLS} or none.
     @param header: bytes to send first (a PROXY v2 header), or empty.
+    @param plainKnown: the backend is known to offer SASL PLAIN: send
+        C{AUTH PLAIN} without asking C{CAPA}.
+    @ivar offeredPlain: what C{CAPA} said of SASL PLAIN (None: not asked,
+        or a C{plainKnown} that the backend refused without a response code,
+        which it is no longer).
     """
 
-    def __init__(self, login: LoginAs, tlsMode: str, tls: Any, header: bytes = b"") -> None:
+    def __init__(
+        self,
+        login: LoginAs,
+        tlsMode: str,
+        tls: Any,
+        header: bytes = b"",
+        plainKnown: bool = False,
+    ) -> None:
         self.login = login
+        self.plainKnown = plainKnown
+        self.offeredPlain: bool | None = None
         self.tlsMode = tlsMode
         self.tls = tls
         self.header = header
@@ -139,6 +154,20 @@ class BackendLogin(Protocol):
             line = self._buffer[:eol].rstrip(b"\r")
             self._buffer = self._buffer[eol + 1 :]
             self._step(line)
+
+    def giveUp(self, why: str) -> None:
+        """Time is up: fail the login (another backend may be tried) and drop the connection."""
+        self._step = None
+        if not self.done.called:
+            self.done.errback(BackendFailed(why))
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectFailed(self, reason: Failure) -> None:
+        """The connection could not be made (refused, timed out, cancelled)."""
+        self._step = None
+        if not self.done.called:
+            self.done.errback(BackendFailed(f"cannot connect: {_why(reason)}"))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         relay = self.relay
@@ -188,8 +217,11 @@ class BackendLogin(Protocol):
         self._askCapa()
 
     def _askCapa(self) -> None:
-        if self.login.masterUser is not None or self.login.auth in ("PLAIN", "USER", "+APOP"):
+        if self.login.masterUser is not None or self.login.auth in ("PLAIN", "+USER", "+APOP"):
             self._authenticate(())
+            return
+        if self.plainKnown:
+            self._authenticate((b"SASL PLAIN",))
             return
         self._step = self._capaStatus
         self._send(b"CAPA")
@@ -204,6 +236,8 @@ class BackendLogin(Protocol):
     def _capaLine(self, line: bytes) -> None:
         if line == b".":
             capa, self._capa = self._capa or [], None
+            sasl = next((c.split()[1:] for c in capa if c.startswith(b"SASL ")), [])
+            self.offeredPlain = b"PLAIN" in sasl
             self._authenticate(capa)
         elif self._capa is not None and len(self._capa) < 100:
             self._capa.append(line.upper())
@@ -235,6 +269,9 @@ class BackendLogin(Protocol):
         if line.startswith(b"+ "):  # a server that ignored the initial response
             self._send(base64.b64encode(self.login.plainResponse()))
             return
+        if self.plainKnown and line.startswith(b"-ERR") and not _CODE.match(line):
+            # Perhaps no PLAIN there any more: the next login asks CAPA again.
+            self.offeredPlain = False
         if self._expectOK(line):
             self._step = None
             self.done.callback(line)

@@ -18,14 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.errors import AuthenticationFailed, POP3Error, ResponseCode, TemporaryFailure
-from popserv.interfaces import IRelayedSession
+from popserv.interfaces import IRelayedSession, UnverifiedUser
 from popserv.policy import IUserSettingsSource, SessionPolicy
 from popserv.popurl import IMPLICIT_TLS, PLAIN_TLS, STARTTLS, PopURL
 from popserv.proxy.client import BackendRefused, LoginAs
@@ -33,7 +34,14 @@ from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
 from popserv.proxy.relay import RelayedSession
 
-__all__ = ["Route", "Router", "ProxyRealm", "BackendAnswer", "DEFAULT_PROXY_TIMEOUT"]
+__all__ = [
+    "Route",
+    "Router",
+    "ProxyRealm",
+    "ForwardingChecker",
+    "BackendAnswer",
+    "DEFAULT_PROXY_TIMEOUT",
+]
 
 _log = Logger()
 
@@ -79,7 +87,10 @@ class Router:
 
     def routeFor(self, user: str) -> Route | None:
         """The route of C{user}, or None: served here."""
-        fields = self.source.settingsFor(user) if self.source is not None else {}
+        return self.routeFrom(user, self.source.settingsFor(user) if self.source else {})
+
+    def routeFrom(self, user: str, fields: dict[str, Any]) -> Route | None:
+        """The route of C{user}, whose auth source gave these C{fields}."""
         if not fields.get("proxy", bool(self.backends)):
             return None
         host = fields.get("proxyHost")
@@ -157,15 +168,52 @@ class ProxyRealm:
         return getattr(self.local, "store", None)
 
     def requestAvatar(self, avatarId: str, mind: object, *interfaces: Any) -> Any:
-        route = self.router.routeFor(avatarId)
-        if route is None:
-            return self.local.requestAvatar(avatarId, mind, *interfaces)
-        checked = None if self.policy is None else self.policy.checkLogin(avatarId)
+        # One lookup of the user's fields serves the routing, LOGIN-DELAY and
+        # the protocol's settings: a user served here costs no more than
+        # without the proxy mode.
+        policy = self.policy
+        if policy is None:
+            route = self.router.routeFor(avatarId)
+            settings = None
+        else:
+            fields = policy.overridesFor(avatarId)
+            route = self.router.routeFrom(avatarId, fields)
+            settings = policy.settingsFrom(fields)
+        if isinstance(avatarId, UnverifiedUser):
+            self._mayForward(avatarId, route)
+        elif route is None:
+            avatarFor = getattr(self.local, "avatarFor", None)
+            if avatarFor is None or policy is not getattr(self.local, "policy", None):
+                return self.local.requestAvatar(avatarId, mind, *interfaces)
+            return avatarFor(avatarId, settings, *interfaces)
+        checked = None if policy is None else policy.checkLogin(avatarId, settings)
         if checked is None:
             d = maybeDeferred(self._connect, route, avatarId, mind)
         else:
             d = checked.addCallback(lambda _: self._connect(route, avatarId, mind))
-        return d.addCallback(lambda session: (IRelayedSession, session, session))
+
+        def avatar(session: RelayedSession) -> tuple[Any, RelayedSession, RelayedSession]:
+            session.settings = settings
+            return IRelayedSession, session, session
+
+        return d.addCallback(avatar)
+
+    def _mayForward(self, avatarId: str, route: Route | None) -> None:
+        """
+        An unverified user (L{UnverifiedUser}) is served only by a backend
+        that checks the password this proxy forwards: never here, never
+        through the master user (who would let any password in).
+        """
+        if route is None or self.masterUser is not None:
+            _log.warn(
+                "user {user} has no password here (nopassword=y, or no auth source), so "
+                "only a backend may check it; but {why}: login refused",
+                user=str(avatarId),
+                why="the user is not proxied"
+                if route is None
+                else "the proxy logs in as a master user",
+            )
+            raise AuthenticationFailed()
 
     def _connect(self, route: Route, avatarId: str, mind: Any) -> Deferred[RelayedSession]:
         credentials = getattr(mind, "credentials", None)
@@ -184,7 +232,7 @@ class ProxyRealm:
         d = self.connector.login(route.backends, login, route.timeout, header, route.verify)
 
         def named(session: RelayedSession) -> RelayedSession:
-            session.avatarId = avatarId
+            session.avatarId = str(avatarId)  # verified now, by the backend
             return session
 
         return d.addCallbacks(named, self._refused)
@@ -202,3 +250,19 @@ class ProxyRealm:
                 raise TemporaryFailure()
             raise AuthenticationFailed()
         raise BackendAnswer(refused)
+
+
+@implementer(ICredentialsChecker)
+class ForwardingChecker:
+    """
+    The checker of a proxy with no auth source of its own (C{proxy_backend}
+    and no C{passwd}/C{passdb}): it checks nothing and names the user
+    L{UnverifiedUser}, so that the backend checks the forwarded password.
+    Only USER/PASS and the SASL mechanisms that carry a password (PLAIN,
+    LOGIN) can work: nothing else gives a password to forward.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        return succeed(UnverifiedUser(credentials.username))

@@ -36,6 +36,8 @@ class RelayedSession:
     @ivar greeting: the backend's C{+OK} line, CRLF included, for the client.
     @ivar backendName: the backend as the logout line names it (C{host:port}).
     @ivar avatarId: the user, as the front's auth source names them.
+    @ivar settings: the user's L{popserv.policy.UserSettings}, if the realm
+        looked them up (the login records the login with them).
     """
 
     def __init__(self, backend: BackendLogin, line: bytes, backendName: str, avatarId: str):
@@ -43,6 +45,7 @@ class RelayedSession:
         self.greeting = line + b"\r\n"
         self.backendName = backendName
         self.avatarId = avatarId
+        self.settings: Any = None
         self.front: Any = None
         self._stats: Any = None
         self._activity: Callable[[], None] = _nothing
