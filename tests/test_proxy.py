@@ -11,8 +11,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.python.failure import Failure
 
-from popserv.auth.credentials import APOPCredentials, UsernamePassword
+from popserv.auth.credentials import APOPCredentials, Impersonation, UsernamePassword
 from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
@@ -164,6 +165,17 @@ def test_nopassword_users_are_unverified_and_no_local_mechanism_lets_them_in(tmp
     realm = MailboxRealm(MemoryStore())
     with pytest.raises(AuthenticationFailed):
         realm.requestAvatar(UnverifiedUser("alice"), None, IMailbox)
+
+
+def test_a_nopassword_master_user_cannot_act_as_anyone(tmp_path):
+    """A master user's password is checked when it acts as another user, or never."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}secret\nadmin:::::::nopassword=y\n")
+    checker = PasswdFileChecker(passwd, synchronously, masterUsers={"admin"})
+    results = []
+    acting = Impersonation("alice", UsernamePassword("admin", b"WRONG"))
+    checker.requestAvatarId(acting).addBoth(results.append)
+    assert isinstance(results[0], Failure) and results[0].check(UnauthorizedLogin), results
 
 
 def test_an_unverified_user_is_only_ever_forwarded():

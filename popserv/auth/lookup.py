@@ -34,6 +34,7 @@ from popserv.auth.scramkeys import (
     stableSalt,
 )
 from popserv.errors import AccountDisabled, UnknownUser
+from popserv.interfaces import UnverifiedUser
 from popserv.threads import RunInThread
 
 __all__ = ["FoundUser", "LookupPassdb"]
@@ -186,7 +187,7 @@ class LookupPassdb:
             if actor.username not in self.masterUsers:
                 return fail(UnauthorizedLogin())
             d = self.requestAvatarId(actor)
-            return d.addCallback(lambda _actor: _verdict(True, found))
+            return d.addCallback(_actedAs, found)
 
         return self.lookup(credentials.username).addCallback(target)
 
@@ -240,6 +241,12 @@ def _verdict(matched: bool, found: FoundUser) -> str:
     if found.disabled:
         raise AccountDisabled()
     return found.name
+
+
+def _actedAs(actor: str, found: FoundUser) -> str:
+    if isinstance(actor, UnverifiedUser):
+        raise UnauthorizedLogin()  # a master user's password is checked here or never
+    return _verdict(True, found)
 
 
 def _unknown(_matched: object) -> str:

@@ -312,7 +312,14 @@ class PasswdFileChecker:
         if actor.username not in self.masterUsers:
             return fail(UnauthorizedLogin())
         d = self.requestAvatarId(actor)
-        return d.addCallback(lambda _actor: self._verdict(True, credentials.username))
+        return d.addCallback(self._actedAs, credentials.username)
+
+    def _actedAs(self, actor: str, user: str) -> str:
+        if isinstance(actor, UnverifiedUser):
+            # A master user's password must be checked here: nobody checks
+            # it later when the master acts as someone else.
+            raise UnauthorizedLogin()
+        return self._verdict(True, user)
 
     # -- ISecretSource -----------------------------------------------------------
 
