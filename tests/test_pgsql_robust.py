@@ -150,3 +150,30 @@ def test_a_lost_reply_does_not_count_a_failed_login_twice(pgdatabase, relay):
         assert count == 2
     finally:
         store.close()
+
+
+def test_an_unlock_waits_out_a_busy_lock_connection(pgdatabase):
+    """A logout while another lock operation holds the lock connection longer
+    than the timeout still unlocks: a given-up unlock would lock the user out
+    on every node until the process ends."""
+    from popserv.backends.pgsql.locks import AdvisoryLocks
+
+    a = makeStore(initialized(pgdatabase))
+    b = makeStore(pgdatabase)
+    try:
+        locks = AdvisoryLocks(a.database, timeout=0.3)
+        locks.acquire("alice")
+        busy = threading.Thread(
+            target=lambda: (locks._mutex.acquire(), time.sleep(0.6), locks._mutex.release())
+        )
+        busy.start()
+        time.sleep(0.05)
+        locks.release("alice")
+        busy.join()
+        assert locks.held == frozenset()
+        result(b.openMailbox("alice")).close()  # another node gets it
+        locks.acquire("alice")  # and so does this one, again
+        locks.release("alice")
+    finally:
+        a.close()
+        b.close()

@@ -237,8 +237,13 @@ class AdvisoryLocks:
         An unlock that cannot be confirmed drops the lock connection, which
         frees every lock of this process on the server, and takes the others
         again: a lock is never left behind until the process ends.
+
+        Unlike the other operations it waits for the mutex as long as it
+        takes (whoever holds it is bounded by the query deadline): an unlock
+        given up would keep the maildrop locked, here and on every node,
+        for as long as the process lives.
         """
-        self._enter()
+        self._mutex.acquire()
         try:
             if user not in self._held:
                 return
