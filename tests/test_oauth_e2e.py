@@ -14,6 +14,7 @@ import poplib
 import socket
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,18 @@ def test_key_rotation_refetches_the_jwks_for_an_unknown_kid(idp, spawn):
     # Another unknown kid right after: refused without another fetch (no fetch storms).
     assert login(srv, token(rsaKey(), "k3")).startswith("-ERR [AUTH]")
     assert tenant.jwksFetches == fetches + 1
+
+
+def test_without_a_jwks_tokens_cannot_make_a_flood_of_fetches(idp, spawn):
+    tenant = idp.tenant()  # a JWKS with no keys yet, as if the IdP were broken
+    srv = spawn(jwksConfig(tenant.url("jwks")))
+    started = tenant.jwksFetches
+    for _ in range(5):
+        assert login(srv, token(KEY)).startswith("-ERR")
+    assert tenant.jwksFetches <= started + 2  # at most one a second
+    tenant.keys = [publicJWK(KEY, "k1")]
+    time.sleep(1.1)
+    assert login(srv, token(KEY)).startswith("+OK")
 
 
 def test_jwks_down_is_sys_temp(spawn):

@@ -232,6 +232,8 @@ class JWKSValidator(Service):
 
     refresh = 900.0
     refetchAfter = 30.0
+    #: Seconds between two fetches a login starts while there is no JWKS.
+    retryAfter = 1.0
 
     def __init__(
         self,
@@ -254,6 +256,7 @@ class JWKSValidator(Service):
         self.keys: dict[str, tuple[jwt.PyJWK, str | None]] = {}
         self._fetching: Deferred[None] | None = None
         self._lastRefetch: float | None = None
+        self._lastRetry: float | None = None
         self._timer: LoopingCall | None = None
 
     # -- the key set -------------------------------------------------------------
@@ -341,6 +344,8 @@ class JWKSValidator(Service):
         if self._key(kid) is not None:
             return self._decode(token, kid, algorithm)
         if not self._mayRefetch():
+            if not self.keys:  # no JWKS yet: the identity provider is down, not the token
+                return fail(TemporaryFailure())
             return fail(InvalidToken(f"unknown key {kid!r}"))
         d = self.fetch()
         d.addCallback(lambda _: self._decode(token, kid, algorithm))
@@ -353,9 +358,16 @@ class JWKSValidator(Service):
         return key
 
     def _mayRefetch(self) -> bool:
-        if not self.keys:
-            return True
+        """A fetch now, for a key not known: at most one in C{refetchAfter}
+        seconds, or in C{retryAfter} while there is no JWKS at all (the
+        identity provider down since the start), so tokens cannot make a
+        flood of fetches."""
         now = self._reactor.seconds()
+        if not self.keys:
+            if self._lastRetry is not None and now - self._lastRetry < self.retryAfter:
+                return False
+            self._lastRetry = now
+            return True
         if self._lastRefetch is not None and now - self._lastRefetch < self.refetchAfter:
             return False
         self._lastRefetch = now
