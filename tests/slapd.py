@@ -42,6 +42,9 @@ SUFFIX = "dc=example,dc=org"
 PEOPLE = f"ou=people,{SUFFIX}"
 READER_DN = f"cn=reader,{SUFFIX}"
 READER_PASSWORD = "r3ader-Secret-9"
+#: The directory's manager, for tests that change entries.
+ADMIN_DN = f"cn=admin,{SUFFIX}"
+ADMIN_PASSWORD = "adm1n-Secret-4"
 
 #: uid -> (password, the scheme it is stored with, extra attributes).
 USERS: dict[str, tuple[str | None, str | None, dict[str, str]]] = {
@@ -138,7 +141,8 @@ class Slapd:
                     f"TLSCertificateKeyFile {self.pki['key']}",
                     "database mdb",
                     f'suffix "{SUFFIX}"',
-                    f'rootdn "cn=admin,{SUFFIX}"',
+                    f'rootdn "{ADMIN_DN}"',
+                    f"rootpw {ADMIN_PASSWORD}",
                     f"directory {data}",
                     "maxsize 16777216",
                     # userPassword: only the reader reads it; anyone may bind with it.

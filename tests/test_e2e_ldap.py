@@ -174,3 +174,49 @@ def test_check_config_reports_the_directory(tmp_path, slapd):
     assert proc.returncode != 0
     assert "invalidCredentials" in proc.stdout
     assert "wrong-Password-77" not in proc.stdout + proc.stderr
+
+
+def test_proxy_routing_from_directory_attributes(tmp_path, slapd):
+    """
+    The proxy mode routed by directory attributes (issue 16: routing "in the
+    passwd-file, SQL or LDAP"): erin's entry says proxy=y with her own host
+    and port, so she is relayed there; alice's says nothing, and she is
+    served here.
+    """
+    import ldap3
+    from slapd import ADMIN_DN, ADMIN_PASSWORD
+
+    message = b"Subject: on the backend\r\n\r\nbody\r\n"
+    backend = ServerProcess(tmp_path / "backend", {"erin@example.org": "{PLAIN}erin-pw"})
+    deliver(backend.maildir("erin@example.org"), message)
+    backend.start()
+    with ldap3.Connection(
+        ldap3.Server("127.0.0.1", slapd.port), ADMIN_DN, ADMIN_PASSWORD, auto_bind=True
+    ) as admin:
+        changes = {
+            "roomNumber": [(ldap3.MODIFY_REPLACE, ["127.0.0.1"])],
+            "carLicense": [(ldap3.MODIFY_REPLACE, [str(backend.port)])],
+            "title": [(ldap3.MODIFY_REPLACE, ["y"])],
+        }
+        assert admin.modify(f"uid=erin,{PEOPLE}", changes), admin.result
+    front = tmp_path / "front"
+    front.mkdir()
+    routing = "mail=user,title=proxy,roomNumber=host,carLicense=port"
+    proxy = ServerProcess(front, {}, extra=ldapConfig(slapd, front).replace(ATTRS, routing))
+    proxy.start()
+    try:
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.user("erin")
+        client.pass_(USERS["erin"][0])
+        assert client.stat() == (1, len(message))
+        assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == message
+        client.quit()
+        proxy.waitForLog(f"backend=127.0.0.1:{backend.port}")
+        client = poplib.POP3("127.0.0.1", proxy.port, timeout=30)
+        client.user("alice")
+        client.pass_(USERS["alice"][0])
+        assert client.stat() == (0, 0)  # her own, local maildrop
+        client.quit()
+    finally:
+        proxy.stop()
+        backend.stop()

@@ -125,6 +125,16 @@ def test_settings_and_nologin_from_attributes(slapd):
     assert isinstance(login(checker, "erin", "wrong"), UnauthorizedLogin)
 
 
+def test_proxy_routing_fields_from_attributes(slapd):
+    """The proxy mode's routing fields (Dovecot's names) map from attributes too."""
+    attrs = "mail=user,employeeNumber=port,departmentNumber=proxy_timeout,employeeType=proxy"
+    checker = source(slapd, attrs=attrs)
+    assert login(checker, "bob", "builder") == "bob@example.org"
+    assert checker.settingsFor("bob@example.org") == {"proxyPort": 45, "proxyTimeout": 7}
+    assert login(checker, "erin", "erin-pw") == "erin@example.org"
+    assert checker.settingsFor("erin@example.org") == {"proxy": True}
+
+
 def test_a_user_looked_up_without_a_password(slapd):
     """GSSAPI, OAuth and EXTERNAL users: they must exist, for their name and settings."""
     checker = source(slapd)

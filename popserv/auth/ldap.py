@@ -52,6 +52,7 @@ from popserv.auth.scramkeys import (
 from popserv.errors import TemporaryFailure
 from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
+from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
 from popserv.threads import RunInThread
 
 __all__ = ["LdapPassdb", "ConnectionPool", "DirectoryEntry", "DirectoryError"]
@@ -369,6 +370,23 @@ class LdapPassdb(LookupPassdb):
                     value=value,
                     error=e,
                 )
+        for routing in ROUTING_FIELDS:
+            value = _first(values.get(routing))
+            if value is None:
+                continue
+            try:
+                routed = routingSetting(routing, value)
+            except ValueError as e:
+                _log.warn(
+                    "{source}: user {user}: bad {field} ignored ({error})",
+                    source=self,
+                    user=name,
+                    field=routing,
+                    error=e,
+                )
+            else:
+                if routed is not None:
+                    settings[routed[0]] = routed[1]
         disabled = (_first(values.get("nologin")) or "").lower() in _TRUE
         return DirectoryEntry(found["dn"], name, scheme, secret, settings, disabled)
 

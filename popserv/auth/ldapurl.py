@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from popserv.proxy.fields import ROUTING_FIELDS
+
 __all__ = [
     "LdapURL",
     "parseLdapURL",
@@ -38,10 +40,11 @@ STARTTLS_OID = "1.3.6.1.4.1.1466.20037"
 
 #: What an attribute may set: the password, the canonical user name (which
 #: names the maildrop through C{mail_location}'s C{%u}, C{%n}, C{%d}), the
-#: per-user settings, and C{nologin}.
+#: per-user settings, C{nologin}, and the proxy mode's routing fields
+#: (L{popserv.proxy.fields.ROUTING_FIELDS}: C{proxy}, C{host}, C{port}...).
 FIELDS = frozenset(
     {"password", "user", "login_delay", "expire", "quota_bytes", "quota_messages", "nologin"}
-)
+) | frozenset(ROUTING_FIELDS)
 
 _SCOPES = {"base": "BASE", "one": "LEVEL", "sub": "SUBTREE"}
 _DEFAULT_PORTS = {"ldap": 389, "ldaps": 636}
