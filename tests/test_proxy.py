@@ -17,14 +17,14 @@ from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
 from popserv.config import ConfigError, loadConfig
-from popserv.errors import AuthenticationFailed
+from popserv.errors import AuthenticationFailed, TemporaryFailure
 from popserv.interfaces import IMailbox, UnverifiedUser
 from popserv.popsource import parsePOPURL
 from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
 from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
 from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
-from popserv.proxy.realm import ForwardingChecker, ProxyRealm, Router
+from popserv.proxy.realm import BackendAnswer, ForwardingChecker, ProxyRealm, Router
 from popserv.proxy.relay import RelayedSession
 from popserv.threads import synchronously
 
@@ -205,3 +205,63 @@ def test_proxy_only_configurations(tmp_path, text, error):
     else:
         with pytest.raises(ConfigError, match=error):
             loadConfig(path).validated()
+
+
+class _Mind:
+    def __init__(self, user: str, password: bytes) -> None:
+        self.credentials = UsernamePassword(user, password)
+
+
+def _forwardedLogin(answer: bytes, masterUser: str | None = None):
+    """A login of an unverified alice, forwarded; the backend refuses it with C{answer}."""
+
+    class Source:
+        def settingsFor(self, user):
+            return {"proxy": True, "proxyHost": "192.0.2.1"}
+
+    reactor = MemoryReactorClock()
+    connector = BackendConnector(reactor, lambda host, verify: None)
+    local = MailboxRealm(MemoryStore())
+    realm = ProxyRealm(local, Router(Source()), connector, None, masterUser, b"mpw")
+    user = "alice" if masterUser else UnverifiedUser("alice")
+    results = []
+    realm.requestAvatar(user, _Mind("alice", b"guess"), IMailbox).addBoth(results.append)
+    host, port, factory, _timeout, _bind = reactor.tcpClients[0]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(b"+OK hi\r\n")
+    if not masterUser:  # CAPA, then USER/PASS; a master user sends AUTH PLAIN at once
+        protocol.dataReceived(b"-ERR no CAPA\r\n+OK\r\n")
+    protocol.dataReceived(answer)
+    [failure] = results
+    return failure
+
+
+@pytest.mark.parametrize(
+    "answer", [b"-ERR Invalid login\r\n", b"-ERR [AUTH] no\r\n", b"-ERR [SYS/PERM] x\r\n"]
+)
+def test_a_forwarded_password_refused_is_a_failed_login(answer):
+    """
+    A backend without response codes (RFC 1939) refuses a wrong password
+    with any text: that is a failed login (penalized, counted), answered
+    with the usual text, not the backend's.
+    """
+    failure = _forwardedLogin(answer)
+    assert failure.check(AuthenticationFailed)
+    assert failure.value.message() == "Authentication failed"
+
+
+def test_a_backend_in_use_or_temporary_refusal_is_passed_on():
+    for answer, code in [
+        (b"-ERR [IN-USE] locked\r\n", "IN-USE"),
+        (b"-ERR [SYS/TEMP] busy\r\n", "SYS/TEMP"),
+        (b"-ERR [LOGIN-DELAY] wait\r\n", "LOGIN-DELAY"),
+    ]:
+        failure = _forwardedLogin(answer)
+        assert failure.check(BackendAnswer) and failure.value.code == code
+
+
+def test_master_user_refusals_keep_their_mapping():
+    assert _forwardedLogin(b"-ERR [AUTH] no\r\n", "master").check(TemporaryFailure)
+    failure = _forwardedLogin(b"-ERR Invalid login\r\n", "master")
+    assert failure.check(BackendAnswer) and not failure.check(AuthenticationFailed)

@@ -48,6 +48,10 @@ _log = Logger()
 #: Seconds to reach and log in to a backend (the whole list), as Dovecot's default.
 DEFAULT_PROXY_TIMEOUT = 30
 
+#: The backend refusals of a forwarded password that are passed on as they
+#: are; any other is a failed login.
+_PASSED_ON = frozenset({ResponseCode.IN_USE, ResponseCode.SYS_TEMP, ResponseCode.LOGIN_DELAY})
+
 
 @dataclass(frozen=True)
 class Route:
@@ -244,12 +248,18 @@ class ProxyRealm:
         _log.info(
             "backend refused the login: {line}", line=refused.line.decode("utf-8", "replace")
         )
-        if refused.code == ResponseCode.AUTH:
-            if self.masterUser is not None:
+        if self.masterUser is not None:
+            if refused.code == ResponseCode.AUTH:
                 # The proxy's master credentials were refused: not the user's fault.
                 raise TemporaryFailure()
-            raise AuthenticationFailed()
-        raise BackendAnswer(refused)
+            raise BackendAnswer(refused)
+        if refused.code in _PASSED_ON:
+            raise BackendAnswer(refused)
+        # The user's own password was refused, with [AUTH] or, from a server
+        # without response codes, with any text: a failed login, penalized
+        # and counted as one (else a proxy that checks no password itself
+        # would allow unlimited guessing); the backend's text is not passed on.
+        raise AuthenticationFailed()
 
 
 @implementer(ICredentialsChecker)
