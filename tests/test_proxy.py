@@ -25,7 +25,7 @@ from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, Lo
 from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
 from popserv.proxy.realm import BackendAnswer, ForwardingChecker, ProxyRealm, Router
-from popserv.proxy.relay import RelayedSession
+from popserv.proxy.relay import CLOSE_GRACE, RelayedSession
 from popserv.threads import synchronously
 
 
@@ -265,3 +265,46 @@ def test_master_user_refusals_keep_their_mapping():
     assert _forwardedLogin(b"-ERR [AUTH] no\r\n", "master").check(TemporaryFailure)
     failure = _forwardedLogin(b"-ERR Invalid login\r\n", "master")
     assert failure.check(BackendAnswer) and not failure.check(AuthenticationFailed)
+
+
+def _relayedSession(clock):
+    protocol, back, results = _login(LoginAs("alice", b"pw"), "none")
+    protocol.dataReceived(b"+OK hi\r\n-ERR\r\n")
+    protocol.dataReceived(b"+OK\r\n+OK in\r\n")
+    return protocol, back, RelayedSession(protocol, results[0], "b:110", "alice", clock)
+
+
+def test_a_client_gone_while_the_backend_is_paused_resumes_then_closes_it():
+    """
+    A slow client paused the backend's reading; when it goes, the backend is
+    read again (a TLS backend's close needs the peer's close_notify), closed
+    gently (its QUIT goes through), and aborted if still there later.
+    """
+
+    class Stats:
+        bytes_out = 0
+
+    clock = MemoryReactorClock()
+    protocol, back, session = _relayedSession(clock)
+    front = StringTransport()
+    toBackend = session.start(front, b"", Stats(), lambda: None)
+    back.pauseProducing()  # the client's write buffer is full
+    toBackend(b"QUIT\r\n")
+    session()
+    assert back.producerState == "producing" and back.disconnecting
+    assert back.value().endswith(b"QUIT\r\n")
+    clock.advance(CLOSE_GRACE)
+    assert back.disconnected  # aborted: the backend never closed
+    # A backend that closes in time is not aborted.
+    protocol, back, session = _relayedSession(clock)
+    session.start(StringTransport(), b"", Stats(), lambda: None)
+    back.pauseProducing()
+    session()
+    protocol.connectionLost(None)
+    assert not clock.getDelayedCalls()
+    # Nor is one whose session never started.
+    protocol, back, session = _relayedSession(clock)
+    session()
+    protocol.dataReceived(b"+OK bye\r\n")
+    protocol.connectionLost(None)
+    assert back.disconnecting and not clock.getDelayedCalls()
