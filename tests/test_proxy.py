@@ -8,9 +8,11 @@ import hashlib
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
+from zope.interface import implementer
 
 from popserv.auth.credentials import APOPCredentials, UsernamePassword
 from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
@@ -18,14 +20,16 @@ from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
 from popserv.config import ConfigError, loadConfig
 from popserv.errors import AuthenticationFailed, TemporaryFailure
-from popserv.interfaces import IMailbox, UnverifiedUser
+from popserv.interfaces import IMailbox, IRelayedSession, UnverifiedUser
 from popserv.popsource import parsePOPURL
 from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
+from popserv.protocol import POP3Factory
 from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
 from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
 from popserv.proxy.realm import BackendAnswer, ForwardingChecker, ProxyRealm, Router
 from popserv.proxy.relay import CLOSE_GRACE, RelayedSession
+from popserv.testing import PlaintextChecker, connect
 from popserv.threads import synchronously
 
 
@@ -308,3 +312,37 @@ def test_a_client_gone_while_the_backend_is_paused_resumes_then_closes_it():
     protocol.dataReceived(b"+OK bye\r\n")
     protocol.connectionLost(None)
     assert back.disconnecting and not clock.getDelayedCalls()
+
+
+def test_the_autologout_of_a_relay_injects_nothing():
+    """
+    The idle timer ends a relayed session silently: no -ERR of the front's
+    in the middle of the backend's multi-line reply; the backend is closed.
+    """
+    clock = MemoryReactorClock()
+    protocol, back, session = _relayedSession(clock)
+
+    @implementer(IRealm)
+    class Realm:
+        def requestAvatar(self, avatarId, mind, *interfaces):
+            return IRelayedSession, session, session
+
+    factory = POP3Factory(Portal(Realm(), [PlaintextChecker({"alice": "pw"})]), clock)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\n")
+    assert client.lines()[-1] == b"+OK in"
+    client.send(b"RETR 1\r\n")
+    protocol.dataReceived(b"+OK 100 octets\r\nSubject: half")
+    clock.advance(factory.timeout)
+    assert client.output() == b"+OK 100 octets\r\nSubject: half"
+    assert client.transport.disconnected  # aborted
+    client.disconnect()
+    assert back.disconnecting
+    # Nor does a shutdown of the server.
+    protocol, back, session = _relayedSession(clock)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\nLIST\r\n")
+    protocol.dataReceived(b"+OK\r\n1 5\r\n")
+    client.protocol.shutdown()
+    assert client.output().endswith(b"+OK in\r\n+OK\r\n1 5\r\n")
+    assert client.transport.disconnected
