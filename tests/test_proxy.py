@@ -346,3 +346,30 @@ def test_the_autologout_of_a_relay_injects_nothing():
     client.protocol.shutdown()
     assert client.output().endswith(b"+OK in\r\n+OK\r\n1 5\r\n")
     assert client.transport.disconnected
+
+
+@pytest.mark.parametrize(
+    "user, password",
+    [
+        ("alice\r\nDELE 1", b"pw"),
+        ("alice", b"pw\r\nDELE 1"),
+        ("alice", b"pw\0x"),
+        ("al\0ice", b"p"),
+    ],
+)
+def test_cr_lf_or_nul_in_a_forwarded_name_or_password_is_refused(user, password):
+    """A SASL PLAIN name or password may carry them: refused, and no backend is contacted."""
+
+    class Source:
+        def settingsFor(self, user):
+            return {"proxy": True, "proxyHost": "192.0.2.1"}
+
+    reactor = MemoryReactorClock()
+    connector = BackendConnector(reactor, lambda host, verify: None)
+    realm = ProxyRealm(MailboxRealm(MemoryStore()), Router(Source()), connector)
+    results = []
+    realm.requestAvatar(UnverifiedUser(user), _Mind(user, password), IMailbox).addBoth(
+        results.append
+    )
+    assert results[0].check(AuthenticationFailed)
+    assert reactor.tcpClients == []

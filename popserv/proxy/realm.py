@@ -15,6 +15,7 @@ from C{login_trusted_networks}).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,9 @@ _log = Logger()
 
 #: Seconds to reach and log in to a backend (the whole list), as Dovecot's default.
 DEFAULT_PROXY_TIMEOUT = 30
+
+#: What may not be forwarded in a user name or password (a command line's end, PLAIN's separator).
+_UNSENDABLE = re.compile(rb"[\r\n\0]")
 
 #: The backend refusals of a forwarded password that are passed on as they
 #: are; any other is a failed login.
@@ -229,6 +233,16 @@ class ProxyRealm:
             raise TemporaryFailure(
                 "This account is on another server: log in with USER/PASS or SASL PLAIN"
             )
+        if _UNSENDABLE.search(route.user.encode("utf-8")) or (
+            login.password is not None and _UNSENDABLE.search(login.password)
+        ):
+            # A SASL PLAIN name or password may hold them: sent on, they would
+            # end the backend's command line early and start another.
+            _log.warn(
+                "login of {user!r} refused: CR, LF or NUL in the name or password",
+                user=route.user,
+            )
+            raise AuthenticationFailed()
         header = b""
         transport = getattr(mind, "transport", None)
         if self.sendHeader and transport is not None:
