@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import implementer
@@ -373,3 +374,41 @@ def test_cr_lf_or_nul_in_a_forwarded_name_or_password_is_refused(user, password)
     )
     assert results[0].check(AuthenticationFailed)
     assert reactor.tcpClients == []
+
+
+@pytest.mark.parametrize(
+    "source, destination, expected",
+    [
+        ("::ffff:192.0.2.7", "10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("192.0.2.7", "::ffff:10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("::ffff:192.0.2.7", "::ffff:10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("::ffff:192.0.2.7", "2001:db8::1", ("::ffff:192.0.2.7", "2001:db8::1")),
+        ("2001:db8::7", "2001:db8::1", ("2001:db8::7", "2001:db8::1")),
+        ("2001:db8::7", "10.0.0.1", None),
+        ("192.0.2.7", "2001:db8::1", None),
+    ],
+)
+def test_proxy_v2_header_of_mixed_and_mapped_addresses(source, destination, expected):
+    """
+    Whatever the pair, the header is well formed (its family agrees with its
+    length): IPv4-mapped addresses go as IPv4 when both sides can, a pair
+    of IPv4 and IPv6 that cannot agree gets a LOCAL header.
+    """
+    header = proxyHeader(
+        IPv6Address("TCP", source, 40000) if ":" in source else IPv4Address("TCP", source, 40000),
+        IPv6Address("TCP", destination, 110)
+        if ":" in destination
+        else IPv4Address("TCP", destination, 110),
+    )
+    family = header[13]
+    length = int.from_bytes(header[14:16], "big")
+    assert (family, length) in ((0x11, 12), (0x21, 36), (0x00, 0))
+    info = V2Parser.parse(header)
+    if expected is None:
+        assert info.source is None and family == 0x00
+    else:
+        hosts = (info.source.host, info.destination.host)
+        parse = ipaddress.ip_address
+        assert tuple(map(parse, hosts)) == tuple(map(parse, expected))
+        assert type(info.source) is type(info.destination)
+        assert (info.source.port, info.destination.port) == (40000, 110)
