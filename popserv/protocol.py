@@ -40,6 +40,7 @@ from popserv.autologout import AutologoutTimer
 from popserv.commands import APOP_DIGEST_LENGTH, MAX_NUMBER_DIGITS, Capability, command
 from popserv.errors import AutologoutExpired, CommandError, ShuttingDown, TooManyConnections
 from popserv.i18n import DEFAULT_LANGUAGE, LANGUAGES, Language, negotiate
+from popserv.interfaces import IRelayedSession
 from popserv.limits import (
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_BAD_COMMANDS,
@@ -196,7 +197,8 @@ class POP3Protocol(TransactionCommands):
             return
         self.stats.reason = "shutdown"
         self._close()
-        self.transport.write(self._fail(ShuttingDown()))
+        if not IRelayedSession.providedBy(self._logout):  # (a relay's stream is the backend's)
+            self.transport.write(self._fail(ShuttingDown()))
         self._abort()
 
     def timeoutConnection(self) -> None:
@@ -215,6 +217,11 @@ class POP3Protocol(TransactionCommands):
         self._moveTo(Lifecycle.TIMED_OUT)
         self._timeout = None  # nothing may re-arm the timer now
         self.stats.reason = "timeout"
+        if IRelayedSession.providedBy(self._logout):
+            # A relay: a line of ours would land inside the backend's stream
+            # (a multi-line reply in progress); the client sees the close only.
+            self._abort()
+            return
         self.transport.write(self._fail(AutologoutExpired()))
         if self._producer is not None:
             self._abort()  # the client is not reading

@@ -5,28 +5,33 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from popserv.auth.credentials import APOPCredentials, Impersonation, UsernamePassword
 from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.backends.memory import MemoryStore
 from popserv.config import ConfigError, loadConfig
-from popserv.errors import AuthenticationFailed
-from popserv.interfaces import IMailbox, UnverifiedUser
+from popserv.errors import AuthenticationFailed, TemporaryFailure
+from popserv.interfaces import IMailbox, IRelayedSession, UnverifiedUser
 from popserv.popsource import parsePOPURL
 from popserv.popurl import IMPLICIT_TLS, STARTTLS, PopURL, parsePopURL
+from popserv.protocol import POP3Factory
 from popserv.proxy.client import BackendFailed, BackendLogin, BackendRefused, LoginAs
 from popserv.proxy.connect import BackendConnector
 from popserv.proxy.proxyv2 import proxyHeader
-from popserv.proxy.realm import ForwardingChecker, ProxyRealm, Router
-from popserv.proxy.relay import RelayedSession
+from popserv.proxy.realm import BackendAnswer, ForwardingChecker, ProxyRealm, Router
+from popserv.proxy.relay import CLOSE_GRACE, RelayedSession
+from popserv.testing import PlaintextChecker, connect
 from popserv.threads import synchronously
 
 
@@ -217,3 +222,205 @@ def test_proxy_only_configurations(tmp_path, text, error):
     else:
         with pytest.raises(ConfigError, match=error):
             loadConfig(path).validated()
+
+
+class _Mind:
+    def __init__(self, user: str, password: bytes) -> None:
+        self.credentials = UsernamePassword(user, password)
+
+
+def _forwardedLogin(answer: bytes, masterUser: str | None = None):
+    """A login of an unverified alice, forwarded; the backend refuses it with C{answer}."""
+
+    class Source:
+        def settingsFor(self, user):
+            return {"proxy": True, "proxyHost": "192.0.2.1"}
+
+    reactor = MemoryReactorClock()
+    connector = BackendConnector(reactor, lambda host, verify: None)
+    local = MailboxRealm(MemoryStore())
+    realm = ProxyRealm(local, Router(Source()), connector, None, masterUser, b"mpw")
+    user = "alice" if masterUser else UnverifiedUser("alice")
+    results = []
+    realm.requestAvatar(user, _Mind("alice", b"guess"), IMailbox).addBoth(results.append)
+    host, port, factory, _timeout, _bind = reactor.tcpClients[0]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(b"+OK hi\r\n")
+    if not masterUser:  # CAPA, then USER/PASS; a master user sends AUTH PLAIN at once
+        protocol.dataReceived(b"-ERR no CAPA\r\n+OK\r\n")
+    protocol.dataReceived(answer)
+    [failure] = results
+    return failure
+
+
+@pytest.mark.parametrize(
+    "answer", [b"-ERR Invalid login\r\n", b"-ERR [AUTH] no\r\n", b"-ERR [SYS/PERM] x\r\n"]
+)
+def test_a_forwarded_password_refused_is_a_failed_login(answer):
+    """
+    A backend without response codes (RFC 1939) refuses a wrong password
+    with any text: that is a failed login (penalized, counted), answered
+    with the usual text, not the backend's.
+    """
+    failure = _forwardedLogin(answer)
+    assert failure.check(AuthenticationFailed)
+    assert failure.value.message() == "Authentication failed"
+
+
+def test_a_backend_in_use_or_temporary_refusal_is_passed_on():
+    for answer, code in [
+        (b"-ERR [IN-USE] locked\r\n", "IN-USE"),
+        (b"-ERR [SYS/TEMP] busy\r\n", "SYS/TEMP"),
+        (b"-ERR [LOGIN-DELAY] wait\r\n", "LOGIN-DELAY"),
+    ]:
+        failure = _forwardedLogin(answer)
+        assert failure.check(BackendAnswer) and failure.value.code == code
+
+
+def test_master_user_refusals_keep_their_mapping():
+    assert _forwardedLogin(b"-ERR [AUTH] no\r\n", "master").check(TemporaryFailure)
+    failure = _forwardedLogin(b"-ERR Invalid login\r\n", "master")
+    assert failure.check(BackendAnswer) and not failure.check(AuthenticationFailed)
+
+
+def _relayedSession(clock):
+    protocol, back, results = _login(LoginAs("alice", b"pw"), "none")
+    protocol.dataReceived(b"+OK hi\r\n-ERR\r\n")
+    protocol.dataReceived(b"+OK\r\n+OK in\r\n")
+    return protocol, back, RelayedSession(protocol, results[0], "b:110", "alice", clock)
+
+
+def test_a_client_gone_while_the_backend_is_paused_resumes_then_closes_it():
+    """
+    A slow client paused the backend's reading; when it goes, the backend is
+    read again (a TLS backend's close needs the peer's close_notify), closed
+    gently (its QUIT goes through), and aborted if still there later.
+    """
+
+    class Stats:
+        bytes_out = 0
+
+    clock = MemoryReactorClock()
+    protocol, back, session = _relayedSession(clock)
+    front = StringTransport()
+    toBackend = session.start(front, b"", Stats(), lambda: None)
+    back.pauseProducing()  # the client's write buffer is full
+    toBackend(b"QUIT\r\n")
+    session()
+    assert back.producerState == "producing" and back.disconnecting
+    assert back.value().endswith(b"QUIT\r\n")
+    clock.advance(CLOSE_GRACE)
+    assert back.disconnected  # aborted: the backend never closed
+    # A backend that closes in time is not aborted.
+    protocol, back, session = _relayedSession(clock)
+    session.start(StringTransport(), b"", Stats(), lambda: None)
+    back.pauseProducing()
+    session()
+    protocol.connectionLost(None)
+    assert not clock.getDelayedCalls()
+    # Nor is one whose session never started.
+    protocol, back, session = _relayedSession(clock)
+    session()
+    protocol.dataReceived(b"+OK bye\r\n")
+    protocol.connectionLost(None)
+    assert back.disconnecting and not clock.getDelayedCalls()
+
+
+def test_the_autologout_of_a_relay_injects_nothing():
+    """
+    The idle timer ends a relayed session silently: no -ERR of the front's
+    in the middle of the backend's multi-line reply; the backend is closed.
+    """
+    clock = MemoryReactorClock()
+    protocol, back, session = _relayedSession(clock)
+
+    @implementer(IRealm)
+    class Realm:
+        def requestAvatar(self, avatarId, mind, *interfaces):
+            return IRelayedSession, session, session
+
+    factory = POP3Factory(Portal(Realm(), [PlaintextChecker({"alice": "pw"})]), clock)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\n")
+    assert client.lines()[-1] == b"+OK in"
+    client.send(b"RETR 1\r\n")
+    protocol.dataReceived(b"+OK 100 octets\r\nSubject: half")
+    clock.advance(factory.timeout)
+    assert client.output() == b"+OK 100 octets\r\nSubject: half"
+    assert client.transport.disconnected  # aborted
+    client.disconnect()
+    assert back.disconnecting
+    # Nor does a shutdown of the server.
+    protocol, back, session = _relayedSession(clock)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS pw\r\nLIST\r\n")
+    protocol.dataReceived(b"+OK\r\n1 5\r\n")
+    client.protocol.shutdown()
+    assert client.output().endswith(b"+OK in\r\n+OK\r\n1 5\r\n")
+    assert client.transport.disconnected
+
+
+@pytest.mark.parametrize(
+    "user, password",
+    [
+        ("alice\r\nDELE 1", b"pw"),
+        ("alice", b"pw\r\nDELE 1"),
+        ("alice", b"pw\0x"),
+        ("al\0ice", b"p"),
+    ],
+)
+def test_cr_lf_or_nul_in_a_forwarded_name_or_password_is_refused(user, password):
+    """A SASL PLAIN name or password may carry them: refused, and no backend is contacted."""
+
+    class Source:
+        def settingsFor(self, user):
+            return {"proxy": True, "proxyHost": "192.0.2.1"}
+
+    reactor = MemoryReactorClock()
+    connector = BackendConnector(reactor, lambda host, verify: None)
+    realm = ProxyRealm(MailboxRealm(MemoryStore()), Router(Source()), connector)
+    results = []
+    realm.requestAvatar(UnverifiedUser(user), _Mind(user, password), IMailbox).addBoth(
+        results.append
+    )
+    assert results[0].check(AuthenticationFailed)
+    assert reactor.tcpClients == []
+
+
+@pytest.mark.parametrize(
+    "source, destination, expected",
+    [
+        ("::ffff:192.0.2.7", "10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("192.0.2.7", "::ffff:10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("::ffff:192.0.2.7", "::ffff:10.0.0.1", ("192.0.2.7", "10.0.0.1")),
+        ("::ffff:192.0.2.7", "2001:db8::1", ("::ffff:192.0.2.7", "2001:db8::1")),
+        ("2001:db8::7", "2001:db8::1", ("2001:db8::7", "2001:db8::1")),
+        ("2001:db8::7", "10.0.0.1", None),
+        ("192.0.2.7", "2001:db8::1", None),
+    ],
+)
+def test_proxy_v2_header_of_mixed_and_mapped_addresses(source, destination, expected):
+    """
+    Whatever the pair, the header is well formed (its family agrees with its
+    length): IPv4-mapped addresses go as IPv4 when both sides can, a pair
+    of IPv4 and IPv6 that cannot agree gets a LOCAL header.
+    """
+    header = proxyHeader(
+        IPv6Address("TCP", source, 40000) if ":" in source else IPv4Address("TCP", source, 40000),
+        IPv6Address("TCP", destination, 110)
+        if ":" in destination
+        else IPv4Address("TCP", destination, 110),
+    )
+    family = header[13]
+    length = int.from_bytes(header[14:16], "big")
+    assert (family, length) in ((0x11, 12), (0x21, 36), (0x00, 0))
+    info = V2Parser.parse(header)
+    if expected is None:
+        assert info.source is None and family == 0x00
+    else:
+        hosts = (info.source.host, info.destination.host)
+        parse = ipaddress.ip_address
+        assert tuple(map(parse, hosts)) == tuple(map(parse, expected))
+        assert type(info.source) is type(info.destination)
+        assert (info.source.port, info.destination.port) == (40000, 110)

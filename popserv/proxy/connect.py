@@ -136,7 +136,8 @@ class BackendConnector:
             if timer.active():
                 timer.cancel()
             self._remember(key, protocol.offeredPlain)
-            return RelayedSession(protocol, line, name, login.user)  # avatarId: the realm's
+            # The avatarId is the realm's to set.
+            return RelayedSession(protocol, line, name, login.user, self.reactor)
 
         def failed(failure: Failure) -> Failure | Deferred[RelayedSession]:
             if timer.active():

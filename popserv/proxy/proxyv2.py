@@ -27,14 +27,22 @@ def proxyHeader(source: object, destination: object) -> bytes:
         dst = ipaddress.ip_address(getattr(destination, "host", ""))
     except ValueError:
         return _LOCAL
-    if src.version != dst.version:  # an IPv4 client on a dual-stack socket
-        if src.version == 6 and src.ipv4_mapped is not None:
-            src = src.ipv4_mapped
-        elif dst.version == 6 and dst.ipv4_mapped is not None:
-            dst = dst.ipv4_mapped
-        else:
-            return _LOCAL
+    # An IPv4 client on a dual-stack socket has IPv4-mapped IPv6 addresses
+    # (one or both): sent as IPv4 if both then are, else left as they are.
+    # The family and the body's length must agree whatever the pair.
+    src4, dst4 = _unmapped(src), _unmapped(dst)
+    if src4.version == dst4.version:
+        src, dst = src4, dst4
+    elif src.version != dst.version:
+        return _LOCAL
     ports = struct.pack("!HH", getattr(source, "port", 0), getattr(destination, "port", 0))
     family = b"\x11" if src.version == 4 else b"\x21"  # TCP over IPv4 / IPv6
     body = src.packed + dst.packed + ports
     return SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address of an IPv4-mapped IPv6 C{address}; any other as it is."""
+    return getattr(address, "ipv4_mapped", None) or address

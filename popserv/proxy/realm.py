@@ -15,6 +15,7 @@ from C{login_trusted_networks}).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,13 @@ _log = Logger()
 
 #: Seconds to reach and log in to a backend (the whole list), as Dovecot's default.
 DEFAULT_PROXY_TIMEOUT = 30
+
+#: What may not be forwarded in a user name or password (a command line's end, PLAIN's separator).
+_UNSENDABLE = re.compile(rb"[\r\n\0]")
+
+#: The backend refusals of a forwarded password that are passed on as they
+#: are; any other is a failed login.
+_PASSED_ON = frozenset({ResponseCode.IN_USE, ResponseCode.SYS_TEMP, ResponseCode.LOGIN_DELAY})
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,16 @@ class ProxyRealm:
             raise TemporaryFailure(
                 "This account is on another server: log in with USER/PASS or SASL PLAIN"
             )
+        if _UNSENDABLE.search(route.user.encode("utf-8")) or (
+            login.password is not None and _UNSENDABLE.search(login.password)
+        ):
+            # A SASL PLAIN name or password may hold them: sent on, they would
+            # end the backend's command line early and start another.
+            _log.warn(
+                "login of {user!r} refused: CR, LF or NUL in the name or password",
+                user=route.user,
+            )
+            raise AuthenticationFailed()
         header = b""
         transport = getattr(mind, "transport", None)
         if self.sendHeader and transport is not None:
@@ -244,12 +262,18 @@ class ProxyRealm:
         _log.info(
             "backend refused the login: {line}", line=refused.line.decode("utf-8", "replace")
         )
-        if refused.code == ResponseCode.AUTH:
-            if self.masterUser is not None:
+        if self.masterUser is not None:
+            if refused.code == ResponseCode.AUTH:
                 # The proxy's master credentials were refused: not the user's fault.
                 raise TemporaryFailure()
-            raise AuthenticationFailed()
-        raise BackendAnswer(refused)
+            raise BackendAnswer(refused)
+        if refused.code in _PASSED_ON:
+            raise BackendAnswer(refused)
+        # The user's own password was refused, with [AUTH] or, from a server
+        # without response codes, with any text: a failed login, penalized
+        # and counted as one (else a proxy that checks no password itself
+        # would allow unlimited guessing); the backend's text is not passed on.
+        raise AuthenticationFailed()
 
 
 @implementer(ICredentialsChecker)

@@ -7,6 +7,10 @@ is registered as the other's streaming producer, so a client that reads
 slowly stops the proxy reading the backend (and the backend, through TCP,
 stops sending), and a backend that reads slowly stops the proxy reading the
 client. Nothing is buffered beyond the transports' own write buffers.
+
+When the client goes, the backend connection is closed gently (a QUIT the
+client sent last must reach the backend), and aborted if it is not gone
+L{CLOSE_GRACE} seconds later.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from popserv.interfaces import IRelayedSession
 if TYPE_CHECKING:
     from popserv.proxy.client import BackendLogin
 
-__all__ = ["RelayedSession"]
+__all__ = ["RelayedSession", "CLOSE_GRACE"]
 
 _log = Logger()
+
+#: Seconds a backend connection may take to close after the client left.
+CLOSE_GRACE = 5.0
 
 
 @implementer(IRelayedSession)
@@ -38,9 +45,17 @@ class RelayedSession:
     @ivar avatarId: the user, as the front's auth source names them.
     @ivar settings: the user's L{popserv.policy.UserSettings}, if the realm
         looked them up (the login records the login with them).
+    @ivar clock: the C{IReactorTime} of the close's grace timer.
     """
 
-    def __init__(self, backend: BackendLogin, line: bytes, backendName: str, avatarId: str):
+    def __init__(
+        self,
+        backend: BackendLogin,
+        line: bytes,
+        backendName: str,
+        avatarId: str,
+        clock: Any = None,
+    ) -> None:
         self.backend = backend
         self.greeting = line + b"\r\n"
         self.backendName = backendName
@@ -50,6 +65,10 @@ class RelayedSession:
         self._stats: Any = None
         self._activity: Callable[[], None] = _nothing
         self._closed = False
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self._abortCall: Any = None
 
     def start(
         self, transport: Any, leftover: bytes, stats: Any, activity: Callable[[], None]
@@ -85,6 +104,9 @@ class RelayedSession:
     def backendLost(self) -> None:
         """The backend closed (after QUIT, or its own autologout): so does the client's side."""
         self._closed = True
+        abortCall, self._abortCall = self._abortCall, None
+        if abortCall is not None and abortCall.active():
+            abortCall.cancel()
         front = self.front
         if front is not None:
             front.unregisterProducer()
@@ -95,13 +117,27 @@ class RelayedSession:
         if self._closed:
             return
         self._closed = True
-        back = self.backend.transport
+        backend = self.backend
+        back = backend.transport
         if self.front is not None:
             back.unregisterProducer()
-        # Not abortConnection: a QUIT the client sent last must still reach
-        # the backend, or its UPDATE would not happen.
+        else:
+            # Never started: the backend's bytes are dropped, its close is seen here.
+            backend.relay = self
+            self.fromBackend = _discard  # type: ignore[method-assign]
+        # Reading again, if a slow client had paused it: a TLS backend's close
+        # waits for its close_notify, which a paused transport never reads
+        # (a socket left in CLOSE_WAIT). Not abortConnection: a QUIT the
+        # client sent last must still reach the backend, or its UPDATE would
+        # not happen; the timer aborts a backend that does not close.
+        back.resumeProducing()
         back.loseConnection()
+        self._abortCall = self.clock.callLater(CLOSE_GRACE, back.abortConnection)
 
 
 def _nothing() -> None:
+    pass
+
+
+def _discard(data: bytes) -> None:
     pass
