@@ -95,7 +95,7 @@ class Plan:
     idleMessages: int = 3
     loginClients: tuple[int, ...] = (1, 16, 64)
     loginOneSessions: int = 1000
-    tlsSessions: int = 2000
+    tlsSessions: int = 1000
     tlsClients: int = 16
     tlsIdle: int = 2000
     workerSessions: int = 10000
