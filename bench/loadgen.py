@@ -27,6 +27,7 @@ import hashlib
 import resource
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -42,6 +43,7 @@ __all__ = [
     "Response",
     "GREETING",
     "EOF",
+    "STARTTLS",
     "SINGLE",
     "MULTI",
     "unstuff",
@@ -95,6 +97,9 @@ class Park:
 
 GREETING = Step(b"", SINGLE)
 EOF = object()
+#: Start TLS on the connection now (after the server's +OK to STLS); the
+#: script resumes when the handshake is done.
+STARTTLS = object()
 
 Script = Generator[Any, Any, Any]
 
@@ -141,6 +146,7 @@ class _Conn:
         "waitEOF",
         "last",
         "onDone",
+        "handshaking",
     )
 
     def __init__(self, sock: socket.socket, script: Script, name: str, onDone: Any) -> None:
@@ -159,14 +165,31 @@ class _Conn:
         self.waitEOF = False
         self.last = b"(connect)"
         self.onDone = onDone
+        self.handshaking = False
 
 
 class Engine:
     """One epoll loop driving any number of scripted connections to one port."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", stallTimeout: float = 60) -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        stallTimeout: float = 60,
+        tls: ssl.SSLContext | None = None,
+        implicitTLS: bool = False,
+        resume: bool = False,
+    ) -> None:
         self.address = (host, port)
         self.stallTimeout = stallTimeout
+        #: TLS: from the start (implicitTLS) or when a script yields STARTTLS;
+        #: with C{resume}, each handshake offers the last session the server gave.
+        self.tls = tls
+        self.implicitTLS = implicitTLS
+        self.resume = resume
+        self.session: ssl.SSLSession | None = None
+        self.handshakes = 0
+        self.resumed = 0
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
         self._parked: dict[str, list[_Conn]] = {}
@@ -241,10 +264,17 @@ class Engine:
                     self._connected(conn)
                     if fd not in conns:
                         continue
+                    if conn.handshaking:
+                        continue
+                if conn.handshaking:
+                    self._handshake(conn)
+                    continue
                 if mask & select.EPOLLOUT and conn.out:
                     self._flush(conn)
                 if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                     self._read(conn)
+                    if self.tls is not None:
+                        self._drain(conn)
 
     def close(self) -> None:
         for conn in list(self._conns.values()):
@@ -266,7 +296,49 @@ class Engine:
             self._fail(conn, f"connect failed: {errno.errorcode.get(err, err)}")
         conn.connected = True
         self._ep.modify(conn.fd, select.EPOLLIN)
+        if self.implicitTLS:
+            self._startTLS(conn)
+            return
         self._advance(conn, None)
+
+    def _startTLS(self, conn: _Conn) -> None:
+        assert self.tls is not None
+        conn.sock = self.tls.wrap_socket(
+            conn.sock,
+            do_handshake_on_connect=False,
+            session=self.session if self.resume else None,
+        )
+        conn.handshaking = True
+        self._handshake(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._ep.modify(conn.fd, select.EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self._ep.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self._fail(conn, f"TLS handshake: {e}")
+        conn.handshaking = False
+        self._ep.modify(conn.fd, select.EPOLLIN)
+        self.handshakes += 1
+        if sock.session_reused:
+            self.resumed += 1
+        self._advance(conn, None)
+        if conn.fd in self._conns:
+            self._drain(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        """Read what TLS has decrypted already: epoll will not say so again."""
+        while conn.fd in self._conns and isinstance(conn.sock, ssl.SSLSocket):
+            if not conn.sock.pending():
+                return
+            self._read(conn)
 
     def _fail(self, conn: _Conn, why: str) -> None:
         raise BenchError(f"{conn.name}: {why} (last command sent: {conn.last[:60]!r})")
@@ -288,6 +360,8 @@ class Engine:
                 self._parse(conn)
         elif isinstance(action, Park):
             self._parked.setdefault(action.tag, []).append(conn)
+        elif action is STARTTLS:
+            self._startTLS(conn)
         elif action is EOF:
             conn.waitEOF = True
             if conn.inbuf[conn.pos :]:
@@ -301,7 +375,7 @@ class Engine:
             return
         try:
             n = conn.sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             n = 0
         except OSError as e:
             self._fail(conn, f"send: {e}")
@@ -312,7 +386,7 @@ class Engine:
     def _flush(self, conn: _Conn) -> None:
         try:
             n = conn.sock.send(conn.out)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:
             self._fail(conn, f"send: {e}")
@@ -323,10 +397,15 @@ class Engine:
     def _read(self, conn: _Conn) -> None:
         try:
             n = conn.sock.recv_into(self._buf)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
+        except ssl.SSLZeroReturnError:
+            n = 0
         except OSError as e:
-            self._fail(conn, f"recv: {e}")
+            if conn.waitEOF and isinstance(e, ssl.SSLError):
+                n = 0  # a server that closes without close_notify
+            else:
+                self._fail(conn, f"recv: {e}")
         if n == 0:
             if conn.waitEOF:
                 conn.waitEOF = False
@@ -394,6 +473,10 @@ class Engine:
 
     def _drop(self, conn: _Conn) -> None:
         if conn.fd in self._conns:
+            if self.resume and isinstance(conn.sock, ssl.SSLSocket):
+                session = conn.sock.session
+                if session is not None and session.has_ticket:
+                    self.session = session  # for the next handshakes to offer
             del self._conns[conn.fd]
             try:
                 self._ep.unregister(conn.fd)

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logfile", help="log here (as twistd would); default: no log")
     parser.add_argument("--backlog", type=int, default=1024)
     parser.add_argument("--nodelay", action="store_true", help="set TCP_NODELAY (stock: off)")
+    parser.add_argument("--tls-port", type=int, help="also listen with implicit TLS here")
+    parser.add_argument("--tls-cert", help="PEM file: certificate and key (for --tls-port)")
     args = parser.parse_args(argv)
 
     if args.logfile:
@@ -181,6 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     StuffingPOP3.noDelay = args.nodelay
     d = endpoint.listen(POP3ServerFactory(portal))
+    if args.tls_port:
+        # Twisted's own TLS, as a twisted.mail server would use it: the
+        # certificate options' defaults (no session tickets, no session cache).
+        from twisted.internet import ssl
+
+        pem = open(args.tls_cert).read()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        endpoints.SSL4ServerEndpoint(
+            reactor, args.tls_port, options, backlog=args.backlog, interface="127.0.0.1"
+        ).listen(POP3ServerFactory(portal))
 
     def listening(port):
         print("listening on", port.getHost().port, flush=True)

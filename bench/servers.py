@@ -31,6 +31,8 @@ __all__ = [
     "Dovecot",
     "stopAll",
     "dovecotBinary",
+    "mailOwner",
+    "chownTree",
     "sessionCPU",
     "sessionMemory",
     "treeCPU",
@@ -57,9 +59,9 @@ def _pinAndRaiseLimits() -> None:  # runs in the child before exec
         os.sched_setaffinity(0, {0})
 
 
-def _pinned(command: list[str]) -> list[str]:
+def _pinned(command: list[str], cores: str = "0") -> list[str]:
     taskset = shutil.which("taskset")
-    return [taskset, "-c", "0", *command] if taskset else command
+    return [taskset, "-c", cores, *command] if taskset else command
 
 
 def _pss(pid: int) -> int | None:
@@ -162,12 +164,18 @@ class Server:
 
     name = "server"
     label = "server"
+    #: The cores the server may run on (taskset -c); the generator has core 1.
+    cores = "0"
 
     def __init__(self, workdir: Path, root: Path, passwd: Path) -> None:
         self.workdir = workdir
         self.root = root
         self.passwd = passwd
         self.port = 0
+        #: Implicit TLS (POP3S) on a second port, with this certificate and key
+        #: (one PEM file), when set before start (L{tlsCertificate}).
+        self.tlsCert: Path | None = None
+        self.tlsPort = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.logPath = workdir / f"{self.name}.log"
 
@@ -176,10 +184,12 @@ class Server:
 
     def start(self, timeout: float = 60) -> Server:
         self.port = freePort()
+        if self.tlsCert is not None:
+            self.tlsPort = freePort()
         command, env = self.command()
         log = open(self.logPath, "ab")
         self.proc = subprocess.Popen(
-            _pinned(command),
+            _pinned(command, self.cores),
             cwd=self.workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -291,8 +301,14 @@ class Popserv(Server):
         name: str = "popserv",
         mailLocation: str | None = None,
         label: str | None = None,
+        workers: int = 0,
     ) -> None:
         # "baseline": an earlier revision beside this one; "pgsql": the PostgreSQL store.
+        #: popserv serve --workers N (N >= 1) instead of twistd (0); two or more
+        #: workers may run on both cores, the generator's included.
+        self.workers = workers
+        if workers > 1:
+            self.cores = "0,1"
         self.name = name
         self.label = label or name
         super().__init__(workdir, root, passwd)
@@ -317,6 +333,17 @@ class Popserv(Server):
             "timeout = 3600\n"
             "shutdown_grace = 1\n" + self.extra
         )
+        if self.tlsCert is not None:
+            with open(self.config, "a") as f:
+                f.write(
+                    f'listen_tls = ["tcp:{self.tlsPort}:interface=127.0.0.1:backlog=1024"]\n'
+                    f'tls_cert = "{self.tlsCert}"\n'
+                    'plaintext_auth = "always"\n'
+                )
+        if self.workers:
+            env = dict(os.environ, PYTHONPATH=str(self.source))
+            popserv = [sys.executable, "-m", "popserv", "serve", "--config", str(self.config)]
+            return [*popserv, "--workers", str(self.workers)], env
         twistd = Path(sys.executable).parent / "twistd"
         command = (
             [sys.executable, str(twistd)]
@@ -406,6 +433,8 @@ class TwistedPeer(Server):
         ]
         if self.noDelay:
             command.append("--nodelay")
+        if self.tlsCert is not None:
+            command += ["--tls-port", str(self.tlsPort), "--tls-cert", str(self.tlsCert)]
         return command, dict(os.environ)
 
 
@@ -419,9 +448,9 @@ def dovecotBinary() -> str | None:
 class Dovecot(Server):
     """
     Dovecot 2.3 as a POP3 server over the same Maildirs and passwd-file, run
-    from a private configuration (base_dir in the work directory) as the
-    current, non-root user. Only used when installed; not exercised on
-    machines without it.
+    from a private configuration (base_dir in the work directory): as the
+    current user, or as root with its mail processes as nobody (who must own
+    the Maildirs: L{mailOwner}, L{chownTree}). Only used when installed.
     """
 
     name = "dovecot"
@@ -432,21 +461,42 @@ class Dovecot(Server):
         assert binary is not None
         base = self.workdir / "dovecot-run"
         base.mkdir(parents=True, exist_ok=True)
-        user = _userName()
         config = self.workdir / "dovecot.conf"
+        uid, gid = mailOwner()
+        if os.getuid() == 0:
+            # Dovecot refuses root for mail processes: they run as nobody, who
+            # owns the Maildirs (see mailOwner); its own processes as Debian's.
+            internal = (
+                "default_internal_user = dovecot\n"
+                "default_internal_group = dovecot\n"
+                "default_login_user = dovenull\n"
+            )
+        else:
+            user = _userName()
+            internal = (
+                f"default_internal_user = {user}\n"
+                f"default_internal_group = {_groupName()}\n"
+                f"default_login_user = {user}\n"
+            )
+        if self.tlsCert is not None:
+            ssl = f"ssl = yes\nssl_cert = <{self.tlsCert}\nssl_key = <{self.tlsCert}\n"
+            pop3s = (
+                "  inet_listener pop3s {\n"
+                "    address = 127.0.0.1\n"
+                f"    port = {self.tlsPort}\n"
+                "    ssl = yes\n"
+                "  }\n"
+            )
+        else:
+            ssl, pop3s = "ssl = no\n", ""
         config.write_text(
             f"base_dir = {base}\n"
             f"state_dir = {base}/state\n"
             f"log_path = {self.workdir}/dovecot-events.log\n"
             "protocols = pop3\n"
-            "listen = 127.0.0.1\n"
-            "ssl = no\n"
-            "disable_plaintext_auth = no\n"
+            "listen = 127.0.0.1\n" + ssl + "disable_plaintext_auth = no\n"
             "auth_mechanisms = plain\n"
-            f"default_internal_user = {user}\n"
-            f"default_internal_group = {_groupName()}\n"
-            f"default_login_user = {user}\n"
-            "default_process_limit = 20000\n"
+            f"first_valid_uid = {min(uid, 500)}\n" + internal + "default_process_limit = 20000\n"
             "default_client_limit = 20000\n"
             "default_vsz_limit = 0\n"
             f"mail_location = maildir:{self.root}/%u/Maildir\n"
@@ -457,14 +507,13 @@ class Dovecot(Server):
             "}\n"
             "userdb {\n"
             "  driver = static\n"
-            f"  args = uid={os.getuid()} gid={os.getgid()} home={self.root}/%u\n"
+            f"  args = uid={uid} gid={gid} home={self.root}/%u\n"
             "}\n"
             "service pop3-login {\n"
             "  inet_listener pop3 {\n"
             "    address = 127.0.0.1\n"
             f"    port = {self.port}\n"
-            "  }\n"
-            "  service_count = 0\n"
+            "  }\n" + pop3s + "  service_count = 0\n"
             "  client_limit = 20000\n"
             "  chroot =\n"  # a non-root master cannot chroot its login processes
             "}\n"
@@ -478,6 +527,30 @@ class Dovecot(Server):
         )
         (base / "state").mkdir(exist_ok=True)
         return [binary, "-F", "-c", str(config)], dict(os.environ)
+
+
+def mailOwner() -> tuple[int, int]:
+    """
+    The uid and gid Dovecot's mail processes run as, who must own the
+    Maildirs: the current user's, or nobody's when running as root.
+    """
+    if os.getuid() != 0:
+        return os.getuid(), os.getgid()
+    import pwd
+
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
+
+
+def chownTree(path: Path | str, uid: int, gid: int) -> None:
+    """Give C{path} and everything below it to C{uid}:C{gid} (when they differ)."""
+    st = os.stat(path)
+    if (st.st_uid, st.st_gid) == (uid, gid) and os.path.isfile(path):
+        return
+    os.chown(path, uid, gid)
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
 
 
 def _userName() -> str:

@@ -36,7 +36,7 @@ from popserv.errors import (
     TemporaryFailure,
 )
 from popserv.interfaces import IMailbox, IRelayedSession, LoginMind, MessageInfo
-from popserv.pipeline import CommandPipeline
+from popserv.pipeline import PENDING, CommandPipeline, fired
 from popserv.policy import UserSettings
 from popserv.sasl import Challenge, ISASLMechanism, SASLContext
 from popserv.session import Transaction
@@ -156,6 +156,9 @@ class Authorization(CommandPipeline):
             return b""
         listed = time.monotonic()
         d = maybeDeferred(mailbox.listMessages)
+        messages = fired(d)  # a cached listing: no callback chain
+        if messages is not PENDING:
+            return self._opened(messages, mailbox, user, mechanism, listed)
         d.addCallback(self._opened, mailbox, user, mechanism, listed)
         return d
 

@@ -94,9 +94,11 @@ class SessionStats:
 
     def logFields(self, template: str, fields: dict[str, Any]) -> None:
         """Emit the logout line for C{fields} (as L{fields} gave them)."""
-        # str.format does the template once; the logger then only drops the
-        # finished line in (its own formatter is several times slower).
-        _log.info("{session_line}", session_line=template.format(**fields), **fields)
+        # str.format does the template once, and the finished line is the
+        # event's format, braces escaped: the observer's formatter (several
+        # times slower) then has no field to look up. session_line keeps it too.
+        line = template.format(**fields)
+        _log.info(line.replace("{", "{{").replace("}", "}}"), session_line=line, **fields)
 
 
 def validateFormat(template: str) -> None:

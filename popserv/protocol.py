@@ -78,6 +78,9 @@ _log = Logger()
 #: before it is cut (a client that reads nothing, a TLS handshake never made).
 ABORT_GRACE = 30
 
+#: Random bytes drawn at once for the APOP challenges of 512 connections.
+_RANDOM_POOL = 8 * 512
+
 
 def _loginDelay(protocol: POP3Protocol) -> str | None:
     policy = protocol.factory.policy
@@ -148,10 +151,15 @@ class POP3Protocol(TransactionCommands):
             # Responses are written whole; don't let Nagle hold the last
             # segment of one back until the client's delayed ACK.
             self.transport.setTcpNoDelay(True)
-        self.language = self.factory.language
-        greeting = self._t("{implementation} ready.", implementation=self.factory.implementation)
-        if self.factory.offersAPOP():
-            self._challenge = self.factory.makeChallenge()
+        factory = self.factory
+        self.language = language = factory.language
+        key = (language.tag, factory.implementation)
+        greeting = factory._greetings.get(key)
+        if greeting is None:
+            greeting = self._t("{implementation} ready.", implementation=factory.implementation)
+            factory._greetings[key] = greeting
+        if factory.offersAPOP():
+            self._challenge = factory.makeChallenge()
             greeting += " " + self._challenge.decode("ascii")
         # Before login a shorter timer: an idle unauthenticated connection
         # costs a slot and gives nothing back.
@@ -354,6 +362,8 @@ class POP3Factory(Factory):
         #: Seconds a logged-out connection gets to go before it is cut.
         self.abortGrace: float = ABORT_GRACE
         self._drained: Deferred[None] | None = None
+        self._random, self._randomAt = b"", 0  # see makeChallenge
+        self._greetings: dict[tuple[str, str], str] = {}  # (language, implementation)
 
     # -- accounting ----------------------------------------------------------
 
@@ -405,5 +415,11 @@ class POP3Factory(Factory):
 
     def makeChallenge(self) -> bytes:
         """A greeting timestamp unique to this connection (RFC 1939 section 7)."""
-        stamp = f"<{secrets.token_hex(8)}.{int(self.clock.seconds() or time.time())}"
+        # 8 random bytes, as secrets.token_hex(8) gives, cut from a pool: one
+        # getrandom() call per 512 connections rather than one each.
+        at = self._randomAt
+        if at >= len(self._random):
+            self._random, at = secrets.token_bytes(_RANDOM_POOL), 0
+        self._randomAt = at + 8
+        stamp = f"<{self._random[at : at + 8].hex()}.{int(self.clock.seconds() or time.time())}"
         return f"{stamp}@{self.hostname}>".encode("ascii", "replace")

@@ -9,6 +9,7 @@ removal of exactly the marked messages in the UPDATE state.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
@@ -18,6 +19,7 @@ from popserv.interfaces import IMailbox, MessageInfo
 __all__ = ["Transaction"]
 
 _NONE: frozenset[int] = frozenset()
+_size = attrgetter("size")
 
 
 class Transaction:
@@ -39,7 +41,7 @@ class Transaction:
         self._deleted: set[int] | frozenset[int] = _NONE
         self._retrieved: set[int] | frozenset[int] = _NONE
         self._deletedSize = 0
-        self._totalSize = sum(m.size for m in self._messages)
+        self._totalSize = sum(map(_size, self._messages))
 
     def __len__(self) -> int:
         """The number of messages at login, deleted or not."""

@@ -136,7 +136,7 @@ class TransactionCommands(Authorization):
     # -- QUIT and UPDATE -------------------------------------------------------------
 
     @command("QUIT")
-    def do_QUIT(self) -> Deferred[bytes] | None:
+    def do_QUIT(self) -> Deferred[bytes] | bytes | None:
         implementation = self.factory.implementation
         self.stats.reason = "quit"
         if self.state is State.AUTHORIZATION:
@@ -157,6 +157,8 @@ class TransactionCommands(Authorization):
             receivedBefore=self.factory.policy.expiryCutoff(self.settings),
         )
         started = time.monotonic()
+        if not removals:  # most sessions: nothing to remove, no callback chain
+            return self._updated((), removals, started)
         d = session.commit(removals)
         d.addCallbacks(self._updated, self._updateFailed, callbackArgs=(removals, started))
         return d

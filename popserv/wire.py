@@ -9,7 +9,7 @@ tested (and fuzzed) on bytes alone.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Where they lived before popserv.octets (which storage uses without the wire).
 from popserv.octets import CRLFSizer, crlfSize  # noqa: F401
@@ -35,10 +35,10 @@ CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """
-    One parsed command line.
+    One parsed command line (a named tuple: one is made per command, and a
+    frozen dataclass costs several times as much to make).
 
     @ivar verb: the keyword, upper-cased (RFC 1939 keywords are case-insensitive).
     @ivar rest: everything after the first space, as sent (PASS needs it whole:
@@ -85,7 +85,15 @@ def _status(indicator: bytes, text: str | bytes, code: str | None) -> bytes:
 
 def ok(text: str | bytes = "") -> bytes:
     """Format a positive status line, CRLF included."""
+    if text.__class__ is str and len(text) < _SHORT and "\r" not in text and "\n" not in text:
+        # The common case, made in one go: short enough that its UTF-8 fits.
+        return b"+OK " + text.encode() + CRLF if text else b"+OK\r\n"
     return _status(b"+OK", text, None)
+
+
+#: Texts shorter than this fit a response line whatever their UTF-8 (4 octets
+#: a character at most).
+_SHORT = (MAX_RESPONSE_LINE - len(b"+OK \r\n")) // 4
 
 
 def err(text: str | bytes = "", code: str | None = None) -> bytes:

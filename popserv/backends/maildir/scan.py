@@ -76,7 +76,7 @@ def stamps(path: str) -> Stamps | None:
     found: list[int] = []
     for sub in SUBDIRS:
         try:
-            st = os.stat(os.path.join(path, sub))
+            st = os.stat(f"{path}/{sub}")  # (a doubled slash names the same directory)
         except FileNotFoundError:
             found += [0, 0]
             continue
