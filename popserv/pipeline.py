@@ -66,7 +66,9 @@ def fired(d: Deferred[Any]) -> Any:
     failed, or is paused or chained. Most logins and most commands complete
     synchronously: this spares them a callback chain each.
     """
-    if d.called and not d.paused and not d.callbacks:
+    # (Deferred.callbacks is deprecated: a fired, unpaused Deferred whose
+    # callbacks are not running has run them all.)
+    if d.called and not d.paused and not getattr(d, "_runningCallbacks", False):
         result = d.result
         if not isinstance(result, (Failure, Deferred)):
             d.result = None  # the result is the caller's now; keep no reference
