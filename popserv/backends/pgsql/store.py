@@ -30,6 +30,7 @@ from popserv.backends.pgsql.connections import (
 )
 from popserv.backends.pgsql.delivery import PgDelivery, PgWriter, maildropId
 from popserv.backends.pgsql.locks import AdvisoryLocks
+from popserv.backends.pgsql.prepared import Prepared
 from popserv.backends.pgsql.schema import CURRENT, schemaVersion
 from popserv.errors import MessageVanished, PermanentFailure, TemporaryFailure
 from popserv.interfaces import (
@@ -50,7 +51,11 @@ __all__ = ["PgStore", "PgMailbox"]
 
 _log = Logger()
 
-_LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
+_LISTING = Prepared(
+    "listing",
+    "SELECT uid, size, id, received FROM messages WHERE maildrop = $1::int8 ORDER BY received, id",
+    binary=True,
+)
 
 
 #: The message (none: it vanished), its first rows (none: an empty body),
@@ -201,12 +206,16 @@ class PgMailbox:
         return self._store.runInThread(self._store.database.run, self._list)
 
     def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
-        # Binary, and fetched whole before the MessageInfos are made: for
-        # 100k messages about 100 ms of the node's CPU instead of 160.
-        with conn.cursor(binary=True) as cur:
-            rows = cur.execute(_LISTING, (self.maildrop,)).fetchall()
-        listing = tuple(map(MessageInfo._make, rows))
-        del rows
+        # Binary, prepared, its rows made MessageInfos by psycopg's loaders
+        # without a cursor (for 100k messages about 100 ms of the node's
+        # CPU rather than 160 through a row-by-row fetch).
+        from psycopg.adapt import Transformer
+
+        res = _LISTING.result(conn, (b"%d" % self.maildrop,))
+        tx = Transformer(conn)
+        tx.set_pgresult(res)
+        listing = tuple(tx.load_rows(0, res.ntuples, MessageInfo._make))
+        del tx, res
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
