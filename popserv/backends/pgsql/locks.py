@@ -42,6 +42,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from popserv.backends.pgsql.prepared import Prepared, boolean, integer
 from popserv.errors import MaildropInUse, TemporaryFailure
 
 __all__ = ["AdvisoryLocks", "lockKey"]
@@ -70,10 +71,15 @@ def _halves(key: int) -> tuple[int, int]:
 #: The lock, and the maildrop's id and change counter (if it exists). The
 #: first column is NULL when the lock is taken, false when it was free but a
 #: removal by a node that just lost it is still running (see L{_SETTLE}).
-_ACQUIRE = (
-    "SELECT CASE WHEN pg_try_advisory_lock(%s) THEN pg_try_advisory_xact_lock_shared(%s, %s)"
-    " END, d.id, d.changes FROM (SELECT 1) one LEFT JOIN maildrops d ON d.name = %s"
+_ACQUIRE = Prepared(
+    "acquire",
+    "SELECT CASE WHEN pg_try_advisory_lock($1::int8)"
+    " THEN pg_try_advisory_xact_lock_shared($2::int4, $3::int4)"
+    " END, d.id, d.changes FROM (SELECT 1) one LEFT JOIN maildrops d ON d.name = $4::text",
 )
+
+#: True, or false if not held on this connection (lost, and not taken again).
+_RELEASE = Prepared("release", "SELECT pg_advisory_unlock($1::int8)")
 
 #: Wait for that removal to end (its own statement: the next one's snapshot
 #: then sees what it removed).
@@ -215,7 +221,9 @@ class AdvisoryLocks:
                 raise MaildropInUse()
             key = lockKey(user)
             barrier = _halves(key)
-            row = self._query(_ACQUIRE, (key, *barrier, user))
+            hi, lo = barrier
+            raw = self._query(_ACQUIRE, (b"%d" % key, b"%d" % hi, b"%d" % lo, user.encode()))
+            row = (boolean(raw[0]), integer(raw[1]), integer(raw[2]))
             if row[0] is None:
                 raise MaildropInUse()
             self._held.add(user)
@@ -248,8 +256,7 @@ class AdvisoryLocks:
             if user not in self._held:
                 return
             try:
-                # False: not held on this connection (lost, and not taken again).
-                self._query("SELECT pg_advisory_unlock(%s)", (lockKey(user),))
+                self._query(_RELEASE, (b"%d" % lockKey(user),))
             except Exception as e:
                 _log.warn("cannot unlock maildrop {user}: {error}", user=user, error=e)
                 self._held.discard(user)
@@ -330,7 +337,7 @@ class AdvisoryLocks:
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
-    def _query(self, sql: str, params: Any) -> Any:
+    def _query(self, sql: str | Prepared, params: Any) -> Any:
         """
         C{sql}'s one row on the lock connection, (re)connected if need be.
         Any database error drops the connection; unreachable, an error
@@ -347,12 +354,15 @@ class AdvisoryLocks:
                     raise self.database.failure(e) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _execute(self, conn: Any, sql: str, params: Any) -> Any:
+    def _execute(self, conn: Any, sql: str | Prepared, params: Any) -> Any:
         import psycopg
 
         self._deadline.arm(conn.fileno())
         try:
-            row = conn.execute(sql, params).fetchone()
+            if isinstance(sql, Prepared):
+                row = sql.row(conn, params)
+            else:
+                row = conn.execute(sql, params).fetchone()
         except psycopg.Error as e:
             if self._deadline.disarm():
                 self._lost()

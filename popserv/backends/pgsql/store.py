@@ -30,6 +30,7 @@ from popserv.backends.pgsql.connections import (
 )
 from popserv.backends.pgsql.delivery import PgDelivery, PgWriter, maildropId
 from popserv.backends.pgsql.locks import AdvisoryLocks
+from popserv.backends.pgsql.prepared import Prepared
 from popserv.backends.pgsql.schema import CURRENT, schemaVersion
 from popserv.errors import MessageVanished, PermanentFailure, TemporaryFailure
 from popserv.interfaces import (
@@ -50,15 +51,21 @@ __all__ = ["PgStore", "PgMailbox"]
 
 _log = Logger()
 
-_LISTING = "SELECT uid, size, id, received FROM messages WHERE maildrop = %s ORDER BY received, id"
+_LISTING = Prepared(
+    "listing",
+    "SELECT uid, size, id, received FROM messages WHERE maildrop = $1::int8 ORDER BY received, id",
+    binary=True,
+)
 
 
 #: The message (none: it vanished), its first rows (none: an empty body),
 #: and its last row's number, so that reading stops without asking for more.
-_OPEN = (
+_OPEN = Prepared(
+    "open",
     "SELECT c.data, (SELECT max(seq) FROM chunks l WHERE l.message = m.id)"
-    " FROM messages m LEFT JOIN chunks c ON c.message = m.id AND c.seq < %s"
-    " WHERE m.id = %s AND m.maildrop = %s ORDER BY c.seq"
+    " FROM messages m LEFT JOIN chunks c ON c.message = m.id AND c.seq < $1::int4"
+    " WHERE m.id = $2::int8 AND m.maildrop = $3::int8 ORDER BY c.seq",
+    binary=True,
 )
 
 
@@ -109,13 +116,18 @@ class _Listings:
 #: grows less: 0.2 rather than 1.1 MiB during a 50 MiB RETR, measured).
 _BATCH = 1
 
-_CHUNKS = "SELECT data FROM chunks WHERE message = %s AND seq >= %s ORDER BY seq LIMIT %s"
+_CHUNKS = Prepared(
+    "chunks",
+    "SELECT data FROM chunks WHERE message = $1::int8 AND seq >= $2::int4 ORDER BY seq"
+    " LIMIT $3::int8",
+    binary=True,
+)
 
 
 def _fetchChunks(conn: Any, messageId: int, seq: int) -> list[bytes]:
     # Binary: bytea as it is stored, not as hex text twice its size to decode.
-    with conn.cursor(binary=True) as cur:
-        return [row[0] for row in cur.execute(_CHUNKS, (messageId, seq, _BATCH))]
+    res = _CHUNKS.result(conn, (b"%d" % messageId, b"%d" % seq, b"%d" % _BATCH))
+    return [res.get_value(i, 0) for i in range(res.ntuples)]
 
 
 @implementer(IMessageReader)
@@ -201,12 +213,16 @@ class PgMailbox:
         return self._store.runInThread(self._store.database.run, self._list)
 
     def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
-        # Binary, and fetched whole before the MessageInfos are made: for
-        # 100k messages about 100 ms of the node's CPU instead of 160.
-        with conn.cursor(binary=True) as cur:
-            rows = cur.execute(_LISTING, (self.maildrop,)).fetchall()
-        listing = tuple(map(MessageInfo._make, rows))
-        del rows
+        # Binary, prepared, its rows made MessageInfos by psycopg's loaders
+        # without a cursor (for 100k messages about 100 ms of the node's
+        # CPU rather than 160 through a row-by-row fetch).
+        from psycopg.adapt import Transformer
+
+        res = _LISTING.result(conn, (b"%d" % self.maildrop,))
+        tx = Transformer(conn)
+        tx.set_pgresult(res)
+        listing = tuple(tx.load_rows(0, res.ntuples, MessageInfo._make))
+        del tx, res
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
@@ -215,19 +231,24 @@ class PgMailbox:
         return self._store.runInThread(self._open, info.key)
 
     def _open(self, messageId: int) -> IMessageReader:
-        def query(conn: Any) -> list[Any]:
-            with conn.cursor(binary=True) as cur:
-                return cur.execute(_OPEN, (_BATCH, messageId, self.maildrop)).fetchall()
+        def query(conn: Any) -> tuple[list[bytes], bytes | None] | None:
+            params = (b"%d" % _BATCH, b"%d" % messageId, b"%d" % self.maildrop)
+            res = _OPEN.result(conn, params)
+            if res.ntuples == 0:
+                return None
+            first = [res.get_value(i, 0) for i in range(res.ntuples)]
+            return [data for data in first if data is not None], res.get_value(0, 1)
 
-        rows = self._store.database.run(query)
-        if not rows:
+        found = self._store.database.run(query)
+        if found is None:
             raise MessageVanished()
-        last = rows[0][1]
+        first, last = found
+        # The last row's number: a binary int4 (None: no rows).
         return _ChunkReader(
             self,
             messageId,
-            [row[0] for row in rows if row[0] is not None],
-            -1 if last is None else last,
+            first,
+            -1 if last is None else int.from_bytes(last, "big", signed=True),
         )
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
