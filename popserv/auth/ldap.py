@@ -43,7 +43,7 @@ from zope.interface import implementer
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
 from popserv.auth.ldapurl import LdapURL
-from popserv.auth.lookup import LookupPassdb
+from popserv.auth.lookup import SETTING_FIELDS, LookupPassdb, userSettings
 from popserv.auth.schemes import Scheme, UnknownScheme, parseStoredPassword
 from popserv.auth.scramkeys import (
     ISecretSource,
@@ -51,8 +51,7 @@ from popserv.auth.scramkeys import (
 )
 from popserv.errors import TemporaryFailure
 from popserv.interfaces import IUserDirectory
-from popserv.policy import IUserSettingsSource, parseExpire
-from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
+from popserv.policy import IUserSettingsSource
 from popserv.threads import RunInThread
 
 __all__ = ["LdapPassdb", "ConnectionPool", "DirectoryEntry", "DirectoryError"]
@@ -63,12 +62,7 @@ _log = Logger()
 _SUCCESS, _SIZE_LIMIT, _INVALID_CREDENTIALS = 0, 4, 49
 
 #: Settings fields and the names of the settings they set.
-_SETTINGS = {
-    "login_delay": "loginDelay",
-    "expire": "expire",
-    "quota_bytes": "quotaBytes",
-    "quota_messages": "quotaMessages",
-}
+_SETTINGS = SETTING_FIELDS
 _TRUE = frozenset({"true", "yes", "on", "1"})
 
 
@@ -349,44 +343,7 @@ class LdapPassdb(LookupPassdb):
                     user=name,
                     kind="unknown scheme" if isinstance(e, UnknownScheme) else "malformed",
                 )
-        settings: dict[str, Any] = {}
-        for column, setting in _SETTINGS.items():
-            value = _first(values.get(column))
-            if value is None:
-                continue
-            try:
-                if column == "expire":
-                    settings[setting] = parseExpire(value)
-                elif int(value) < 0:
-                    raise ValueError("negative")
-                else:
-                    settings[setting] = int(value)
-            except (TypeError, ValueError) as e:
-                _log.warn(
-                    "{source}: user {user}: bad {field} {value!r} ignored ({error})",
-                    source=self,
-                    user=name,
-                    field=column,
-                    value=value,
-                    error=e,
-                )
-        for routing in ROUTING_FIELDS:
-            value = _first(values.get(routing))
-            if value is None:
-                continue
-            try:
-                routed = routingSetting(routing, value)
-            except ValueError as e:
-                _log.warn(
-                    "{source}: user {user}: bad {field} ignored ({error})",
-                    source=self,
-                    user=name,
-                    field=routing,
-                    error=e,
-                )
-            else:
-                if routed is not None:
-                    settings[routed[0]] = routed[1]
+        settings = userSettings(lambda field: _first(values.get(field)), self, name)
         disabled = (_first(values.get("nologin")) or "").lower() in _TRUE
         return DirectoryEntry(found["dn"], name, scheme, secret, settings, disabled)
 

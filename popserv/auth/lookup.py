@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
@@ -35,12 +37,69 @@ from popserv.auth.scramkeys import (
 )
 from popserv.errors import AccountDisabled, UnknownUser
 from popserv.interfaces import UnverifiedUser
+from popserv.policy import parseExpire
+from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
 from popserv.threads import RunInThread
 
-__all__ = ["FoundUser", "LookupPassdb"]
+__all__ = ["FoundUser", "LookupPassdb", "SETTING_FIELDS", "userSettings"]
+
+_log = Logger()
 
 #: The users remembered (for their settings and accepting source).
 REMEMBERED = 100_000
+
+#: Per-user fields (a column, an attribute) and the settings they set.
+SETTING_FIELDS = {
+    "login_delay": "loginDelay",
+    "expire": "expire",
+    "quota_bytes": "quotaBytes",
+    "quota_messages": "quotaMessages",
+}
+
+
+def userSettings(value: Callable[[str], Any], source: object, user: str) -> dict[str, Any]:
+    """
+    A user's settings from the fields C{value(field)} gives (None: absent):
+    L{SETTING_FIELDS} and the proxy mode's routing fields. A bad value is
+    left out with a warning.
+    """
+    settings: dict[str, Any] = {}
+    for field, setting in SETTING_FIELDS.items():
+        given = value(field)
+        if given is None:
+            continue
+        try:
+            if field == "expire":
+                settings[setting] = parseExpire(given)
+            elif int(given) < 0:
+                raise ValueError("negative")
+            else:
+                settings[setting] = int(given)
+        except (TypeError, ValueError) as e:
+            _bad(source, user, field, given, e)
+    for field in ROUTING_FIELDS:
+        given = value(field)
+        if given is None or field == "port" and given == "":
+            continue
+        try:
+            routed = routingSetting(field, given)
+        except (TypeError, ValueError) as e:
+            _bad(source, user, field, given, e)
+            continue
+        if routed is not None:
+            settings[routed[0]] = routed[1]
+    return settings
+
+
+def _bad(source: object, user: str, field: str, given: object, error: Exception) -> None:
+    _log.warn(
+        "{source}: user {user}: bad {field} {value!r} ignored ({error})",
+        source=source,
+        user=user,
+        field=field,
+        value=given,
+        error=error,
+    )
 
 
 class FoundUser(Protocol):

@@ -42,15 +42,14 @@ from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
 from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
-from popserv.auth.lookup import LookupPassdb
+from popserv.auth.lookup import SETTING_FIELDS, LookupPassdb, userSettings
 from popserv.auth.schemes import SCHEMES, Scheme, UnknownScheme, parseStoredPassword
 from popserv.auth.scramkeys import (
     ISecretSource,
 )
 from popserv.errors import TemporaryFailure
 from popserv.interfaces import IUserDirectory
-from popserv.policy import IUserSettingsSource, parseExpire
-from popserv.proxy.fields import ROUTING_FIELDS, routingSetting
+from popserv.policy import IUserSettingsSource
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PgPassdb", "DEFAULT_QUERY", "UserRow", "parseRow"]
@@ -64,12 +63,7 @@ DEFAULT_QUERY = (
 )
 
 #: Settings columns and the names of the settings they set.
-_SETTINGS = {
-    "login_delay": "loginDelay",
-    "expire": "expire",
-    "quota_bytes": "quotaBytes",
-    "quota_messages": "quotaMessages",
-}
+_SETTINGS = SETTING_FIELDS
 
 
 @dataclass(frozen=True)
@@ -100,43 +94,7 @@ def parseRow(given: str, columns: list[str], values: tuple[Any, ...]) -> UserRow
         scheme, secret = parseStoredPassword(str(row.get("password") or ""))
     except (UnknownScheme, ValueError) as e:
         _log.warn("pgsql passdb: user {user}: bad password field: {error}", user=name, error=e)
-    settings: dict[str, Any] = {}
-    for column, setting in _SETTINGS.items():
-        value = row.get(column)
-        if value is None:
-            continue
-        try:
-            if column == "expire":
-                settings[setting] = parseExpire(value)
-            elif int(value) < 0:
-                raise ValueError("negative")
-            else:
-                settings[setting] = int(value)
-        except (TypeError, ValueError) as e:
-            _log.warn(
-                "pgsql passdb: user {user}: bad {column} {value!r} ignored ({error})",
-                user=name,
-                column=column,
-                value=value,
-                error=e,
-            )
-    for column in ROUTING_FIELDS:
-        value = row.get(column)
-        if value is None or column == "port" and value == "":
-            continue
-        try:
-            routed = routingSetting(column, value)
-        except (TypeError, ValueError) as e:
-            _log.warn(
-                "pgsql passdb: user {user}: bad {column} {value!r} ignored ({error})",
-                user=name,
-                column=column,
-                value=value,
-                error=e,
-            )
-            continue
-        if routed is not None:
-            settings[routed[0]] = routed[1]
+    settings = userSettings(row.get, "pgsql passdb", str(name))
     return UserRow(str(name), scheme, secret, settings, bool(row.get("nologin")))
 
 
