@@ -15,15 +15,11 @@ import fcntl
 import os
 import re
 
-from twisted.internet.defer import Deferred
-from zope.interface import implementer
-
 from popserv.backends.maildir import names
-from popserv.interfaces import IMessageWriter, UIDConflict
+from popserv.interfaces import UIDConflict
 from popserv.octets import CRLFSizer
-from popserv.threads import RunInThread
 
-__all__ = ["MaildirDelivery", "MaildirWriter", "makeMaildir", "holdsUID", "UIDL_LOCK_FILE"]
+__all__ = ["MaildirDelivery", "makeMaildir", "holdsUID", "UIDL_LOCK_FILE"]
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -78,8 +74,9 @@ def _syncDirectory(path: str) -> None:
 
 class MaildirDelivery:
     """
-    One delivery into the Maildir at C{path}, blocking (L{MaildirWriter} runs
-    it off the reactor thread; C{popserv deliver} runs it as it is).
+    One delivery into the Maildir at C{path}, blocking
+    (L{popserv.backends.threaded.ThreadedWriter} runs it off the reactor
+    thread; C{popserv deliver} runs it as it is).
 
     @param uid: the UIDL to store the message under (checked already), or
         None for a new one.
@@ -164,21 +161,3 @@ class MaildirDelivery:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
-
-
-@implementer(IMessageWriter)
-class MaildirWriter:
-    """L{IMessageWriter} for a L{MaildirDelivery}: each step in a thread."""
-
-    def __init__(self, delivery: MaildirDelivery, runInThread: RunInThread) -> None:
-        self.delivery = delivery
-        self._run = runInThread
-
-    def write(self, data: bytes) -> Deferred[None]:
-        return self._run(self.delivery.write, data)
-
-    def commit(self) -> Deferred[str]:
-        return self._run(self.delivery.commit)
-
-    def abort(self) -> Deferred[None]:
-        return self._run(self.delivery.abort)

@@ -29,11 +29,12 @@ from zope.interface import implementer
 
 from popserv.backends.locking import SHARED_LOCK_FILE, PerMaildropLocks, SharedLockFile
 from popserv.backends.maildir import scan
-from popserv.backends.maildir.delivery import MaildirDelivery, MaildirWriter, makeMaildir
+from popserv.backends.maildir.delivery import MaildirDelivery, makeMaildir
 from popserv.backends.maildir.foreign import parseSource
 from popserv.backends.maildir.index import MaildropCache
 from popserv.backends.maildir.names import baseName
 from popserv.backends.maildir.walk import maildropUsers
+from popserv.backends.threaded import ThreadedWriter
 from popserv.errors import InvalidUserName, MessageVanished, PermanentFailure
 from popserv.interfaces import (
     ILoginMemory,
@@ -249,7 +250,7 @@ class MaildirStore:
 
     def deliverMessage(
         self, user: str, uid: str | None = None, received: float | None = None
-    ) -> Deferred[MaildirWriter]:
+    ) -> Deferred[ThreadedWriter]:
         """
         Deliver into C{user}'s maildrop (see L{MaildirDelivery}); a given
         UIDL is kept in the name (L{popserv.backends.maildir.names}). Its
@@ -263,10 +264,10 @@ class MaildirStore:
             return fail()
         return self.runInThread(self._startDelivery, path, uid, received)
 
-    def _startDelivery(self, path: str, uid: str | None, received: float | None) -> MaildirWriter:
+    def _startDelivery(self, path: str, uid: str | None, received: float | None) -> ThreadedWriter:
         self._ensure(path)
         os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
-        return MaildirWriter(MaildirDelivery(path, uid, received), self.runInThread)
+        return ThreadedWriter(MaildirDelivery(path, uid, received), self.runInThread)
 
     def listing(self, path: str) -> Deferred[tuple[MessageInfo, ...]]:
         """The messages of the maildrop at C{path}, from the cache if it still holds."""

@@ -17,16 +17,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-from twisted.internet.defer import Deferred
-from zope.interface import implementer
-
 from popserv.backends.mbox.format import LineFilter, copyRange, fromLine, quoter
 from popserv.backends.mbox.index import Index, indexPath, readIndex, refresh, writeIndex
 from popserv.backends.mbox.lock import SpoolLock
-from popserv.interfaces import IMessageWriter, UIDConflict
-from popserv.threads import RunInThread
+from popserv.interfaces import UIDConflict
 
-__all__ = ["MboxDelivery", "MboxWriter", "ownerFor"]
+__all__ = ["MboxDelivery", "ownerFor"]
 
 
 def ownerFor(spool: str) -> tuple[int, int] | None:
@@ -52,7 +48,10 @@ def ownerFor(spool: str) -> tuple[int, int] | None:
 
 
 class MboxDelivery:
-    """One delivery into the spool at C{spool}, blocking (see L{MboxWriter})."""
+    """
+    One delivery into the spool at C{spool}, blocking (see
+    L{popserv.backends.threaded.ThreadedWriter}).
+    """
 
     def __init__(
         self,
@@ -145,21 +144,3 @@ class MboxDelivery:
         message, self._file = self._file, None
         if message is not None:
             message.close()
-
-
-@implementer(IMessageWriter)
-class MboxWriter:
-    """L{IMessageWriter} for an L{MboxDelivery}: each step in a thread."""
-
-    def __init__(self, delivery: MboxDelivery, runInThread: RunInThread) -> None:
-        self.delivery = delivery
-        self._run = runInThread
-
-    def write(self, data: bytes) -> Deferred[None]:
-        return self._run(self.delivery.write, data)
-
-    def commit(self) -> Deferred[str]:
-        return self._run(self.delivery.commit)
-
-    def abort(self) -> Deferred[None]:
-        return self._run(self.delivery.abort)

@@ -26,11 +26,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.backends.locking import SHARED_LOCK_FILE, PerMaildropLocks, SharedLockFile
-from popserv.backends.mbox.delivery import MboxDelivery, MboxWriter
+from popserv.backends.mbox.delivery import MboxDelivery
 from popserv.backends.mbox.format import FORMATS, LineFilter, NotAnMbox, unquoter
 from popserv.backends.mbox.index import Index, indexPath, readIndex, refresh, stampOf, writeIndex
 from popserv.backends.mbox.lock import SpoolLock
 from popserv.backends.mbox.rewrite import removeFromSpool
+from popserv.backends.threaded import ThreadedWriter
 from popserv.errors import InvalidUserName, MessageVanished, PermanentFailure
 from popserv.interfaces import (
     IMailbox,
@@ -254,7 +255,7 @@ class MboxStore:
 
     def deliverMessage(
         self, user: str, uid: str | None = None, received: float | None = None
-    ) -> Deferred[MboxWriter]:
+    ) -> Deferred[ThreadedWriter]:
         """Deliver into C{user}'s spool under its locks (see L{MboxDelivery})."""
         try:
             if uid is not None and not validUID(uid):
@@ -266,12 +267,12 @@ class MboxStore:
             return fail()
         return self.runInThread(self._startDelivery, path, uid, received)
 
-    def _startDelivery(self, path: str, uid: str | None, received: float | None) -> MboxWriter:
+    def _startDelivery(self, path: str, uid: str | None, received: float | None) -> ThreadedWriter:
         if self.createMissing:
             # A spool directory of its own (C{%d/%n} templates): made as Maildirs are.
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         delivery = MboxDelivery(path, self.fmt, uid, received, self.lockTimeout)
-        return MboxWriter(delivery, self.runInThread)
+        return ThreadedWriter(delivery, self.runInThread)
 
     def listMaildrops(self) -> Deferred[list[str]]:
         """The users with a spool: the regular files the template names."""
