@@ -697,8 +697,9 @@ class Config:
 
     @property
     def passwdPath(self) -> str:
-        assert self.passwd is not None
-        return os.path.join(self.base_dir, os.path.expanduser(self.passwd))
+        path = self.path(self.passwd)
+        assert path is not None
+        return path
 
     @property
     def authSources(self) -> tuple[PassdbSpec, ...]:

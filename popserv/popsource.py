@@ -31,7 +31,7 @@ from popserv.errors import MaildropInUse, PermanentFailure
 from popserv.interfaces import MessageInfo, validUID
 from popserv.popurl import STARTTLS, PopURL, parsePopURL
 
-__all__ = ["POPURL", "parsePOPURL", "SourceError", "POP3Source", "readCredentials"]
+__all__ = ["parsePOPURL", "SourceError", "POP3Source", "readCredentials"]
 
 #: The longest line accepted from the server (RFC 2449: 512 octets a response).
 _MAX_LINE = 64 * 1024
@@ -43,9 +43,6 @@ class SourceError(Exception):
 
 #: The C{;AUTH=} values a migration implements (no APOP).
 MIGRATE_AUTHS = ("*", "+USER", "PLAIN")
-
-#: The parsed URL (L{popserv.popurl.PopURL}), under its first name here.
-POPURL = PopURL
 
 
 def parsePOPURL(url: str) -> PopURL:

@@ -83,10 +83,6 @@ def test_left_out_commands_are_unknown():
 
 def test_example_plugin_serves_a_session(tmp_path):
     """The store and auth source of docs/plugins/index.rst, found on sys.path."""
-    import popserv.errors
-
-    if not hasattr(popserv.errors, "UnknownUser"):
-        pytest.skip("popserv.errors.UnknownUser is not there yet (issue 12)")
     examples = tmp_path / "examples"
     shutil.copytree(REPO / "docs" / "examples", examples)
     (tmp_path / "mail.json").write_text(

@@ -126,6 +126,16 @@ def test_bearer_tokens_follow_the_plaintext_policy(tmp_path):
 # -- OAUTHBEARER ----------------------------------------------------------------------------
 
 
+def test_a_minute_of_clock_skew_is_allowed(tmp_path):
+    """The identity provider's clock may be up to LEEWAY (60 s) ahead of ours."""
+    assert auth(server(tmp_path), b"OAUTHBEARER", bearer(token(KEY, lifetime=-30)))[0].startswith(
+        b"+OK"
+    )
+    assert auth(server(tmp_path), b"OAUTHBEARER", bearer(token(KEY, lifetime=-90)))[0].startswith(
+        b"+ "
+    )  # the RFC 7628 error challenge: refused
+
+
 def test_oauthbearer_valid_token_logs_in_as_the_claim(tmp_path):
     client = server(tmp_path)
     assert auth(client, b"OAUTHBEARER", bearer(token(KEY)))[0].startswith(

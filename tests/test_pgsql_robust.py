@@ -88,7 +88,7 @@ def test_removal_of_a_node_that_lost_its_lock_mid_update_is_seen_by_the_next(pgd
         mailbox = result(a.openMailbox("alice"))
         infos = result(mailbox.listMessages())
         # Hold the first message's row: A's DELETE waits on it, its lock check done.
-        conn = blocker.database.getconn()
+        conn = blocker.database.connect(autocommit=False)
         conn.execute("SELECT 1 FROM messages WHERE id = %s FOR UPDATE", (infos[0].key,))
         removal = {}
         remover = threading.Thread(
@@ -118,7 +118,7 @@ def test_removal_of_a_node_that_lost_its_lock_mid_update_is_seen_by_the_next(pgd
         taker.start()
         time.sleep(0.5)
         conn.rollback()
-        blocker.database.putconn(conn)
+        conn.close()
         remover.join(10)
         taker.join(10)
         assert removal["r"][1] == []  # A's check preceded the loss: its removal stands

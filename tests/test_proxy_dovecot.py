@@ -63,7 +63,9 @@ def forwarding(tmp_path, dovecot):
     proxy.stop()
 
 
-@pytest.mark.skipif(not have("fetchmail"), reason="fetchmail is not installed")
+@pytest.mark.skipif(
+    not have("fetchmail") and not os.environ.get("CI"), reason="fetchmail is not installed"
+)
 def test_fetchmail_through_the_proxy_to_dovecot(tmp_path, forwarding, dovecot):
     rc = tmp_path / "fetchmailrc"
     rc.write_text('poll 127.0.0.1 user "alice" password "secret"\n')
@@ -110,7 +112,7 @@ def test_fetchmail_through_the_proxy_to_dovecot(tmp_path, forwarding, dovecot):
     assert "Login: user=<alice>, method=PLAIN" in dovecot.log()
 
 
-@pytest.mark.skipif(not have("mpop"), reason="mpop is not installed")
+@pytest.mark.skipif(not have("mpop") and not os.environ.get("CI"), reason="mpop is not installed")
 def test_mpop_through_the_proxy_to_dovecot(tmp_path, forwarding):
     conf = tmp_path / "mpoprc"
     conf.write_text(
@@ -135,7 +137,7 @@ def test_mpop_through_the_proxy_to_dovecot(tmp_path, forwarding):
     assert b"from the backend" in (tmp_path / "mbox").read_bytes()
 
 
-@pytest.mark.skipif(not have("curl"), reason="curl is not installed")
+@pytest.mark.skipif(not have("curl") and not os.environ.get("CI"), reason="curl is not installed")
 def test_curl_sasl_plain_through_the_proxy_to_dovecot(tmp_path, forwarding):
     proc = _run(
         [

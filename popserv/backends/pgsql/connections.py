@@ -149,32 +149,6 @@ class Database:
         """L{run} without the retry: for work that must not run twice."""
         return self.run(work, *args, retry=False)
 
-    def getconn(self) -> Any:
-        """
-        A pooled connection for a long transaction (a delivery), not in
-        autocommit mode; give it back with L{putconn}.
-        """
-        try:
-            conn = self.pool.getconn()
-            try:
-                conn.autocommit = False
-            except Exception:
-                self.pool.putconn(conn)
-                raise
-            return conn
-        except Exception as e:
-            if unreachable(e):
-                raise self.failure(e) from e
-            raise
-
-    def putconn(self, conn: Any) -> None:
-        """Give back a connection of L{getconn}, its transaction ended."""
-        try:
-            conn.autocommit = True
-        except Exception:
-            conn.close()  # broken: the pool drops it
-        self.pool.putconn(conn)
-
     def failure(self, error: BaseException) -> TemporaryFailure:
         _log.warn("mail database unavailable: {error}", error=str(error).strip() or repr(error))
         return TemporaryFailure()

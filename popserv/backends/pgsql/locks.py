@@ -63,8 +63,7 @@ def lockKey(user: str) -> int:
 def _halves(key: int) -> tuple[int, int]:
     """C{key} as two signed int4: the removal barrier's key, in the (int4, int4)
     lock space, which is apart from the bigint one of the maildrop locks."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    hi, lo = unsigned >> 32, unsigned & 0xFFFFFFFF
+    hi, lo = _unsignedHalves(key)
     return hi - (hi >> 31 << 32), lo - (lo >> 31 << 32)
 
 
