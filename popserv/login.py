@@ -176,19 +176,24 @@ class Authorization(CommandPipeline):
             self._runLogout()
             return b""
         self.transaction = Transaction(mailbox, messages)
+        # The realm's lookup, if it made one: once per login is enough.
+        settings = getattr(self._logout, "settings", None)
+        self.settings = settings or factory.policy.settingsFor(user)
+        self._enterTransaction(user, mechanism, self.settings)
+        count, size = self.transaction.stat()
+        # No log line here: the session's one line is written when it ends.
+        return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
+
+    def _enterTransaction(self, user: str, mechanism: str, settings: Any) -> None:
+        """The login succeeded: the TRANSACTION state, its timer and records."""
+        factory = self.factory
         self.state = State.TRANSACTION
         self._challenge = self._pendingUser = None
         self.user = user
         self.stats.loggedIn(user, mechanism)
         factory.penalty.succeeded(self.stats.ip)
         self.setTimeout(factory.timeout)
-        # The realm's lookup, if it made one: once per login is enough.
-        settings = getattr(self._logout, "settings", None)
-        self.settings = settings or factory.policy.settingsFor(user)
-        factory.policy.recordLogin(user, self.settings)
-        count, size = self.transaction.stat()
-        # No log line here: the session's one line is written when it ends.
-        return self._ok("Logged in, {messages} ({octets})", **self._counts(count, size))
+        factory.policy.recordLogin(user, settings)
 
     def _relayed(self, session: Any, user: str, mechanism: str) -> bytes:
         """
@@ -200,16 +205,8 @@ class Authorization(CommandPipeline):
         if not self.lifecycle.connected:
             self._runLogout()
             return b""
-        factory = self.factory
-        self.state = State.TRANSACTION
-        self._challenge = self._pendingUser = None
-        self.user = user
-        stats = self.stats
-        stats.loggedIn(user, mechanism)
-        stats.backend_host = session.backendName
-        factory.penalty.succeeded(stats.ip)
-        factory.policy.recordLogin(user, getattr(session, "settings", None))
-        self.setTimeout(factory.timeout)
+        self.stats.backend_host = session.backendName
+        self._enterTransaction(user, mechanism, session.settings)
         self.transport.write(session.greeting)
         leftover = bytes(self._inbuf)
         del self._inbuf[:]
@@ -217,7 +214,7 @@ class Authorization(CommandPipeline):
             self._readPaused = False
             self.transport.resumeProducing()
         # An instance attribute: the transport's calls go straight to the relay.
-        self.dataReceived = session.start(self.transport, leftover, stats, self.resetTimeout)
+        self.dataReceived = session.start(self.transport, leftover, self.stats, self.resetTimeout)
         return b""
 
     def _loginFailed(
