@@ -354,7 +354,12 @@ class Popserv(Server):
                 "from twisted.scripts.twistd import run; run()",
             ]
         )
-        command += ["-n", "--pidfile=", "--logfile=-"]
+        command += ["-n", "--pidfile="]
+        if "def text(" in (self.source / "popserv" / "logs.py").read_text():
+            # The documented text logger for standard output (same lines, cheaper).
+            command += ["--logger", "popserv.logs.text"]
+        else:  # an older tree (--baseline-src)
+            command += ["--logfile=-"]
         if self.profile is not None:
             command += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
         command += ["popserv", "--config", str(self.config)]

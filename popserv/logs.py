@@ -10,14 +10,30 @@ and AUTH payloads are never part of any event.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    formatEventAsClassicLogText,
+    formatTime,
+    jsonFileLogObserver,
+)
 
-__all__ = ["SessionStats", "DEFAULT_LOGOUT_FORMAT", "LOGOUT_FIELDS", "json", "validateFormat"]
+__all__ = [
+    "SessionStats",
+    "DEFAULT_LOGOUT_FORMAT",
+    "LOGOUT_FIELDS",
+    "ClassicText",
+    "json",
+    "text",
+    "validateFormat",
+]
 
 _log = Logger(namespace="popserv.session")
 
@@ -108,6 +124,56 @@ def validateFormat(template: str) -> None:
         template.format(**sample)
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"bad logout format ({e}); fields: {', '.join(LOGOUT_FIELDS)}") from None
+
+
+class ClassicText:
+    """
+    Format events as Twisted's text observer does (C{"TIME [SYSTEM] TEXT"},
+    C{formatEventAsClassicLogText}), the same characters, for less: the
+    timestamp is made once a second rather than once a line (Twisted's takes
+    about 11 us a line, a quarter of what a short session costs popserv),
+    and a logout line is its own text, not formatted again.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        #: The last second formatted, and its text (one tuple: threads log too).
+        self._last: tuple[int, str] = (-1, "")
+
+    def formatTime(self, when: float | None) -> str:
+        """RFC 3339 local time to the second, as C{twisted.logger.formatTime}."""
+        if when is None:
+            return "-"
+        second = math.floor(when)
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, formatTime(second))
+        return last[1]
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        line = event.get("session_line")
+        level = event.get("log_level")
+        if (
+            line
+            and level is not None
+            and event.get("log_namespace") == _log.namespace
+            and "log_system" not in event
+            and "log_failure" not in event
+        ):
+            stamp = self.formatTime(event.get("log_time"))
+            text = f"{stamp} [{_log.namespace}#{level.name}] {line}"
+            return text.replace("\n", "\n\t") + "\n"
+        return formatEventAsClassicLogText(event, formatTime=self.formatTime)
+
+
+def text() -> ILogObserver:
+    """
+    A log observer writing Twisted's text lines to standard output, cheaper
+    (see L{ClassicText}): C{twistd --logger popserv.logs.text -n popserv ...};
+    C{popserv serve} gives it to its workers.
+    """
+    return FileLogObserver(sys.stdout, ClassicText())
 
 
 def json() -> ILogObserver:

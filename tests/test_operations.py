@@ -324,6 +324,81 @@ def test_json_log_lines_for_log_shippers(tmp_path):
     assert sys.executable
 
 
+def _classicEvents():
+    """Events of every shape the text observers meet: popserv's logout lines and others."""
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    from popserv.logs import SessionStats
+
+    stats = SessionStats(ip="192.0.2.7", user="b{r}ace", reason="quit")
+    fields = stats.fields()
+    with capturedLogs() as events:
+        stats.log(DEFAULT_LOGOUT_FORMAT)
+        stats.log("two\nlines for {user}")
+        stats.log("{user}")
+    failure = Failure(ZeroDivisionError("division by zero"))
+    t = 1_733_400_000.25
+    base = {"log_time": t, "log_namespace": "popserv.session", "log_level": LogLevel.info}
+    return [
+        *events,
+        {**events[0], "log_time": t + 0.5},  # the same second, cached
+        {**events[0], "log_time": t + 1.0},  # the next one
+        {**events[0], "log_level": LogLevel.warn},
+        {**events[0], "log_system": "worker-1"},
+        {**events[0], "log_failure": failure},
+        {**events[0], "session_line": ""},
+        {**base, "log_format": "plain {x}", "x": 1, **fields},
+        {**base, "log_format": "no time", "log_time": None},
+        {"log_format": "bare"},
+        {**base},  # no format: no line
+        {**base, "log_namespace": "other", "log_format": "{a!r}", "a": "q"},
+    ]
+
+
+def test_text_observer_writes_twisted_classic_lines():
+    from twisted.logger import formatEventAsClassicLogText
+
+    from popserv.logs import ClassicText
+
+    fast = ClassicText()
+    for event in _classicEvents():
+        assert fast(event) == formatEventAsClassicLogText(event), event
+
+
+def test_twistd_logger_popserv_text(tmp_path):
+    srv = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
+    proc = startTwistd(
+        ["--logger", "popserv.logs.text", "popserv", "--config", str(srv.config)],
+        srv.root,
+        logToStdout=False,
+    )
+    try:
+        port = None
+        lines = iter(proc.stdout)
+        for line in lines:
+            if m := re.search(r"POP3Factory starting on (\d+)", line):
+                port = int(m.group(1))
+                break
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user("alice")
+        pop.pass_("wonderland")
+        pop.quit()
+        for line in lines:
+            if "popserv.session" in line:
+                assert re.fullmatch(
+                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.session#info\] "
+                    r"session end: user=alice ip=127\.0\.0\.1 tls=no .* reason=quit .*\n",
+                    line,
+                ), line
+                break
+        else:
+            pytest.fail("no logout line")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def test_production_example_configuration_is_valid():
     from popserv.config import loadConfig
 
