@@ -3,7 +3,7 @@ The byte transforms storage and the wire share: the size POP3 reports for a
 stored message (L{CRLFSizer}), and the encoding of message bytes into the
 body of a RETR or TOP response (L{MessageEncoder}, L{TopLimiter}).
 
-A store may keep a message in X{transfer form}: the bytes RETR sends,
+A store may keep a message in I{transfer form}: the bytes RETR sends,
 without the terminating "." line (CRLF line endings, byte-stuffed as RFC
 1939 section 3 says, the first line included, ending in CRLF unless empty).
 L{MessageEncoder}C{(stuffed=True)} sends such data as it is, and
