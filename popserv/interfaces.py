@@ -77,6 +77,18 @@ class MessageInfo(NamedTuple):
 class IMessageReader(Interface):
     """An open message, read sequentially in chunks by the protocol's producer."""
 
+    transferForm = Attribute(
+        """
+        True if L{read} gives the message in transfer form (see
+        L{popserv.octets}): exactly what RETR sends but the terminating "."
+        line, CRLF line endings, byte-stuffed, so that RETR passes it through
+        untouched; a consumer that wants the message itself decodes it with
+        L{popserv.octets.TransferDecoder}. False: the message as stored (any
+        line endings, not stuffed). A reader without the attribute is taken
+        as False.
+        """
+    )
+
     def read(size: int) -> bytes | Deferred[bytes]:
         """Up to C{size} more bytes of the stored message; C{b""} at its end."""
 

@@ -41,7 +41,8 @@ from twisted.python.failure import Failure
 
 from popserv.config import Config, ConfigError
 from popserv.errors import MaildropInUse, MessageVanished, PermanentFailure
-from popserv.interfaces import IMailStore, MessageInfo, UIDConflict
+from popserv.interfaces import IMailStore, IMessageReader, MessageInfo, UIDConflict
+from popserv.octets import TransferDecoder
 from popserv.threads import synchronously, waitFor
 
 __all__ = [
@@ -309,9 +310,10 @@ class Migration:
                 if digests and info.uid in digests:
                     reader = yield maybeDeferred(mailbox.openMessage, info)
                     digest = WireDigest()
+                    decode = _decoder(reader)
                     try:
                         while data := (yield maybeDeferred(reader.read, CHUNK)):
-                            digest.update(data)
+                            digest.update(decode(data))
                     finally:
                         reader.close()
                     if digest.hexdigest() != digests[info.uid]:
@@ -328,14 +330,17 @@ class Migration:
         """
         reader = yield maybeDeferred(mailbox.openMessage, info)
         digest = WireDigest()
+        decode = _decoder(reader)
         try:
             writer = yield maybeDeferred(
                 self.target.deliverMessage, user, uid=info.uid, received=info.received
             )
             try:
                 while data := (yield maybeDeferred(reader.read, CHUNK)):
+                    data = decode(data)
                     digest.update(data)
-                    yield maybeDeferred(writer.write, data)
+                    if data:
+                        yield maybeDeferred(writer.write, data)
                 octets = getattr(reader, "octets", None)
                 if octets is not None and octets != info.size:
                     raise PermanentFailure(
@@ -351,6 +356,21 @@ class Migration:
         finally:
             reader.close()
         return digest.hexdigest()
+
+
+def _decoder(reader: IMessageReader) -> Any:
+    """
+    What turns C{reader}'s chunks into the message: a store in transfer form
+    (stuffed) is decoded, so the target gets the message itself, never
+    stuffed dots.
+    """
+    if getattr(reader, "transferForm", False):
+        return TransferDecoder().feed
+    return _asStored
+
+
+def _asStored(data: bytes) -> bytes:
+    return data
 
 
 def _mismatches(user: str, infos: Sequence[MessageInfo], present: dict[str, int]) -> list[str]:

@@ -152,6 +152,8 @@ class _Reader:
     C{octets} when done.
     """
 
+    transferForm = False
+
     def __init__(self, connection: _Connection, number: int) -> None:
         self._connection = connection
         connection.command(f"RETR {number}")

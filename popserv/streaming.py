@@ -151,7 +151,9 @@ class MessageProducer(_PushProducer):
     ) -> None:
         super().__init__(consumer, prefix, onProgress)
         self._reader = reader
-        self._encoder = MessageEncoder(topLines)
+        # Transfer form is sent as stored (RETR) or only cut (TOP); a
+        # plugin's reader from before the attribute gives the message itself.
+        self._encoder = MessageEncoder(topLines, getattr(reader, "transferForm", False))
         self._chunkSize = chunkSize
         self._eof = False
 

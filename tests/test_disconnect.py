@@ -15,6 +15,8 @@ from popserv.testing import connect, memoryServer
 class StalledReader:
     """A message whose storage never answers: the stream waits mid-RETR."""
 
+    transferForm = False
+
     def __init__(self) -> None:
         self.closed = 0
 

@@ -6,11 +6,13 @@ database going away.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 
 import pytest
 from test_store_contract import (  # noqa: F401 (run here again, for pgsql)
+    crlf,
     deliver,
     listing,
     read,
@@ -29,7 +31,7 @@ from popserv.admin import main
 from popserv.backends.pgsql.schema import CURRENT
 from popserv.errors import MaildropInUse, PermanentFailure, TemporaryFailure
 from popserv.interfaces import ILoginMemory
-from popserv.octets import crlfSize
+from popserv.octets import TransferDecoder, crlfSize
 from popserv.threads import synchronously
 
 
@@ -46,6 +48,9 @@ def makeStore(uri: str, **kw):
 
 
 class Pgsql:
+    #: The message as read back: decoded from transfer form, CRLF line endings.
+    given = staticmethod(crlf)
+
     def __init__(self, uri):
         self.uri = initialized(uri)
         self.store = makeStore(uri)
@@ -136,7 +141,7 @@ def test_big_message_is_chunked_and_read_back(store):
         lambda conn: conn.execute("SELECT count(*) FROM chunks WHERE message = %s", (info.key,))
     ).fetchone()[0]
     assert chunks == 4
-    assert read(store, info) == body
+    assert read(store, info) == crlf(body)
 
 
 def test_reading_a_big_message_holds_a_few_rows_at_a_time(store):
@@ -152,16 +157,18 @@ def test_reading_a_big_message_holds_a_few_rows_at_a_time(store):
     try:
         tracemalloc.start()
         reader = result(mailbox.openMessage(info))
-        total = 0
+        decoder, sha, total = TransferDecoder(), hashlib.sha256(), 0
         while data := result(reader.read(CHUNK)):
-            assert data == piece[: len(data)]  # the body repeats every 256 bytes
+            data = decoder.feed(data)
+            sha.update(data)
             total += len(data)
         reader.close()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     finally:
         result(mailbox.close())
-    assert total == 12 * len(piece)
+    assert total == info.size == len(crlf(piece * 12))
+    assert sha.digest() == hashlib.sha256(crlf(piece * 12)).digest()
     assert peak <= 2 * 1024 * 1024, peak
 
 
@@ -195,7 +202,7 @@ def test_open_deliveries_hold_no_connection(pgdatabase):
         for i, body in enumerate(bodies):
             (info,) = listing(store, f"user{i}")
             assert info.uid == uids[i] and info.size == crlfSize(body)
-        assert read(store, info, f"user{n - 1}") == bodies[-1]
+        assert read(store, info, f"user{n - 1}") == crlf(bodies[-1])
         writers = []
     finally:
         for writer in writers:
@@ -236,7 +243,7 @@ def test_a_write_made_while_another_is_in_flight_waits_its_turn(pgdatabase):
         store.runInThread = synchronously
         (info,) = listing(store)
         assert info.uid == uid and info.size == crlfSize(first + second + third)
-        if read(store, info) != first + second + third:
+        if read(store, info) != crlf(first + second + third):
             pytest.fail("the body's pieces were stored out of order")
     finally:
         store.close()
@@ -372,7 +379,7 @@ def test_database_down_is_a_temporary_failure_then_recovers(postgresql, pgdataba
         finally:
             postgresql.start()
         (info,) = recovered(lambda: listing(store))  # no new store needed
-        assert read(store, info) == b"kept\n"
+        assert read(store, info) == b"kept\r\n"
         other = makeStore(pgdatabase)
         try:
             with pytest.raises(MaildropInUse):  # re-taken on the new lock connection

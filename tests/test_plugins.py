@@ -49,6 +49,8 @@ THIRD_PARTY = textwrap.dedent(
 
 
     class Reader:
+        transferForm = False
+
         def __init__(self, data):
             self.data = data
 

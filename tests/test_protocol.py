@@ -684,6 +684,8 @@ def test_storage_failure_mid_stream_cuts_the_connection(pop):
     factory, _ = pop
 
     class FailingReader:
+        transferForm = False
+
         def __init__(self):
             self.calls = 0
 

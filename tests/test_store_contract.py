@@ -7,6 +7,7 @@ and the Maildir names that keep a given UIDL.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -25,7 +26,7 @@ from popserv.interfaces import (
     UIDConflict,
     validUID,
 )
-from popserv.octets import crlfSize
+from popserv.octets import TransferDecoder, crlfSize
 from popserv.threads import synchronously
 
 
@@ -41,7 +42,16 @@ def result(value):
     return out[0]
 
 
+def crlf(message: bytes) -> bytes:
+    """C{message} with CRLF line endings and a final one: how a store in transfer form gives it."""
+    out = re.sub(rb"(?<!\r)\n", b"\r\n", message)
+    return out + b"\r\n" if out and not out.endswith(b"\n") else out
+
+
 class Maildir:
+    #: The message as read back: as delivered.
+    given = staticmethod(bytes)
+
     def __init__(self, root):
         self.root = root
         self.store = MaildirStore(f"maildir:{root}/%d/%n/Maildir", runInThread=synchronously)
@@ -52,6 +62,8 @@ class Maildir:
 
 
 class Memory:
+    given = staticmethod(bytes)
+
     def __init__(self, root):
         self.store = MemoryStore()
 
@@ -73,12 +85,14 @@ def listing(store, user="alice"):
 
 
 def read(store, info, user="alice"):
+    """The message read back (from transfer form decoded: CRLF line endings)."""
     mailbox = result(store.openMailbox(user))
     try:
         reader = result(mailbox.openMessage(info))
+        decode = TransferDecoder().feed if reader.transferForm else bytes
         data = b""
         while chunk := result(reader.read(65536)):
-            data += chunk
+            data += decode(chunk)
         reader.close()
         return data
     finally:
@@ -111,7 +125,7 @@ def test_delivery_streams_and_is_visible_only_at_commit(kind):
     (info,) = listing(store)
     assert info.uid == uid and validUID(uid)
     assert info.size == crlfSize(message)
-    assert read(store, info) == message
+    assert read(store, info) == kind.given(message)
     assert kind.leftovers() == []
 
 

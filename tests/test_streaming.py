@@ -32,6 +32,8 @@ class PausingConsumer:
 
 
 class Reader:
+    transferForm = False
+
     def __init__(self, data: bytes, asynchronous: bool = False):
         self.data = data
         self.pos = 0

@@ -157,3 +157,129 @@ def test_top_is_a_prefix_of_the_message_and_chunk_independent(message, lines, ch
     top = encode(message, chunks, top=lines)
     assert top == encode(message, top=lines)
     assert full.startswith(top[:-3])
+
+
+# -- transfer form: what a store may keep, RETR's bytes without the terminator --------
+
+
+def chunked(data: bytes, sizes: list[int]) -> list[bytes]:
+    """C{data} cut at the given lengths (the rest in a last piece)."""
+    out, pos = [], 0
+    for n in sizes:
+        out.append(data[pos : pos + n])
+        pos += n
+    out.append(data[pos:])
+    return out
+
+
+def transferForm(message: bytes, sizes: list[int] = ()) -> bytes:
+    enc = octets.MessageEncoder()
+    return b"".join([*(enc.feed(c) for c in chunked(message, list(sizes))), enc.flush()])
+
+
+def fromTransfer(stored: bytes, sizes: list[int] = (), top: int | None = None) -> bytes:
+    enc = octets.MessageEncoder(top, stuffed=True)
+    out = []
+    for c in chunked(stored, list(sizes)):
+        if enc.done:
+            break
+        out.append(enc.feed(c))
+    return b"".join([*out, enc.finish()])
+
+
+def decoded(stored: bytes, sizes: list[int] = ()) -> bytes:
+    dec = octets.TransferDecoder()
+    return b"".join(dec.feed(c) for c in chunked(stored, list(sizes)))
+
+
+TRICKY = [
+    b"",
+    b".",
+    b"..",
+    b".\n",
+    b"..\n",
+    b".\r\n.\r\n..\n",
+    b"no final newline",
+    b"ends in a lone CR\r",
+    b"a\rb\r\r\nc\n\r",
+    b"Subject: x\n\n.\n..\n...\nbody\n.last",
+    b"Subject: x\r\n\r\n\r\n.\r\n\n.\n",
+    b"\n\n\n.",
+    b"H: 1\nH: 2\n\nl1\n.l2\n..l3\nl4\r\nl5\rl6\n",
+    b"\r\n.\r",
+    b"\r",
+    b"\n",
+]
+
+
+def chunkings(length: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(length)
+    ways = [[]] + [[n] * (length // n + 1) for n in range(1, 8)]
+    ways += [[rng.randint(0, 9) for _ in range(length)] for _ in range(4)]
+    return ways
+
+
+def test_transfer_form_of_tricky_messages():
+    for message in TRICKY:
+        stored = transferForm(message)
+        assert stored == encode(message)[:-3], message  # RETR's bytes but the "."
+        assert stored == b"" or stored.endswith(b"\r\n")
+        assert len(stored) == octets.crlfSize(message) + len(_dotLines(stored))
+        for sizes in chunkings(len(message)):
+            assert transferForm(message, sizes) == stored, (message, sizes)
+
+
+def _dotLines(stored: bytes) -> list[bytes]:
+    return [ln for ln in stored.split(b"\r\n") if ln.startswith(b".")]
+
+
+def test_transfer_form_sent_as_the_message_itself_is():
+    """RETR passes it through, TOP cuts it: byte for byte the plain encoder's output."""
+    for message in TRICKY:
+        stored = transferForm(message)
+        for sizes in chunkings(len(stored)):
+            assert fromTransfer(stored, sizes) == encode(message), (message, sizes)
+            for top in (0, 1, 2, 3, 10):
+                assert fromTransfer(stored, sizes, top) == encode(message, top=top), (
+                    message,
+                    sizes,
+                    top,
+                )
+
+
+def test_transfer_form_decodes_to_the_message_with_crlf():
+    for message in TRICKY:
+        stored = transferForm(message)
+        for sizes in chunkings(len(stored)):
+            assert decoded(stored, sizes) == unstuff(encode(message)), (message, sizes)
+
+
+def test_pass_through_ends_a_body_without_a_final_line_ending():
+    """Defensive: transfer form that lacks its final CRLF still makes a valid response."""
+    enc = octets.MessageEncoder(stuffed=True)
+    assert enc.feed(b"a\r\nb") == b"a\r\nb"
+    assert enc.finish() == b"\r\n.\r\n"
+    assert octets.MessageEncoder(stuffed=True).finish() == b".\r\n"
+
+
+@settings(max_examples=300)
+@given(
+    messages,
+    st.lists(st.integers(0, 8), max_size=12),
+    st.lists(st.integers(0, 8), max_size=12),
+    st.one_of(st.none(), st.integers(0, 4)),
+)
+def test_transfer_form_round_trips_whatever_the_chunking(message, into, out, top):
+    stored = transferForm(message, into)
+    assert stored == transferForm(message)
+    assert fromTransfer(stored, out, top) == encode(message, top=top)
+    assert decoded(stored, out) == unstuff(encode(message))
+    assert octets.crlfSize(decoded(stored)) == octets.crlfSize(message)
+
+
+def test_wire_keeps_its_names():
+    assert wire.MessageEncoder is octets.MessageEncoder
+    assert wire.TopLimiter is octets.TopLimiter
+    assert wire.TERMINATOR == b".\r\n" and wire.CRLF == b"\r\n"

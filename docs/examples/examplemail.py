@@ -27,6 +27,8 @@ from popserv.interfaces import IMailbox, IMailStore, IMessageReader, MessageInfo
 class MessageReader:
     """One message, read in chunks."""
 
+    transferForm = False  # read() gives the message as stored
+
     def __init__(self, content: bytes) -> None:
         self._stream = io.BytesIO(content)
 

@@ -58,6 +58,8 @@ class MemoryMaildrop:
 
 @implementer(IMessageReader)
 class _BytesReader:
+    transferForm = False
+
     def __init__(self, data: bytes) -> None:
         self._view = memoryview(data)
         self._pos = 0

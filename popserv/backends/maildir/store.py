@@ -61,6 +61,8 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONB
 
 @implementer(IMessageReader)
 class _FileReader:
+    transferForm = False
+
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 

@@ -57,6 +57,8 @@ _CHUNK = 1 << 16
 class SpoolReader:
     """One message's byte range of an open spool, un-quoted as it is read."""
 
+    transferForm = False
+
     def __init__(self, fd: int, start: int, end: int, fmt: str) -> None:
         self._fd: int | None = fd
         self._pos = start

@@ -16,6 +16,14 @@ chunk per query on any pooled connection, so RETR and TOP hold at most one
 chunk in memory and no connection between reads. The listing's index
 (C{maildrop, received, id} including C{uid, size}) answers STAT, LIST and
 UIDL of a maildrop with one index-only scan.
+
+A delivery stores the body in transfer form (L{popserv.octets}): what RETR
+sends but the terminating "." line, CRLF line endings and byte-stuffed,
+encoded once there instead of at every RETR, so that RETR passes the rows
+through untouched and TOP only cuts them (C{messages.transfer_form}; the
+rows stored before schema 5 hold the message as delivered and are encoded
+as they are sent, as before). The listed size is the message's, counted
+from the bytes delivered.
 """
 
 from popserv.backends.pgsql.store import PgMailbox, PgStore

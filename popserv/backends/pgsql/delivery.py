@@ -4,7 +4,9 @@ then stored in one short transaction at commit.
 
 A delivery holds no database connection while its message streams in (an
 LMTP transaction keeps one delivery per recipient open for its whole DATA):
-the body goes to a C{tempfile.SpooledTemporaryFile} (in memory up to L{SPOOL_MEMORY},
+the body, in transfer form (L{popserv.octets}: CRLF line endings,
+byte-stuffed, what RETR sends but the terminating ".", made once here rather
+than at every RETR), goes to a C{tempfile.SpooledTemporaryFile} (in memory up to L{SPOOL_MEMORY},
 on disk beyond, never whole in memory). At commit one pooled connection, in
 one transaction, inserts the message row and then the body as rows of
 L{CHUNK} bytes read back from the spool. The UIDL is checked there: a given
@@ -24,7 +26,7 @@ from zope.interface import implementer
 
 from popserv.errors import PermanentFailure
 from popserv.interfaces import IMessageWriter, UIDConflict
-from popserv.octets import CRLFSizer
+from popserv.octets import CRLFSizer, MessageEncoder
 
 __all__ = ["PgDelivery", "PgWriter", "CHUNK", "SPOOL_MEMORY", "maildropId"]
 
@@ -72,7 +74,8 @@ class PgDelivery:
         self.uid = uid
         self.received = time.time() if received is None else received
         self.createMissing = createMissing
-        self.size = CRLFSizer()
+        self.size = CRLFSizer()  # of the message as delivered: the listed size
+        self._encoder = MessageEncoder()
         self._spool: Any = SpooledTemporaryFile(max_size=SPOOL_MEMORY)
         self._id: int | None = None
 
@@ -82,13 +85,14 @@ class PgDelivery:
 
     def write(self, data: bytes) -> None:
         self.size.feed(data)
-        self._spool.write(data)
+        self._spool.write(self._encoder.feed(data))
 
     def commit(self, data: bytes = b"") -> str:
         """Spool C{data}, the body's last bytes, then store the message."""
         try:
             if data:
                 self.write(data)
+            self._spool.write(self._encoder.flush())
             return self.database.run(self._store, transaction=True)
         finally:
             self.abort()
@@ -105,8 +109,8 @@ class PgDelivery:
             try:
                 with conn.transaction():  # a savepoint
                     conn.execute(
-                        "INSERT INTO messages (id, maildrop, uid, size, received)"
-                        " VALUES (%s, %s, %s, %s, %s)",
+                        "INSERT INTO messages (id, maildrop, uid, size, received, transfer_form)"
+                        " VALUES (%s, %s, %s, %s, %s, true)",
                         (messageId, maildrop, uid, self.size.size, self.received),
                     )
                 break

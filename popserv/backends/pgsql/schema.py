@@ -103,6 +103,12 @@ MIGRATIONS: tuple[str, ...] = (
         REFERENCING OLD TABLE AS old_rows
         FOR EACH STATEMENT EXECUTE FUNCTION popserv_maildrops_changed();
     """,
+    # 5: bodies stored in transfer form (what RETR sends but the final ".":
+    # CRLF, byte-stuffed), so that RETR passes them through; the rows stored
+    # before are the message as delivered, and are served as before.
+    """
+    ALTER TABLE messages ADD COLUMN transfer_form boolean NOT NULL DEFAULT false;
+    """,
 )
 
 #: The version this popserv needs.

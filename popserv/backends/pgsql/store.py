@@ -59,10 +59,11 @@ _LISTING = Prepared(
 
 
 #: The message (none: it vanished), its first rows (none: an empty body),
-#: and its last row's number, so that reading stops without asking for more.
+#: its last row's number, so that reading stops without asking for more,
+#: and whether its body is in transfer form.
 _OPEN = Prepared(
     "open",
-    "SELECT c.data, (SELECT max(seq) FROM chunks l WHERE l.message = m.id)"
+    "SELECT c.data, (SELECT max(seq) FROM chunks l WHERE l.message = m.id), m.transfer_form"
     " FROM messages m LEFT JOIN chunks c ON c.message = m.id AND c.seq < $1::int4"
     " WHERE m.id = $2::int8 AND m.maildrop = $3::int8 ORDER BY c.seq",
     binary=True,
@@ -136,11 +137,22 @@ class _ChunkReader:
     One message read batch by batch: each batch of L{_BATCH} rows fetched
     (in a thread, on a pooled connection held only for that query) while
     the last row of the previous one is being sent.
+
+    @ivar transferForm: the rows are in transfer form (every delivery since
+        schema 5); False for a message stored before, the bytes as delivered.
     """
 
+    transferForm = False
+
     def __init__(
-        self, mailbox: PgMailbox, messageId: int, first: list[bytes], last: int = -1
+        self,
+        mailbox: PgMailbox,
+        messageId: int,
+        first: list[bytes],
+        last: int = -1,
+        transferForm: bool = False,
     ) -> None:
+        self.transferForm = transferForm
         self._mailbox = mailbox
         self._id = messageId
         self._chunks = deque(first)
@@ -231,24 +243,29 @@ class PgMailbox:
         return self._store.runInThread(self._open, info.key)
 
     def _open(self, messageId: int) -> IMessageReader:
-        def query(conn: Any) -> tuple[list[bytes], bytes | None] | None:
+        def query(conn: Any) -> tuple[list[bytes], bytes | None, bytes] | None:
             params = (b"%d" % _BATCH, b"%d" % messageId, b"%d" % self.maildrop)
             res = _OPEN.result(conn, params)
             if res.ntuples == 0:
                 return None
             first = [res.get_value(i, 0) for i in range(res.ntuples)]
-            return [data for data in first if data is not None], res.get_value(0, 1)
+            return (
+                [data for data in first if data is not None],
+                res.get_value(0, 1),
+                res.get_value(0, 2),
+            )
 
         found = self._store.database.run(query)
         if found is None:
             raise MessageVanished()
-        first, last = found
-        # The last row's number: a binary int4 (None: no rows).
+        first, last, transferForm = found
+        # The last row's number: a binary int4 (None: no rows); a binary bool.
         return _ChunkReader(
             self,
             messageId,
             first,
             -1 if last is None else int.from_bytes(last, "big", signed=True),
+            transferForm == b"\x01",
         )
 
     def removeMessages(self, infos: Sequence[MessageInfo]) -> Deferred[list[MessageInfo]]:
