@@ -262,6 +262,33 @@ def test_update_removes_exactly_the_marked_messages(store):
     )
 
 
+def test_listing_is_in_delivery_order_ties_by_id(store):
+    """Ordered by delivery time, then id, whatever order the ids came in (imports)."""
+    times = [200.0, 100.0, 100.5, 100.0, 300.0, 50.25]
+    uids = [deliver(store, [b"m%d\n" % i], received=t) for i, t in enumerate(times)]
+    expected = store.database.run(
+        lambda c: c.execute(
+            "SELECT uid, size, id, received FROM messages ORDER BY received, id"
+        ).fetchall()
+    )
+    got = listing(store)
+    assert [tuple(info) for info in got] == [tuple(row) for row in expected]
+    assert [info.uid for info in got] == [uids[i] for i in (5, 1, 3, 2, 0, 4)]
+    assert [info.received for info in got] == sorted(times)
+
+
+def test_listing_order_check():
+    from array import array
+
+    from popserv.backends.pgsql.store import _inOrder
+
+    assert _inOrder(array("d", [1, 2, 2, 3]), array("q", [1, 2, 3, 4]))
+    assert _inOrder(array("d", [1, 2, 2, 3]), array("q", [9, 2, 3, 1]))  # ids of imports
+    assert not _inOrder(array("d", [1, 2, 2, 3]), array("q", [1, 3, 2, 4]))  # a tie misordered
+    assert not _inOrder(array("d", [1, 3, 2]), array("q", [1, 2, 3]))
+    assert _inOrder(array("d"), array("q"))
+
+
 def test_kept_listing_follows_changes_made_by_another_node(store, pgdatabase):
     """A node lists an unchanged maildrop from memory, anything another node changed anew."""
     other = makeStore(pgdatabase)

@@ -11,10 +11,13 @@ L{popserv.errors.TemporaryFailure} (C{[SYS/TEMP]}).
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from operator import le, lt
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -51,11 +54,65 @@ __all__ = ["PgStore", "PgMailbox"]
 
 _log = Logger()
 
+#: The listing as one row of columns: the UIDLs joined by newlines (never in
+#: a UIDL), then the sizes, ids and delivery times packed big-endian, from
+#: one index-only scan in listing order (no sort: the aggregates read the
+#: ordered subquery as it comes; L{_columns} checks the order all the same).
+#: One row of five values rather than a row per message: a 100k listing
+#: costs the node about 10 ms of CPU rather than 110 (loading 400,000
+#: values one by one), and the database about the same as before.
 _LISTING = Prepared(
-    "listing",
-    "SELECT uid, size, id, received FROM messages WHERE maildrop = $1::int8 ORDER BY received, id",
+    "listing_columns",
+    "SELECT string_agg(uid, E'\\n'), string_agg(int8send(size), ''::bytea),"
+    " string_agg(int8send(id), ''::bytea), string_agg(float8send(received), ''::bytea),"
+    " count(*)"
+    " FROM (SELECT uid, size, id, received FROM messages WHERE maildrop = $1::int8"
+    " ORDER BY received, id) m",
     binary=True,
 )
+
+
+def _packed(data: bytes | None, kind: str) -> array[Any]:
+    """A column packed big-endian by C{int8send}/C{float8send}, as an array."""
+    column = array(kind)
+    if data:
+        column.frombytes(data)
+        if sys.byteorder == "little":
+            column.byteswap()
+    return column
+
+
+def _inOrder(received: array[float], ids: array[int]) -> bool:
+    """Whether the messages are sorted by (received, id), the listing order."""
+    if not all(map(le, received, received[1:])):
+        return False
+    if all(map(lt, ids, ids[1:])):
+        return True  # (ids mostly grow with delivery: no tie to look at)
+    keys = list(zip(received, ids, strict=True))
+    return all(map(le, keys, keys[1:]))
+
+
+def _columns(res: Any) -> tuple[list[str], array[int], array[int], array[float]]:
+    """The listing's columns from L{_LISTING}'s row, in listing order."""
+    count = int.from_bytes(res.get_value(0, 4), "big")
+    if not count:
+        return [], array("q"), array("q"), array("d")
+    uids = res.get_value(0, 0).decode("utf-8").split("\n")
+    sizes = _packed(res.get_value(0, 1), "q")
+    ids = _packed(res.get_value(0, 2), "q")
+    received = _packed(res.get_value(0, 3), "d")
+    if not len(uids) == len(sizes) == len(ids) == len(received) == count:
+        raise PermanentFailure("the maildrop's listing came back garbled")
+    if not _inOrder(received, ids):
+        # Not in listing order (an aggregate that read its input otherwise):
+        # sort here rather than number the messages wrongly.
+        keys = list(zip(received, ids, strict=True))
+        order = sorted(range(count), key=keys.__getitem__)
+        uids = [uids[i] for i in order]
+        sizes = array("q", [sizes[i] for i in order])
+        ids = array("q", [ids[i] for i in order])
+        received = array("d", [received[i] for i in order])
+    return uids, sizes, ids, received
 
 
 #: The message (none: it vanished), its first rows (none: an empty body),
@@ -225,16 +282,8 @@ class PgMailbox:
         return self._store.runInThread(self._store.database.run, self._list)
 
     def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
-        # Binary, prepared, its rows made MessageInfos by psycopg's loaders
-        # without a cursor (for 100k messages about 100 ms of the node's
-        # CPU rather than 160 through a row-by-row fetch).
-        from psycopg.adapt import Transformer
-
-        res = _LISTING.result(conn, (b"%d" % self.maildrop,))
-        tx = Transformer(conn)
-        tx.set_pgresult(res)
-        listing = tuple(tx.load_rows(0, res.ntuples, MessageInfo._make))
-        del tx, res
+        uids, sizes, ids, received = _columns(_LISTING.result(conn, (b"%d" % self.maildrop,)))
+        listing = tuple(map(MessageInfo._make, zip(uids, sizes, ids, received, strict=True)))
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
