@@ -1,0 +1,253 @@
+"""
+A maildrop's listing stored column-wise: L{Listing}.
+
+A session holds its listing for as long as it is logged in, and a store may
+keep many between logins: one L{MessageInfo} per message (a tuple, two ints
+and two strings, about 400 bytes for a Maildir message) made the listing most
+of an idle session's memory. A L{Listing} keeps the UIDLs in one string, the
+keys in one string when they are strings, and the sizes, the string ends and
+the delivery times in one C{array}: a few objects per listing, not five per
+message. A L{MessageInfo} is made when one is asked for.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from itertools import accumulate, repeat
+from operator import add
+from typing import Any, overload
+
+from popserv.interfaces import MessageInfo
+
+__all__ = ["Listing"]
+
+_newInfo = partial(tuple.__new__, MessageInfo)
+
+#: Between the UIDLs of the joined column: never in an RFC 1939 UIDL.
+_UID_SEPARATOR = "\n"
+#: Between the keys of the joined column: never in a file name.
+_KEY_SEPARATOR = "\0"
+
+
+def _joined(values: list[Any], separator: str) -> tuple[str, list[int]] | None:
+    """
+    C{values} as one string and the end of each plus one (the next start), or
+    None if they are not all strings free of C{separator}.
+    """
+    try:
+        text = separator.join(values)
+    except TypeError:
+        return None
+    if text.count(separator) != len(values) - 1 and values:
+        return None
+    return text, list(accumulate(map(add, map(len, values), repeat(1))))
+
+
+class Listing(Sequence[MessageInfo]):
+    """
+    An immutable sequence of L{MessageInfo}, stored column-wise (see the
+    module). Equal to the tuple of the same messages, and hashed alike.
+
+    The columns: C{_uids} all UIDLs joined by a newline (or a tuple if one
+    held a newline); C{_keys} all keys joined by NUL if they are strings
+    (else a tuple); C{_ints} the sizes, then the end (plus one) of each UIDL
+    and of each key in the joined strings, then the delivery times if they
+    are all ints (else C{_received} is their tuple).
+    """
+
+    __slots__ = ("_n", "_uids", "_keys", "_received", "_ints", "totalSize")
+
+    _n: int
+    _uids: str | tuple[str, ...]
+    _keys: str | tuple[Any, ...]
+    _received: tuple[float | None, ...] | None
+    _ints: array[int]
+    #: The sum of the sizes (STAT without deletions).
+    totalSize: int
+
+    def __init__(
+        self,
+        uids: Iterable[str],
+        sizes: Iterable[int],
+        keys: Iterable[Any],
+        received: Iterable[float | None],
+    ) -> None:
+        """
+        The listing of the messages whose UIDLs, sizes, keys and delivery
+        times are these columns (in listing order, of equal length).
+        """
+        uidList, keyList, receivedList = list(uids), list(keys), list(received)
+        ints = list(sizes)
+        n = len(ints)
+        if not len(uidList) == len(keyList) == len(receivedList) == n:
+            raise ValueError("the columns of a listing differ in length")
+        self._n = n
+        self.totalSize = sum(ints)
+        for values, separator, slot in (
+            (uidList, _UID_SEPARATOR, "_uids"),
+            (keyList, _KEY_SEPARATOR, "_keys"),
+        ):
+            joined = _joined(values, separator)
+            if joined is None:
+                setattr(self, slot, tuple(values))
+                ints += repeat(0, n)
+            else:
+                setattr(self, slot, joined[0])
+                ints += joined[1]
+        if all(type(value) is int for value in receivedList):
+            self._received = None
+            ints += receivedList  # type: ignore[arg-type]
+        else:
+            self._received = tuple(receivedList)
+        self._ints = array("q", ints)  # made whole: no room left over for growth
+
+    @classmethod
+    def of(cls, infos: Iterable[MessageInfo]) -> Listing:
+        """The listing of these messages."""
+        if isinstance(infos, Listing):
+            return infos
+        infos = list(infos)
+        return cls(
+            [info.uid for info in infos],
+            [info.size for info in infos],
+            [info.key for info in infos],
+            [info.received for info in infos],
+        )
+
+    # -- columns, for whole-listing work (LIST, UIDL, relisting) --
+
+    def uids(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The UIDLs of messages C{start} to C{stop} (0-based, as a slice)."""
+        return self._column(self._uids, _UID_SEPARATOR, self._n, start, stop)
+
+    def keys(self, start: int = 0, stop: int | None = None) -> list[Any]:
+        """The keys of messages C{start} to C{stop}."""
+        return self._column(self._keys, _KEY_SEPARATOR, 2 * self._n, start, stop)
+
+    def sizes(self, start: int = 0, stop: int | None = None) -> array[int]:
+        """The sizes of messages C{start} to C{stop}."""
+        start, stop, _ = slice(start, stop).indices(self._n)
+        return self._ints[start:stop]
+
+    def received(self, start: int = 0, stop: int | None = None) -> Sequence[float | None]:
+        """The delivery times of messages C{start} to C{stop}."""
+        start, stop, _ = slice(start, stop).indices(self._n)
+        if self._received is not None:
+            return self._received[start:stop]
+        n = self._n
+        return self._ints[3 * n + start : 3 * n + stop]
+
+    def _column(
+        self,
+        column: str | tuple[Any, ...],
+        separator: str,
+        ends: int,
+        start: int,
+        stop: int | None,
+    ) -> list[Any]:
+        start, stop, _ = slice(start, stop).indices(self._n)
+        if type(column) is tuple:
+            return list(column[start:stop])
+        if start >= stop:
+            return []
+        ints = self._ints
+        first = ints[ends + start - 1] if start else 0
+        return column[first : ints[ends + stop - 1] - 1].split(separator)  # type: ignore[return-value]
+
+    def _item(self, column: str | tuple[Any, ...], ends: int, index: int) -> Any:
+        if type(column) is tuple:
+            return column[index]
+        ints = self._ints
+        return column[ints[ends + index - 1] if index else 0 : ints[ends + index] - 1]
+
+    def select(self, indexes: Iterable[int]) -> Listing:
+        """The listing of the messages at these positions (0-based), in this order."""
+        indexes = list(indexes)
+        uids, sizes, keys, received = self.uids(), self.sizes(), self.keys(), self.received()
+        return Listing(
+            [uids[i] for i in indexes],
+            [sizes[i] for i in indexes],
+            [keys[i] for i in indexes],
+            [received[i] for i in indexes],
+        )
+
+    # -- the Sequence --
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> MessageInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Listing: ...
+
+    def __getitem__(self, index: int | slice) -> MessageInfo | Listing:
+        n = self._n
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                return Listing(
+                    self.uids(start, stop),
+                    self.sizes(start, stop),
+                    self.keys(start, stop),
+                    self.received(start, stop),
+                )
+            return self.select(range(start, stop, step))
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("listing index out of range")
+        received = self._received
+        return _newInfo(
+            (
+                self._item(self._uids, n, index),
+                self._ints[index],
+                self._item(self._keys, 2 * n, index),
+                self._ints[3 * n + index] if received is None else received[index],
+            )
+        )
+
+    def __iter__(self) -> Iterator[MessageInfo]:
+        columns = self.uids(), self.sizes(), self.keys(), self.received()
+        return map(_newInfo, zip(*columns, strict=True))
+
+    def __reversed__(self) -> Iterator[MessageInfo]:
+        return reversed(list(self))
+
+    def __add__(self, other: object) -> Listing:
+        """The messages of this listing, then those of C{other} (a sequence of them)."""
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        if not isinstance(other, Listing):
+            other = Listing.of(other)  # type: ignore[arg-type]
+        return Listing(
+            self.uids() + other.uids(),
+            [*self.sizes(), *other.sizes()],
+            self.keys() + other.keys(),
+            [*self.received(), *other.received()],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Listing):
+            return (
+                self._n == other._n
+                and self.uids() == other.uids()
+                and self.sizes() == other.sizes()
+                and self.keys() == other.keys()
+                and list(self.received()) == list(other.received())
+            )
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Listing({list(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Listing, (self.uids(), self.sizes().tolist(), self.keys(), list(self.received())))
