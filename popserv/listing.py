@@ -21,7 +21,7 @@ from typing import Any, overload
 
 from popserv.interfaces import MessageInfo
 
-__all__ = ["Listing"]
+__all__ = ["Listing", "EMPTY"]
 
 _newInfo = partial(tuple.__new__, MessageInfo)
 
@@ -251,3 +251,7 @@ class Listing(Sequence[MessageInfo]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Listing, (self.uids(), self.sizes().tolist(), self.keys(), list(self.received())))
+
+
+#: The empty listing, to share: an empty maildrop's session then holds none of its own.
+EMPTY = Listing((), (), (), ())

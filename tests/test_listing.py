@@ -14,7 +14,7 @@ from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryMailbox, MemoryMaildrop
 from popserv.interfaces import MessageInfo
-from popserv.listing import Listing
+from popserv.listing import EMPTY, Listing
 from popserv.protocol import POP3Factory
 from popserv.session import Transaction
 from popserv.testing import PlaintextChecker, connect
@@ -182,3 +182,26 @@ def test_other_stores_may_give_sequences_of_message_infos():
     mailbox = MemoryMailbox(MemoryMaildrop([b"Subject: x\r\n\r\nx\r\n"]))
     transaction = Transaction(mailbox, mailbox.listMessages())  # a list
     assert type(transaction._messages) is tuple and transaction.stat() == (1, 17)
+
+
+def test_empty_maildrops_share_one_empty_listing(tmp_path):
+    """An idle session on an empty maildrop holds no listing of its own."""
+    store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
+    box = tmp_path / "alice" / "Maildir"
+    deliver(box, b"a\n", name="1000.A.h")
+
+    def age(seconds):
+        past = time.time() - seconds
+        for sub in ("cur", "new"):
+            os.utime(box / sub, (past, past))
+
+    age(100)
+    first = store.openMailbox("alice").result
+    assert len(first.listMessages().result) == 1
+    assert store.peekCache(str(box)).listing is not None
+    (box / "new" / "1000.A.h").unlink()
+    age(50)
+    assert first.listMessages().result is EMPTY  # relisted: nothing kept
+    first.close()
+    store.forget(str(box))
+    assert store.openMailbox("alice").result.listMessages().result is EMPTY  # from scratch

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from popserv.backends.maildir.index import MaildropCache
 from popserv.backends.maildir.names import LEADING_DIGITS, baseName, sizeHints, uidFor, uniquePart
 from popserv.interfaces import validUID
-from popserv.listing import Listing
+from popserv.listing import EMPTY, Listing
 from popserv.octets import CRLFSizer
 
 __all__ = [
@@ -166,7 +166,10 @@ def relisted(
         entry.path[cut:]: entry for entry in entries if entry.is_file(follow_symlinks=False)
     }
     keptAt = [i for i, key in enumerate(keys) if key in present]
-    kept = previous if len(keptAt) == len(previous) else previous.select(keptAt)
+    if len(keptAt) == len(previous):
+        kept = previous
+    else:
+        kept = previous.select(keptAt) if keptAt else EMPTY
     fresh = [entry for key, entry in present.items() if key not in known]
     sizes = cache.sizes
     taken = set(kept.uids())
@@ -179,7 +182,12 @@ def relisted(
         first = found[0]
         if (first[ORDER], first[UNIQUE]) <= (last.received, uniquePart(baseName(last.key))):
             return None, counted
-    infos = kept + _listing(path, found) if found else kept
+    if not found:
+        infos = kept
+    elif not kept:
+        infos = _listing(path, found)
+    else:
+        infos = kept + _listing(path, found)
     if counted:
         # Rewritten whole anyway: drop the sizes of messages gone meanwhile.
         cache.save({baseName(key) for key in infos.keys()})
@@ -270,6 +278,8 @@ def _listing(path: str, found: list[Found]) -> Listing:
     took 36 ms instead of 14); the listing's joined strings and array are
     contiguous.
     """
+    if not found:
+        return EMPTY  # shared
     cut = len(os.path.join(path, ""))
     return Listing(
         map(_uid, found),
