@@ -8,6 +8,12 @@ of an idle session's memory. A L{Listing} keeps the UIDLs in one string, the
 keys in one string when they are strings, and the sizes, the string ends and
 the delivery times in one C{array}: a few objects per listing, not five per
 message. A L{MessageInfo} is made when one is asked for.
+
+In a small listing, a UIDL found within its key (a Maildir name holds its
+unique part) is not stored again: only where it stands. A big one keeps its
+UIDLs joined all the same: UIDL then splits one string rather than cutting
+out each UIDL (100,000 messages: about 5 ms more for UIDL, 20 for the
+listing), and memory there is per maildrop, not per idle session.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, overload
 
 from popserv.interfaces import MessageInfo
 
-__all__ = ["Listing", "EMPTY"]
+__all__ = ["Listing", "EMPTY", "SHARED_UIDS_MAX"]
 
 _newInfo = partial(tuple.__new__, MessageInfo)
 
@@ -29,6 +35,8 @@ _newInfo = partial(tuple.__new__, MessageInfo)
 _UID_SEPARATOR = "\n"
 #: Between the keys of the joined column: never in a file name.
 _KEY_SEPARATOR = "\0"
+#: Up to this many messages, UIDLs within their keys are not stored again.
+SHARED_UIDS_MAX = 1024
 
 
 def _joined(values: list[Any], separator: str) -> tuple[str, list[int]] | None:
@@ -45,27 +53,49 @@ def _joined(values: list[Any], separator: str) -> tuple[str, list[int]] | None:
     return text, list(accumulate(map(add, map(len, values), repeat(1))))
 
 
+def _within(
+    uids: list[Any], keys: list[str], stops: list[int]
+) -> tuple[list[int], list[int]] | None:
+    """
+    Where each UIDL stands in the joined C{keys} (whose ends plus one are
+    C{stops}): its start and its end; None if one is not within its key, or
+    the listing is big (see the module).
+    """
+    if not uids or len(uids) > SHARED_UIDS_MAX:
+        return None
+    starts, ends = [], []
+    first = 0
+    for uid, key, stop in zip(uids, keys, stops, strict=True):
+        at = key.find(uid) if type(uid) is str else -1
+        if at < 0:
+            return None
+        starts.append(first + at)
+        ends.append(first + at + len(uid))
+        first = stop
+    return starts, ends
+
+
 class Listing(Sequence[MessageInfo]):
     """
     An immutable sequence of L{MessageInfo}, stored column-wise (see the
     module). Equal to the tuple of the same messages, and hashed alike.
 
-    The columns: C{_uids} all UIDLs joined by a newline (or a tuple if one
-    held a newline); C{_keys} all keys joined by NUL if they are strings
-    (else a tuple); C{_ints} the sizes, then the end (plus one) of each UIDL
-    and of each key in the joined strings, then the delivery times if they
-    are all ints (else C{_received} is their tuple).
+    The columns: C{_uids} all UIDLs joined by a newline (a tuple if one held
+    a newline; None if each is within its key); C{_keys} all keys joined by
+    NUL if they are strings (else a tuple); C{_ints} the sizes, then the end
+    (plus one) of each UIDL in C{_uids} (or its end in C{_keys}), then the
+    end plus one of each key, then the delivery times if they are all ints
+    (else zeros and C{_received} is their tuple), then the start of each
+    UIDL in C{_keys} if C{_uids} is None, and last the total size.
     """
 
-    __slots__ = ("_n", "_uids", "_keys", "_received", "_ints", "totalSize")
+    __slots__ = ("_n", "_uids", "_keys", "_received", "_ints")
 
     _n: int
-    _uids: str | tuple[str, ...]
+    _uids: str | tuple[str, ...] | None
     _keys: str | tuple[Any, ...]
     _received: tuple[float | None, ...] | None
     _ints: array[int]
-    #: The sum of the sizes (STAT without deletions).
-    totalSize: int
 
     def __init__(
         self,
@@ -84,23 +114,33 @@ class Listing(Sequence[MessageInfo]):
         if not len(uidList) == len(keyList) == len(receivedList) == n:
             raise ValueError("the columns of a listing differ in length")
         self._n = n
-        self.totalSize = sum(ints)
-        for values, separator, slot in (
-            (uidList, _UID_SEPARATOR, "_uids"),
-            (keyList, _KEY_SEPARATOR, "_keys"),
-        ):
-            joined = _joined(values, separator)
-            if joined is None:
-                setattr(self, slot, tuple(values))
-                ints += repeat(0, n)
-            else:
-                setattr(self, slot, joined[0])
-                ints += joined[1]
+        total = sum(ints)
+        keys = _joined(keyList, _KEY_SEPARATOR)
+        within = None if keys is None else _within(uidList, keyList, keys[1])
+        if within is not None:
+            self._uids = None
+            ints += within[1]
+        elif (uidText := _joined(uidList, _UID_SEPARATOR)) is not None:
+            self._uids = uidText[0]
+            ints += uidText[1]
+        else:
+            self._uids = tuple(uidList)
+            ints += repeat(0, n)
+        if keys is None:
+            self._keys = tuple(keyList)
+            ints += repeat(0, n)
+        else:
+            self._keys = keys[0]
+            ints += keys[1]
         if all(type(value) is int for value in receivedList):
             self._received = None
             ints += receivedList  # type: ignore[arg-type]
         else:
             self._received = tuple(receivedList)
+            ints += repeat(0, n)
+        if within is not None:
+            ints += within[0]
+        ints.append(total)  # last: an int object less for each listing
         self._ints = array("q", ints)  # made whole: no room left over for growth
 
     @classmethod
@@ -116,11 +156,26 @@ class Listing(Sequence[MessageInfo]):
             [info.received for info in infos],
         )
 
+    @property
+    def totalSize(self) -> int:
+        """The sum of the sizes (STAT without deletions), precomputed."""
+        return self._ints[-1]
+
     # -- columns, for whole-listing work (LIST, UIDL, relisting) --
 
     def uids(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The UIDLs of messages C{start} to C{stop} (0-based, as a slice)."""
-        return self._column(self._uids, _UID_SEPARATOR, self._n, start, stop)
+        n = self._n
+        if self._uids is None:
+            start, stop, _ = slice(start, stop).indices(n)
+            ints, keys = self._ints, self._keys
+            return [
+                keys[first:end]
+                for first, end in zip(
+                    ints[4 * n + start : 4 * n + stop], ints[n + start : n + stop], strict=True
+                )
+            ]
+        return self._column(self._uids, _UID_SEPARATOR, n, start, stop)
 
     def keys(self, start: int = 0, stop: int | None = None) -> list[Any]:
         """The keys of messages C{start} to C{stop}."""
@@ -203,7 +258,9 @@ class Listing(Sequence[MessageInfo]):
         received = self._received
         return _newInfo(
             (
-                self._item(self._uids, n, index),
+                self._keys[self._ints[4 * n + index] : self._ints[n + index]]
+                if self._uids is None
+                else self._item(self._uids, n, index),
                 self._ints[index],
                 self._item(self._keys, 2 * n, index),
                 self._ints[3 * n + index] if received is None else received[index],

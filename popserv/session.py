@@ -46,8 +46,9 @@ class Transaction:
         self._deleted: set[int] | frozenset[int] = _NONE
         self._retrieved: set[int] | frozenset[int] = _NONE
         self._deletedSize = 0
-        self._totalSize = (
-            messages.totalSize if type(messages) is Listing else sum(map(_size, messages))
+        # A Listing keeps its total (in its array: no int object per session).
+        self._totalSize: int | None = (
+            None if type(messages) is Listing else sum(map(_size, messages))
         )
 
     def __len__(self) -> int:
@@ -64,10 +65,10 @@ class Transaction:
 
     def stat(self) -> tuple[int, int]:
         """Count and total size of the messages not marked deleted (STAT)."""
-        return (
-            len(self._messages) - len(self._deleted),
-            self._totalSize - self._deletedSize,
-        )
+        total = self._totalSize
+        if total is None:
+            total = self._messages.totalSize  # type: ignore[union-attr]
+        return len(self._messages) - len(self._deleted), total - self._deletedSize
 
     def listingChunks(self, sizes: bool, batch: int = 4096) -> Iterator[bytes]:
         """

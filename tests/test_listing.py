@@ -14,7 +14,7 @@ from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryMailbox, MemoryMaildrop
 from popserv.interfaces import MessageInfo
-from popserv.listing import EMPTY, Listing
+from popserv.listing import EMPTY, SHARED_UIDS_MAX, Listing
 from popserv.protocol import POP3Factory
 from popserv.session import Transaction
 from popserv.testing import PlaintextChecker, connect
@@ -28,59 +28,74 @@ INFOS = (
     MessageInfo("1003.D.h", 0, "", 1003),
 )
 
+#: The same with every UIDL within its key (Maildir names): stored once.
+WITHIN = (
+    *INFOS[:2],
+    MessageInfo("1002.C", 70_000_000_000, "new/1002.C,S=9,W=10", 1002),
+    MessageInfo("1003.D.h", 0, "new/1003.D.h", 1003),
+)
+
+
+@pytest.fixture(params=["joined", "within"])
+def infos(request):
+    return INFOS if request.param == "joined" else WITHIN
+
 
 @pytest.fixture
-def listing():
-    return Listing.of(INFOS)
+def listing(infos):
+    listing = Listing.of(infos)
+    assert (listing._uids is None) == (infos is WITHIN)
+    return listing
 
 
-def test_equal_to_the_tuple_it_replaces(listing):
-    assert listing == INFOS
-    assert INFOS == listing
-    assert tuple(listing) == INFOS
-    assert list(listing) == list(INFOS)
-    assert hash(listing) == hash(INFOS)
-    assert listing != INFOS[:3]
-    assert listing != list(INFOS)  # as a tuple is not equal to a list
-    assert Listing.of(INFOS) == listing
+def test_equal_to_the_tuple_it_replaces(listing, infos):
+    assert listing == infos
+    assert infos == listing
+    assert tuple(listing) == infos
+    assert list(listing) == list(infos)
+    assert hash(listing) == hash(infos)
+    assert listing != infos[:3]
+    assert listing != list(infos)  # as a tuple is not equal to a list
+    assert Listing.of(infos) == listing
     assert len(listing) == 4
     assert all(type(info) is MessageInfo for info in listing)
 
 
-def test_indexing_including_negative(listing):
+def test_indexing_including_negative(listing, infos):
     for i in range(-4, 4):
-        assert listing[i] == INFOS[i]
+        assert listing[i] == infos[i]
         assert type(listing[i].size) is int and type(listing[i].received) is int
     with pytest.raises(IndexError):
         listing[4]
     with pytest.raises(IndexError):
         listing[-5]
-    assert listing.index(INFOS[2]) == 2
-    assert INFOS[3] in listing
-    assert list(reversed(listing)) == list(reversed(INFOS))
+    assert listing.index(infos[2]) == 2
+    assert infos[3] in listing
+    assert list(reversed(listing)) == list(reversed(infos))
 
 
 @pytest.mark.parametrize(
     "part", [slice(None), slice(1, 3), slice(2, None), slice(-3, -1), slice(None, None, 2),
              slice(None, None, -1), slice(3, 1), slice(10, 20)]
 )  # fmt: skip
-def test_slices_are_listings(listing, part):
+def test_slices_are_listings(listing, part, infos):
     sliced = listing[part]
     assert type(sliced) is Listing
-    assert sliced == INFOS[part]
-    assert sliced.totalSize == sum(info.size for info in INFOS[part])
+    assert sliced == infos[part]
+    assert sliced.totalSize == sum(info.size for info in infos[part])
 
 
-def test_columns(listing):
-    assert listing.uids() == [info.uid for info in INFOS]
-    assert listing.uids(1, 3) == ["1001.B.h", "~0123"]
+def test_columns(listing, infos):
+    assert listing.uids() == [info.uid for info in infos]
+    assert listing.uids(1, 3) == ["1001.B.h", infos[2].uid]
+    assert listing.uids(-1) == ["1003.D.h"]
     assert list(listing.sizes(2)) == [70_000_000_000, 0]
-    assert listing.keys(-2) == ["new/1002.C,U=%c", ""]
+    assert listing.keys(-2) == [infos[2].key, infos[3].key]
     assert list(listing.received(0, 1)) == [1000]
     assert listing.uids(3, 1) == [] and listing.keys(4) == []
 
 
-def test_total_is_precomputed(listing):
+def test_total_is_precomputed(listing, infos):
     assert listing.totalSize == 70_000_000_125
     assert Listing.of([]).totalSize == 0
 
@@ -92,17 +107,17 @@ def test_empty_and_single():
     assert one == INFOS[3:] and one[0].key == "" and one.keys() == [""]
 
 
-def test_concatenation(listing):
+def test_concatenation(listing, infos):
     joined = listing[:2] + listing[2:]
-    assert type(joined) is Listing and joined == INFOS
+    assert type(joined) is Listing and joined == infos
     assert joined.totalSize == listing.totalSize
-    assert listing + () == INFOS
-    assert listing[:1] + INFOS[1:] == INFOS  # a tuple of MessageInfo joins too
-    assert Listing.of(()) + listing == INFOS
+    assert listing + () == infos
+    assert listing[:1] + infos[1:] == infos  # a tuple of MessageInfo joins too
+    assert Listing.of(()) + listing == infos
 
 
-def test_select(listing):
-    assert listing.select([3, 0]) == (INFOS[3], INFOS[0])
+def test_select(listing, infos):
+    assert listing.select([3, 0]) == (infos[3], infos[0])
     assert listing.select([]) == ()
 
 
@@ -119,10 +134,20 @@ def test_values_a_joined_column_cannot_hold():
     assert Listing.of([MessageInfo("u", 1, "k\0", 1)])[0].key == "k\0"
 
 
-def test_pickles_and_is_immutable(listing):
+def test_pickles_and_is_immutable(listing, infos):
     assert pickle.loads(pickle.dumps(listing)) == listing
     with pytest.raises(AttributeError):
         listing.other = 1  # type: ignore[attr-defined]
+
+
+def test_a_big_listing_keeps_its_uidls_joined():
+    """Past SHARED_UIDS_MAX, UIDL splits one string: no UIDL is cut out of a key."""
+    big = [MessageInfo(f"{n}.M.h", n, f"new/{n}.M.h", n) for n in range(SHARED_UIDS_MAX + 1)]
+    listing = Listing.of(big)
+    assert type(listing._uids) is str and listing == tuple(big)
+    small = listing[:SHARED_UIDS_MAX]
+    assert small._uids is None and small == tuple(big[:-1])
+    assert small.uids(5, 7) == ["5.M.h", "6.M.h"] and small[-1].uid == f"{SHARED_UIDS_MAX - 1}.M.h"
 
 
 def test_columns_of_unequal_length_are_refused():
@@ -130,9 +155,9 @@ def test_columns_of_unequal_length_are_refused():
         Listing(["a"], [1, 2], ["k"], [1])
 
 
-def test_a_transaction_over_a_listing_answers_as_over_the_tuple(listing):
+def test_a_transaction_over_a_listing_answers_as_over_the_tuple(listing, infos):
     """LIST, UIDL and STAT from the columns: the same bytes as from the tuple."""
-    for messages in (listing, INFOS):
+    for messages in (listing, infos):
         transaction = Transaction(None, messages)  # type: ignore[arg-type]
         assert transaction._messages is messages  # kept, not copied
         assert transaction.stat() == (4, 70_000_000_125)
@@ -143,10 +168,10 @@ def test_a_transaction_over_a_listing_answers_as_over_the_tuple(listing):
                 b"1 120\r\n3 70000000000\r\n4 0\r\n"
             )
             assert b"".join(transaction.listingChunks(False, batch)) == (
-                b"1 1000.A.h\r\n3 ~0123\r\n4 1003.D.h\r\n"
+                b"1 1000.A.h\r\n3 %s\r\n4 1003.D.h\r\n" % infos[2].uid.encode()
             )
-        assert transaction.marked == [INFOS[1]]
-        assert transaction.removals(receivedBefore=1001) == [INFOS[0], INFOS[1]]
+        assert transaction.marked == [infos[1]]
+        assert transaction.removals(receivedBefore=1001) == [infos[0], infos[1]]
 
 
 def test_a_maildir_login_holds_a_listing(tmp_path):
@@ -176,6 +201,7 @@ def test_a_maildir_login_holds_a_listing(tmp_path):
     assert type(messages) is Listing
     assert messages is store.peekCache(str(box)).listing[1]  # shared with the store's cache
     assert messages.keys() == ["new/1000.M0.h", "new/1001.M1.h", "new/1002.M2.h"]
+    assert messages._uids is None  # each UIDL is in its name: stored once
 
 
 def test_other_stores_may_give_sequences_of_message_infos():
