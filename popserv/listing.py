@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from itertools import accumulate, repeat
-from operator import add
+from operator import add, itemgetter
 from typing import Any, overload
 
 from popserv.interfaces import MessageInfo
@@ -73,6 +73,21 @@ def _within(
         ends.append(first + at + len(uid))
         first = stop
     return starts, ends
+
+
+def _runs(indexes: list[int], n: int) -> list[list[int]] | None:
+    """Ascending C{indexes} (each below C{n}) as runs C{[start, stop)}; None if not ascending."""
+    runs: list[list[int]] = []
+    last = -1
+    for index in indexes:
+        if index == last + 1 and runs:
+            runs[-1][1] = index + 1
+        elif last < index < n:
+            runs.append([index, index + 1])
+        else:
+            return None
+        last = index
+    return runs
 
 
 class Listing(Sequence[MessageInfo]):
@@ -220,13 +235,17 @@ class Listing(Sequence[MessageInfo]):
     def select(self, indexes: Iterable[int]) -> Listing:
         """The listing of the messages at these positions (0-based), in this order."""
         indexes = list(indexes)
-        uids, sizes, keys, received = self.uids(), self.sizes(), self.keys(), self.received()
-        return Listing(
-            [uids[i] for i in indexes],
-            [sizes[i] for i in indexes],
-            [keys[i] for i in indexes],
-            [received[i] for i in indexes],
-        )
+        if len(indexes) > SHARED_UIDS_MAX:
+            runs = _runs(indexes, self._n)
+            if runs is not None and runs:
+                spliced = self._spliced(runs)
+                if spliced is not None:
+                    return spliced
+        if len(indexes) < 2:  # itemgetter gives a tuple for two or more
+            return Listing.of([self[i] for i in indexes])
+        pick = itemgetter(*indexes)
+        columns = self.uids(), self.sizes(), self.keys(), self.received()
+        return Listing(*map(pick, columns))
 
     # -- the Sequence --
 
@@ -280,12 +299,74 @@ class Listing(Sequence[MessageInfo]):
             return NotImplemented
         if not isinstance(other, Listing):
             other = Listing.of(other)  # type: ignore[arg-type]
+        if self._n + other._n > SHARED_UIDS_MAX and self._n and other._n:
+            appended = self._spliced([[0, self._n]], other)
+            if appended is not None:
+                return appended
         return Listing(
             self.uids() + other.uids(),
             [*self.sizes(), *other.sizes()],
             self.keys() + other.keys(),
             [*self.received(), *other.received()],
         )
+
+    def _joinedForm(self) -> bool:
+        return type(self._uids) is str and type(self._keys) is str and self._received is None
+
+    def _spliced(self, runs: list[list[int]], other: Listing | None = None) -> Listing | None:
+        """
+        The messages of these C{[start, stop)} runs of this listing, then
+        those of C{other}, made without taking this listing apart: its joined
+        strings and array are cut and copied whole (100k: a removal and new
+        mail relisted in about 20 ms instead of 150). None unless this listing
+        holds its UIDLs and keys joined and C{other}'s values fit that form.
+        """
+        if not self._joinedForm():
+            return None
+        tail = None
+        if other is not None:
+            uids = _joined(other.uids(), _UID_SEPARATOR)
+            keys = _joined(other.keys(), _KEY_SEPARATOR)
+            try:
+                received = array("q", other.received())
+            except (TypeError, OverflowError):
+                return None
+            if uids is None or keys is None:
+                return None
+            tail = (uids, keys, other.sizes(), received)
+        n, ints = self._n, self._ints
+        uidTexts, keyTexts, uidStops, keyStops = [], [], [], []
+        sizes, times = array("q"), array("q")
+        uidAt = keyAt = 0  # where the next part starts in the joined strings made
+        for start, stop in runs:
+            uidFirst = ints[n + start - 1] if start else 0
+            keyFirst = ints[2 * n + start - 1] if start else 0
+            uidTexts.append(self._uids[uidFirst : ints[n + stop - 1] - 1])  # type: ignore[index]
+            keyTexts.append(self._keys[keyFirst : ints[2 * n + stop - 1] - 1])  # type: ignore[index]
+            sizes += ints[start:stop]
+            times += ints[3 * n + start : 3 * n + stop]
+            uidShift, keyShift = uidAt - uidFirst, keyAt - keyFirst
+            uidStops += [end + uidShift for end in ints[n + start : n + stop]]
+            keyStops += [end + keyShift for end in ints[2 * n + start : 2 * n + stop]]
+            uidAt += ints[n + stop - 1] - uidFirst
+            keyAt += ints[2 * n + stop - 1] - keyFirst
+        if tail is not None:
+            (uidText, uidEnds), (keyText, keyEnds), tailSizes, tailTimes = tail
+            uidTexts.append(uidText)
+            keyTexts.append(keyText)
+            sizes += tailSizes
+            times += tailTimes
+            uidStops += [end + uidAt for end in uidEnds]
+            keyStops += [end + keyAt for end in keyEnds]
+        spliced = Listing.__new__(Listing)
+        spliced._n = len(sizes)
+        spliced._uids = _UID_SEPARATOR.join(uidTexts)
+        spliced._keys = _KEY_SEPARATOR.join(keyTexts)
+        spliced._received = None
+        spliced._ints = (
+            sizes + array("q", uidStops) + array("q", keyStops) + times + array("q", [sum(sizes)])
+        )
+        return spliced
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Listing):

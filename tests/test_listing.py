@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import time
 
 import pytest
@@ -231,3 +232,28 @@ def test_empty_maildrops_share_one_empty_listing(tmp_path):
     first.close()
     store.forget(str(box))
     assert store.openMailbox("alice").result.listMessages().result is EMPTY  # from scratch
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_big_listings_select_and_concatenate_by_cutting_their_columns(seed):
+    """Relisting a big maildrop: the kept runs and the new mail, cut and joined whole."""
+    rng = random.Random(seed)
+    n = 3 * SHARED_UIDS_MAX
+    infos = [
+        MessageInfo(f"{i}.M{i}.h", rng.randrange(10**9), f"{rng.choice('cn')}/{i}.M{i}.h:2,", i)
+        for i in range(n)
+    ]
+    listing = Listing.of(infos)
+    assert type(listing._uids) is str
+    kept = sorted(rng.sample(range(n), rng.choice([SHARED_UIDS_MAX + 1, n - 7, n - 1, n])))
+    selected = listing.select(kept)
+    assert selected == tuple(infos[i] for i in kept)
+    assert selected.totalSize == sum(infos[i].size for i in kept)
+    new = [MessageInfo(f"~{i}", i, f"new/{i}", n + i) for i in range(rng.randrange(1, 5))]
+    joined = selected + Listing.of(new)
+    assert joined == tuple(infos[i] for i in kept) + tuple(new)
+    assert joined.uids(-len(new)) == [info.uid for info in new]
+    assert joined[len(kept) - 1] == infos[kept[-1]]
+    assert joined.totalSize == selected.totalSize + sum(info.size for info in new)
+    unordered = listing.select(reversed(kept))  # not ascending: made the general way
+    assert unordered == tuple(infos[i] for i in reversed(kept))
