@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from popserv.errors import NoSuchMessage
 from popserv.interfaces import IMailbox, MessageInfo
+from popserv.listing import Listing
 
 __all__ = ["Transaction"]
 
@@ -36,12 +37,19 @@ class Transaction:
 
     def __init__(self, mailbox: IMailbox, messages: Sequence[MessageInfo]) -> None:
         self.mailbox = mailbox
-        self._messages = tuple(messages)  # no copy if the backend gave a tuple
+        # Kept as given if a Listing (see L{popserv.listing}) or a tuple: both
+        # are immutable, and a store's cached listing is shared, never copied.
+        if type(messages) is not Listing:
+            messages = tuple(messages)
+        self._messages: Listing | tuple[MessageInfo, ...] = messages
         # Most sessions never mark anything: the sets are made on first use.
         self._deleted: set[int] | frozenset[int] = _NONE
         self._retrieved: set[int] | frozenset[int] = _NONE
         self._deletedSize = 0
-        self._totalSize = sum(map(_size, self._messages))
+        # A Listing keeps its total (in its array: no int object per session).
+        self._totalSize: int | None = (
+            None if type(messages) is Listing else sum(map(_size, messages))
+        )
 
     def __len__(self) -> int:
         """The number of messages at login, deleted or not."""
@@ -57,10 +65,10 @@ class Transaction:
 
     def stat(self) -> tuple[int, int]:
         """Count and total size of the messages not marked deleted (STAT)."""
-        return (
-            len(self._messages) - len(self._deleted),
-            self._totalSize - self._deletedSize,
-        )
+        total = self._totalSize
+        if total is None:
+            total = self._messages.totalSize  # type: ignore[union-attr]
+        return len(self._messages) - len(self._deleted), total - self._deletedSize
 
     def listingChunks(self, sizes: bool, batch: int = 4096) -> Iterator[bytes]:
         """
@@ -68,15 +76,21 @@ class Transaction:
         deleted, in chunks of up to C{batch} lines, each made in one go.
         """
         messages, deleted = self._messages, self._deleted
+        listing = messages if type(messages) is Listing else None
         for start in range(0, len(messages), batch):
-            part = enumerate(messages[start : start + batch], start + 1)
-            if deleted:
-                part = ((n, m) for n, m in part if n not in deleted)
-            # str formatting, encoded once per chunk: UIDs are printable ASCII.
-            if sizes:
-                lines = [f"{n} {m.size}\r\n" for n, m in part]
+            stop = start + batch
+            values: Sequence[object]
+            if listing is not None:  # straight from the column: no MessageInfo made
+                values = listing.sizes(start, stop) if sizes else listing.uids(start, stop)
+            elif sizes:
+                values = [m.size for m in messages[start:stop]]
             else:
-                lines = [f"{n} {m.uid}\r\n" for n, m in part]
+                values = [m.uid for m in messages[start:stop]]
+            part = enumerate(values, start + 1)
+            if deleted:
+                part = ((n, v) for n, v in part if n not in deleted)
+            # str formatting, encoded once per chunk: UIDs are printable ASCII.
+            lines = [f"{n} {v}\r\n" for n, v in part]
             if lines:
                 yield "".join(lines).encode("ascii")
 

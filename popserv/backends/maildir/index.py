@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from popserv.interfaces import MessageInfo
-
 if TYPE_CHECKING:
     from popserv.backends.maildir.foreign import UIDLSource
+    from popserv.listing import Listing
 
 __all__ = ["MaildropCache", "INDEX_FILE"]
 
@@ -46,7 +45,7 @@ class MaildropCache:
         self.path = path
         self.sizes: dict[str, int] = {}
         self.loaded = False
-        self.listing: tuple[tuple[int, ...], tuple[MessageInfo, ...]] | None = None
+        self.listing: tuple[tuple[int, ...], Listing] | None = None
         #: Carried-over UIDLs by base name ("": none; see L{popserv.backends.maildir.foreign}).
         self.uids: dict[str, str] = {}
         #: Where UIDLs come from at first listing: None for native.

@@ -10,6 +10,8 @@ order, with their UIDLs and exact sizes.
     read) when they do; from scratch if a new file would not sort last.
   - The order is the delivery time: a name's leading number, else the file's
     mtime; then the unique part.
+  - The listing is a L{Listing}; a message's key is its file's name relative
+    to the maildir (C{cur/NAME} or C{new/NAME}).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from functools import partial
 from operator import itemgetter
 
 from twisted.logger import Logger
 
 from popserv.backends.maildir.index import MaildropCache
 from popserv.backends.maildir.names import LEADING_DIGITS, baseName, sizeHints, uidFor, uniquePart
-from popserv.interfaces import MessageInfo, validUID
+from popserv.interfaces import validUID
+from popserv.listing import EMPTY, Listing
 from popserv.octets import CRLFSizer
 
 __all__ = [
@@ -67,7 +69,6 @@ Stamps = tuple[int, ...]
 Found = tuple[int, str, str, int, str]
 ORDER, UNIQUE, UID, SIZE, PATH = range(5)
 
-_newInfo = partial(tuple.__new__, MessageInfo)
 _unique = itemgetter(UNIQUE)
 
 
@@ -86,7 +87,7 @@ def stamps(path: str) -> Stamps | None:
     return tuple(found)
 
 
-def cachedListing(path: str, cache: MaildropCache | None) -> tuple[MessageInfo, ...] | None:
+def cachedListing(path: str, cache: MaildropCache | None) -> Listing | None:
     """The cached listing if it still holds (two stat calls), else None."""
     if cache is None or cache.listing is None:
         return None
@@ -96,7 +97,7 @@ def cachedListing(path: str, cache: MaildropCache | None) -> tuple[MessageInfo, 
     return None
 
 
-def listing(path: str, cache: MaildropCache) -> tuple[tuple[MessageInfo, ...], Stamps | None]:
+def listing(path: str, cache: MaildropCache) -> tuple[Listing, Stamps | None]:
     """
     The listing of the maildrop at C{path} (blocking: run it in a thread),
     and the stamps it was made under (None: not to be trusted later).
@@ -122,7 +123,7 @@ def listing(path: str, cache: MaildropCache) -> tuple[tuple[MessageInfo, ...], S
 
 def listed(
     path: str, cache: MaildropCache, entries: list[os.DirEntry[str]], counted: int = 0
-) -> tuple[MessageInfo, ...]:
+) -> Listing:
     """The listing made from scratch (C{counted} sizes were counted already)."""
     sizes = cache.sizes
     found, more, indexed, width = collect(path, sizes, entries, set())
@@ -136,19 +137,19 @@ def listed(
         found.sort(key=_unique)
     else:
         found.sort()
-    infos = _infos(found)
+    infos = _listing(path, found)
     stale = len(sizes) - indexed  # sizes of messages no longer present
     if counted or stale > 1024:
-        cache.save({baseName(info.key) for info in infos} if stale else None)
+        cache.save({baseName(key) for key in infos.keys()} if stale else None)
     return infos
 
 
 def relisted(
     path: str,
     cache: MaildropCache,
-    previous: tuple[MessageInfo, ...],
+    previous: Listing,
     entries: list[os.DirEntry[str]],
-) -> tuple[tuple[MessageInfo, ...] | None, int]:
+) -> tuple[Listing | None, int]:
     """
     The listing again after a change, from the previous one, and how many
     sizes were counted for it. A message still at its path keeps its entry,
@@ -157,12 +158,21 @@ def relisted(
     480 -> 200 ms). No listing if a new file would not sort after the
     messages kept (a rename, an older name): it is then made from scratch.
     """
-    known = {info.key for info in previous}
-    present = {entry.path for entry in entries if entry.is_file(follow_symlinks=False)}
-    kept = [info for info in previous if info.key in present]
-    fresh = [entry for entry in entries if entry.path not in known]
+    cut = len(os.path.join(path, ""))
+    keys = previous.keys()
+    known = set(keys)
+    # Only files are messages (collect() checks the rest): keyed as in the listing.
+    present = {
+        entry.path[cut:]: entry for entry in entries if entry.is_file(follow_symlinks=False)
+    }
+    keptAt = [i for i, key in enumerate(keys) if key in present]
+    if len(keptAt) == len(previous):
+        kept = previous
+    else:
+        kept = previous.select(keptAt) if keptAt else EMPTY
+    fresh = [entry for key, entry in present.items() if key not in known]
     sizes = cache.sizes
-    taken = {info.uid for info in kept}
+    taken = set(kept.uids())
     found, counted, _, _ = collect(path, sizes, fresh, taken)
     found.sort()
     if found and (cache.source is not None or cache.uids):
@@ -172,10 +182,15 @@ def relisted(
         first = found[0]
         if (first[ORDER], first[UNIQUE]) <= (last.received, uniquePart(baseName(last.key))):
             return None, counted
-    infos = (*kept, *_infos(found))
+    if not found:
+        infos = kept
+    elif not kept:
+        infos = _listing(path, found)
+    else:
+        infos = kept + _listing(path, found)
     if counted:
         # Rewritten whole anyway: drop the sizes of messages gone meanwhile.
-        cache.save({baseName(info.key) for info in infos})
+        cache.save({baseName(key) for key in infos.keys()})
     return infos, counted
 
 
@@ -254,20 +269,27 @@ def _carryOver(path: str, cache: MaildropCache, found: list[Found], taken: set[s
     return recorded
 
 
-def _infos(found: list[Found]) -> tuple[MessageInfo, ...]:
+def _listing(path: str, found: list[Found]) -> Listing:
     """
-    The listing's entries for sorted C{found}. Shared by sessions, never
-    copied; made in listing order, with fresh copies of the values LIST,
-    UIDL and STAT read: objects made while reading the directory lie in its
-    (hashed) order, and walking them in listing order missed the CPU cache
-    for each (100k: LIST and UIDL took 36 ms instead of 14).
+    The listing of sorted C{found} (in the maildir at C{path}). Shared by
+    sessions, never copied. Its columns are made in listing order: objects
+    made while reading the directory lie in its (hashed) order, and walking
+    them in listing order missed the CPU cache for each (100k: LIST and UIDL
+    took 36 ms instead of 14); the listing's joined strings and array are
+    contiguous.
     """
-    return tuple(
-        [
-            _newInfo((uid.encode().decode(), size + 0, path, order))
-            for order, _, uid, size, path in found
-        ]
+    if not found:
+        return EMPTY  # shared
+    cut = len(os.path.join(path, ""))
+    return Listing(
+        map(_uid, found),
+        map(_size, found),
+        [full[cut:] for full in map(_path, found)],
+        map(_order, found),
     )
+
+
+_uid, _size, _path, _order = itemgetter(UID), itemgetter(SIZE), itemgetter(PATH), itemgetter(ORDER)
 
 
 _buffers = threading.local()

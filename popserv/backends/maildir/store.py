@@ -46,6 +46,7 @@ from popserv.interfaces import (
     MessageInfo,
     validUID,
 )
+from popserv.listing import Listing
 from popserv.location import MailLocation
 from popserv.threads import RunInThread, reactorThreads
 
@@ -81,7 +82,8 @@ class _FileReader:
 class MaildirMailbox:
     """
     One locked Maildir for one session. A message's C{key} is the path of its
-    file at listing time; if another program renames it (a flag change, the
+    file at listing time, relative to the maildir (C{cur/NAME}: short, so a
+    listing stays small); if another program renames it (a flag change, the
     move from new/ to cur/), the new path is found by its base name.
     """
 
@@ -93,13 +95,14 @@ class MaildirMailbox:
         self._store = store
         self._moved: dict[str, str] | None = None  # made when a file is found renamed
 
-    def listMessages(self) -> Deferred[tuple[MessageInfo, ...]]:
+    def listMessages(self) -> Deferred[Listing]:
         return self._store.listing(self.path)
 
     def _current(self, info: MessageInfo) -> str:
+        path = os.path.join(self.path, info.key)
         if self._moved is None:
-            return info.key
-        return self._moved.get(baseName(info.key), info.key)
+            return path
+        return self._moved.get(baseName(info.key), path)
 
     def _relocate(self, info: MessageInfo) -> str | None:
         """Find a message another program renamed (flags, new/ to cur/)."""
@@ -180,8 +183,8 @@ class MaildirMailbox:
             self._store.locks.release(self.path)
 
 
-def _usage(infos: Sequence[MessageInfo]) -> tuple[int, int]:
-    return len(infos), sum([info.size for info in infos])
+def _usage(infos: Listing) -> tuple[int, int]:
+    return len(infos), infos.totalSize
 
 
 @implementer(IMailStore, ILoginMemory, IMaildropUsage)
@@ -271,7 +274,7 @@ class MaildirStore:
         os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
         return ThreadedWriter(MaildirDelivery(path, uid, received), self.runInThread)
 
-    def listing(self, path: str) -> Deferred[tuple[MessageInfo, ...]]:
+    def listing(self, path: str) -> Deferred[Listing]:
         """The messages of the maildrop at C{path}, from the cache if it still holds."""
         # Two stat calls tell whether the cached listing still holds; only a
         # real scan (which may read many files) goes to a thread.
@@ -280,7 +283,7 @@ class MaildirStore:
             return succeed(cached)
         return self.runInThread(self._scan, path)
 
-    def _scan(self, path: str) -> tuple[MessageInfo, ...]:
+    def _scan(self, path: str) -> Listing:
         cache = self.cacheFor(path)
         infos, stamps = scan.listing(path, cache)
         if len(infos) < self.cacheThreshold:
