@@ -100,7 +100,8 @@ class Listing(Sequence[MessageInfo]):
     NUL if they are strings (else a tuple); C{_ints} the sizes, then the end
     (plus one) of each UIDL in C{_uids} (or its end in C{_keys}), then the
     end plus one of each key, then the delivery times if they are all ints
-    (else zeros and C{_received} is their tuple), then the start of each
+    (else zeros and C{_received} is their array if all are floats, else
+    their tuple), then the start of each
     UIDL in C{_keys} if C{_uids} is None, and last the total size.
     """
 
@@ -109,7 +110,7 @@ class Listing(Sequence[MessageInfo]):
     _n: int
     _uids: str | tuple[str, ...] | None
     _keys: str | tuple[Any, ...]
-    _received: tuple[float | None, ...] | None
+    _received: array[float] | tuple[float | None, ...] | None
     _ints: array[int]
 
     def __init__(
@@ -150,6 +151,9 @@ class Listing(Sequence[MessageInfo]):
         if all(type(value) is int for value in receivedList):
             self._received = None
             ints += receivedList  # type: ignore[arg-type]
+        elif all(type(value) is float for value in receivedList):
+            self._received = array("d", receivedList)  # (a database's times)
+            ints += repeat(0, n)
         else:
             self._received = tuple(receivedList)
             ints += repeat(0, n)

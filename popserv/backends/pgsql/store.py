@@ -48,6 +48,7 @@ from popserv.interfaces import (
     MessageInfo,
     validUID,
 )
+from popserv.listing import Listing
 from popserv.threads import RunInThread, reactorThreads
 
 __all__ = ["PgStore", "PgMailbox"]
@@ -102,7 +103,7 @@ def _columns(res: Any) -> tuple[list[str], array[int], array[int], array[float]]
     ids = _packed(res.get_value(0, 2), "q")
     received = _packed(res.get_value(0, 3), "d")
     if not len(uids) == len(sizes) == len(ids) == len(received) == count:
-        raise PermanentFailure("the maildrop's listing came back garbled")
+        raise RuntimeError("the maildrop's listing came back garbled")  # (a bug: logged)
     if not _inOrder(received, ids):
         # Not in listing order (an aggregate that read its input otherwise):
         # sort here rather than number the messages wrongly.
@@ -141,11 +142,11 @@ class _Listings:
 
     def __init__(self, limit: int = LISTING_CACHE) -> None:
         self.limit = limit
-        self._entries: OrderedDict[int, tuple[int, tuple[MessageInfo, ...]]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[int, Listing]] = OrderedDict()
         self._total = 0
         self._mutex = threading.Lock()
 
-    def get(self, maildrop: int, changes: int) -> tuple[MessageInfo, ...] | None:
+    def get(self, maildrop: int, changes: int) -> Listing | None:
         with self._mutex:
             entry = self._entries.get(maildrop)
             if entry is None or entry[0] != changes:
@@ -153,7 +154,7 @@ class _Listings:
             self._entries.move_to_end(maildrop)
             return entry[1]
 
-    def put(self, maildrop: int, changes: int, listing: tuple[MessageInfo, ...]) -> None:
+    def put(self, maildrop: int, changes: int, listing: Listing) -> None:
         if len(listing) > self.limit:
             return
         with self._mutex:
@@ -281,9 +282,9 @@ class PgMailbox:
             return listing
         return self._store.runInThread(self._store.database.run, self._list)
 
-    def _list(self, conn: Any) -> tuple[MessageInfo, ...]:
+    def _list(self, conn: Any) -> Listing:
         uids, sizes, ids, received = _columns(_LISTING.result(conn, (b"%d" % self.maildrop,)))
-        listing = tuple(map(MessageInfo._make, zip(uids, sizes, ids, received, strict=True)))
+        listing = Listing(uids, sizes, ids, received)
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
