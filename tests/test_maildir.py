@@ -376,9 +376,10 @@ def test_new_mail_is_listed_from_the_previous_listing(store, box, monkeypatch):
     looked = []
     collect = scan.collect
 
-    def spy(path, sizes, entries, seen):
-        looked.extend(entry.name for entry in entries)
-        return collect(path, sizes, entries, seen)
+    def spy(path, sizes, entries, seen, read=True):
+        if read:  # (the pass that may read: the one in a thread)
+            looked.extend(entry.name for entry in entries)
+        return collect(path, sizes, entries, seen, read)
 
     monkeypatch.setattr(scan, "collect", spy)
     after = listing(store)
@@ -517,7 +518,9 @@ def test_listing_reused_until_the_maildrop_changes(tmp_path, box, monkeypatch):
     assert result(mailbox.listMessages()) == first and scans == []
     deliver(box, b"b\n", name="2.B.h")  # changes new/'s mtime
     assert [i.uid for i in result(mailbox.listMessages())] == ["1.A.h", "2.B.h"]
-    assert len(scans) == 2
+    # Tried on the calling thread (a small maildrop), then in a thread: the
+    # new file's size is to be counted.
+    assert len(scans) == 4
 
 
 def test_fresh_directories_are_not_trusted(tmp_path, box, monkeypatch):
@@ -569,3 +572,77 @@ def test_small_maildrops_are_not_kept_in_memory(tmp_path, box):
     store2 = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously, cacheThreshold=2)
     result(open_(store2).listMessages())
     assert store2.peekCache(str(box)).listing is not None
+
+
+def _threaded(store, calls):
+    """Count the store's trips to a thread (run here, synchronously)."""
+
+    def run(f, *args):
+        calls.append(f.__name__)
+        return synchronously(f, *args)
+
+    store.runInThread = run
+
+
+def _freshStore(tmp_path, **kw):
+    return MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously, **kw)
+
+
+def test_small_indexed_maildrop_is_listed_without_a_thread(tmp_path, box):
+    """A process's first listing of a small maildrop whose index holds every size: no thread."""
+    for i in range(3):
+        deliver(box, b"m%d\n" % i, name=f"{1000 + i}.M{i}.h")
+    age_directories(box)
+    first = listing(_freshStore(tmp_path))  # counts the sizes, writes the index
+    store = _freshStore(tmp_path)  # (a new process: nothing cached)
+    calls = []
+    _threaded(store, calls)
+    assert listing(store) == first and calls == []
+    assert [i.size for i in first] == [4, 4, 4]
+    deliver(box, b"four\n", name="1003.M3.h")  # unknown size: counted in a thread
+    age_directories(box)
+    assert [i.uid for i in listing(store)][-1] == "1003.M3.h" and calls == ["_scan"]
+
+
+def test_what_may_block_is_listed_in_a_thread(tmp_path, box):
+    deliver(box, b"a\n", name="1000.A.h")
+    age_directories(box)
+    calls = []
+    store = _freshStore(tmp_path)
+    _threaded(store, calls)
+    listing(store)  # no index yet: the size is read
+    assert calls == ["_scan"]
+    # A big directory (more than one block of names) is read in a thread too.
+    for i in range(120):
+        deliver(box, b"x\n", sub="cur", name=f"{2000 + i}.{'N' * 40}{i}.h")
+    listing(_freshStore(tmp_path))  # (indexed now)
+    assert os.stat(box / "cur").st_size > scan.SMALL_DIRECTORY
+    calls.clear()
+    store = _freshStore(tmp_path)
+    _threaded(store, calls)
+    assert len(listing(store)) == 121 and calls == ["_scan"]
+
+
+def test_carried_over_uidls_are_listed_in_a_thread(tmp_path, box):
+    deliver(box, b"a\n", name="1000.A.h")
+    age_directories(box)
+    listing(_freshStore(tmp_path))
+    calls = []
+    store = _freshStore(tmp_path, uidlSource="dovecot")
+    _threaded(store, calls)
+    listing(store)
+    assert calls == ["_scan"]
+
+
+def test_big_index_is_read_in_a_thread(tmp_path, box):
+    deliver(box, b"a\n", name="1000.A.h")
+    age_directories(box)
+    listing(_freshStore(tmp_path))
+    index = box / ".popserv.index"
+    lines = "".join(f"gone.{i}.{'x' * 60}\t3\n" for i in range(1000))  # stale, under 1024
+    index.write_text(index.read_text() + lines)
+    assert index.stat().st_size > scan.SMALL_INDEX
+    calls = []
+    store = _freshStore(tmp_path)
+    _threaded(store, calls)
+    assert [i.uid for i in listing(store)] == ["1000.A.h"] and calls == ["_scan"]

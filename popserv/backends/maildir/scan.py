@@ -23,7 +23,7 @@ from operator import itemgetter
 
 from twisted.logger import Logger
 
-from popserv.backends.maildir.index import MaildropCache
+from popserv.backends.maildir.index import INDEX_FILE, MaildropCache
 from popserv.backends.maildir.names import LEADING_DIGITS, baseName, sizeHints, uidFor, uniquePart
 from popserv.interfaces import validUID
 from popserv.listing import EMPTY, Listing
@@ -40,6 +40,8 @@ __all__ = [
     "stamps",
     "cachedListing",
     "listing",
+    "smallListing",
+    "NeedsThread",
     "OPEN_FLAGS",
 ]
 
@@ -97,10 +99,51 @@ def cachedListing(path: str, cache: MaildropCache | None) -> Listing | None:
     return None
 
 
-def listing(path: str, cache: MaildropCache) -> tuple[Listing, Stamps | None]:
+#: A directory no bigger than this (C{st_size}: one block of ext4 or xfs,
+#: about 70 names; 200 on tmpfs) is read on the calling thread by
+#: L{smallListing}, and so is an index no bigger than L{SMALL_INDEX}.
+SMALL_DIRECTORY = 4096
+SMALL_INDEX = 64 * 1024
+
+
+class NeedsThread(Exception):
+    """The listing would read a message file or write the index: not here."""
+
+
+def smallListing(path: str, cache: MaildropCache) -> tuple[Listing, Stamps | None] | None:
+    """
+    L{listing} of a small maildrop whose sizes are all known (from the index
+    or C{,W=}), on the calling thread: a few C{stat}s, two small directory
+    reads and at most one small index read, never a message file; None if
+    the maildrop is not such a one (list it in a thread then). The first
+    login of a maildrop a process has not cached (after a start, or once
+    evicted) is then no trip through the thread pool, which costs more on
+    one core than the listing (about 100 us against 60, measured).
+    """
+    if cache.source is not None or cache.uids:
+        return None  # carried-over UIDLs read the previous server's files
+    limits = [(f"{path}/{sub}", SMALL_DIRECTORY) for sub in SUBDIRS]
+    if not cache.loaded:
+        limits.append((f"{path}/{INDEX_FILE}", SMALL_INDEX))
+    for name, limit in limits:
+        try:
+            if os.stat(name).st_size > limit:
+                return None
+        except FileNotFoundError:
+            continue  # (listed as missing, as in a thread)
+    try:
+        return listing(path, cache, read=False)
+    except NeedsThread:
+        return None
+
+
+def listing(path: str, cache: MaildropCache, read: bool = True) -> tuple[Listing, Stamps | None]:
     """
     The listing of the maildrop at C{path} (blocking: run it in a thread),
     and the stamps it was made under (None: not to be trusted later).
+
+    @param read: whether message files may be read (sizes counted) and the
+        index written; if not, L{NeedsThread} is raised where they would be.
     """
     before = stamps(path)
     if before is not None and cache.listing is not None and cache.listing[0] == before:
@@ -115,18 +158,22 @@ def listing(path: str, cache: MaildropCache) -> tuple[Listing, Stamps | None]:
             continue
     infos, counted = None, 0
     if cache.listing is not None:
-        infos, counted = relisted(path, cache, cache.listing[1], entries)
+        infos, counted = relisted(path, cache, cache.listing[1], entries, read)
     if infos is None:
-        infos = listed(path, cache, entries, counted)
+        infos = listed(path, cache, entries, counted, read)
     return infos, before
 
 
 def listed(
-    path: str, cache: MaildropCache, entries: list[os.DirEntry[str]], counted: int = 0
+    path: str,
+    cache: MaildropCache,
+    entries: list[os.DirEntry[str]],
+    counted: int = 0,
+    read: bool = True,
 ) -> Listing:
     """The listing made from scratch (C{counted} sizes were counted already)."""
     sizes = cache.sizes
-    found, more, indexed, width = collect(path, sizes, entries, set())
+    found, more, indexed, width = collect(path, sizes, entries, set(), read)
     counted += more
     if cache.source is not None or cache.uids:
         counted += _carryOver(path, cache, found, set())
@@ -140,6 +187,8 @@ def listed(
     infos = _listing(path, found)
     stale = len(sizes) - indexed  # sizes of messages no longer present
     if counted or stale > 1024:
+        if not read:
+            raise NeedsThread()
         cache.save({baseName(key) for key in infos.keys()} if stale else None)
     return infos
 
@@ -149,6 +198,7 @@ def relisted(
     cache: MaildropCache,
     previous: Listing,
     entries: list[os.DirEntry[str]],
+    read: bool = True,
 ) -> tuple[Listing | None, int]:
     """
     The listing again after a change, from the previous one, and how many
@@ -173,7 +223,7 @@ def relisted(
     fresh = [entry for key, entry in present.items() if key not in known]
     sizes = cache.sizes
     taken = set(kept.uids())
-    found, counted, _, _ = collect(path, sizes, fresh, taken)
+    found, counted, _, _ = collect(path, sizes, fresh, taken, read)
     found.sort()
     if found and (cache.source is not None or cache.uids):
         counted += _carryOver(path, cache, found, taken)
@@ -195,7 +245,11 @@ def relisted(
 
 
 def collect(
-    path: str, sizes: dict[str, int], entries: list[os.DirEntry[str]], seen: set[str]
+    path: str,
+    sizes: dict[str, int],
+    entries: list[os.DirEntry[str]],
+    seen: set[str],
+    read: bool = True,
 ) -> tuple[list[Found], int, int, int | None]:
     """
     What the files C{entries} hold, unsorted; how many sizes were counted
@@ -230,6 +284,8 @@ def collect(
         leading = LEADING_DIGITS.match(unique)
         try:
             if size is None:
+                if not read:
+                    raise NeedsThread()
                 fd = os.open(entry.path, OPEN_FLAGS)
                 try:
                     size = _countSize(fd)

@@ -281,11 +281,33 @@ class MaildirStore:
         cached = scan.cachedListing(path, self.peekCache(path))
         if cached is not None:
             return succeed(cached)
+        try:
+            small = self._smallScan(path)
+        except Exception:
+            return fail()
+        if small is not None:
+            return succeed(small)
         return self.runInThread(self._scan, path)
+
+    def _smallScan(self, path: str) -> Listing | None:
+        """A small maildrop listed here, as L{scan.smallListing} allows; else None."""
+        cache = self.cacheFor(path)
+        try:
+            found = scan.smallListing(path, cache)
+        except OSError:
+            return None  # (the thread's listing reports it)
+        if found is None:
+            return None
+        return self._keep(path, cache, *found)
 
     def _scan(self, path: str) -> Listing:
         cache = self.cacheFor(path)
-        infos, stamps = scan.listing(path, cache)
+        return self._keep(path, cache, *scan.listing(path, cache))
+
+    def _keep(
+        self, path: str, cache: MaildropCache, infos: Listing, stamps: scan.Stamps | None
+    ) -> Listing:
+        """Keep C{infos} in C{cache} if they are still the maildrop's; return them."""
         if len(infos) < self.cacheThreshold:
             # Small maildrops are cheap to list again (their index is on disk):
             # holding many of them in memory would cost more than it saves.
