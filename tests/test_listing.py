@@ -257,3 +257,35 @@ def test_big_listings_select_and_concatenate_by_cutting_their_columns(seed):
     assert joined.totalSize == selected.totalSize + sum(info.size for info in new)
     unordered = listing.select(reversed(kept))  # not ascending: made the general way
     assert unordered == tuple(infos[i] for i in reversed(kept))
+
+
+def test_of_columns_is_the_listing_of_the_same_messages():
+    """A database's columns kept as they come: the same sequence, every operation alike."""
+    from array import array
+
+    infos = tuple(
+        MessageInfo(f"P{i}", 100 + i * 7, 9000 + i, 1_700_000_000.25 + i) for i in range(50)
+    )
+    listing = Listing.ofColumns(
+        [i.uid for i in infos],
+        array("q", [i.size for i in infos]),
+        array("q", [i.key for i in infos]),  # (ids: kept as an array)
+        array("d", [i.received for i in infos]),
+    )
+    assert Listing.ofColumns(
+        [i.uid for i in infos],
+        array("q", [i.size for i in infos]),
+        [str(i.key) for i in infos],
+        array("d", [i.received for i in infos]),
+    ) == tuple(i._replace(key=str(i.key)) for i in infos)
+    assert listing == infos and tuple(listing) == infos and len(listing) == 50
+    assert listing.totalSize == sum(i.size for i in infos)
+    assert listing[-1] == infos[-1] and listing[7] == infos[7]
+    assert listing[3:9] == infos[3:9] and listing[::5] == infos[::5]
+    assert listing.select([4, 2]) == (infos[4], infos[2])
+    assert listing + listing == infos + infos
+    assert list(listing.uids(2, 4)) == ["P2", "P3"] and list(listing.sizes(0, 2)) == [100, 107]
+    assert pickle.loads(pickle.dumps(listing)) == infos
+    assert Listing.ofColumns([], array("q"), [], array("d")) is EMPTY
+    with pytest.raises(ValueError):
+        Listing.ofColumns(["P1"], array("q", [1, 2]), [1], array("d", [1.0]))

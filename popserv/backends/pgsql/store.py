@@ -85,7 +85,10 @@ def _packed(data: bytes | None, kind: str) -> array[Any]:
 
 def _inOrder(received: array[float], ids: array[int]) -> bool:
     """Whether the messages are sorted by (received, id), the listing order."""
-    if not all(map(le, received, received[1:])):
+    later = received[1:]
+    if all(map(lt, received, later)):
+        return True  # (no two delivered at the same time: the usual case)
+    if not all(map(le, received, later)):
         return False
     if all(map(lt, ids, ids[1:])):
         return True  # (ids mostly grow with delivery: no tie to look at)
@@ -284,7 +287,7 @@ class PgMailbox:
 
     def _list(self, conn: Any) -> Listing:
         uids, sizes, ids, received = _columns(_LISTING.result(conn, (b"%d" % self.maildrop,)))
-        listing = Listing(uids, sizes, ids, received)
+        listing = Listing.ofColumns(uids, sizes, ids, received)
         if self.changes >= 0:
             self._store.listings.put(self.maildrop, self.changes, listing)
         return listing
