@@ -266,9 +266,15 @@ def test_lock_held_by_another_process_then_by_a_dead_one(tmp_path, store, box):
     open_(store).close()
 
 
-def test_one_descriptor_for_all_locks(tmp_path, store):
+def test_a_few_descriptors_for_all_locks(tmp_path, store):
     """10,000 idle sessions must not need 10,000 more descriptors for their locks."""
-    open_(store, "u0").close()  # the shared lock file is open from now on
+    from popserv.backends.locking import SHARDS
+
+    # Every shared lock file opened from now on (each at its first lock).
+    warm = [open_(store, f"w{i}") for i in range(20 * SHARDS)]
+    for mailbox in warm:
+        mailbox.close()
+    assert len(os.listdir(tmp_path / md.SHARED_LOCK_FILE)) == SHARDS
 
     def descriptors():
         found = set()

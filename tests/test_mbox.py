@@ -37,7 +37,7 @@ class Mbox:
 
     def leftovers(self, user="alice"):
         """Files beside the spool other than the spool, its index and the session locks."""
-        expected = {user, f".{user}.popserv-index", ".popserv-locks"}
+        expected = {user, f".{user}.popserv-index", ".popserv-locks.d"}
         return sorted(set(os.listdir(self.root)) - expected)
 
 
@@ -263,7 +263,7 @@ def test_update_keeps_mail_appended_after_the_listing(tmp_path):
     assert contents(store) == [b"S: 2\n\n", b"S: late\n\nlate\n"]
     assert [i.uid for i in listing(store)][0] == infos[1].uid
     assert os.stat(path).st_mode & 0o777 == mode
-    assert sorted(os.listdir(tmp_path)) == [".alice.popserv-index", ".popserv-locks", "alice"]
+    assert sorted(os.listdir(tmp_path)) == [".alice.popserv-index", ".popserv-locks.d", "alice"]
 
 
 def test_a_spool_rewritten_under_a_session_makes_its_messages_vanish(tmp_path):
@@ -324,7 +324,7 @@ def test_a_rewrite_clears_what_killed_processes_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [
         ".alice.popserv-index",
         f".alice.popserv-lock.{os.getpid()}.1",
-        ".popserv-locks",
+        ".popserv-locks.d",
         "alice",
     ]
 

@@ -194,9 +194,9 @@ class MaildirStore:
 
     @param createMissing: create a missing maildrop (cur/, new/, tmp/, mode
         0700) at first login, as Dovecot does, instead of failing it.
-    @param lockFile: the shared lock file of every maildrop of this store
-        (default: C{.popserv-locks} in the mail root); every process serving
-        the same maildrops must use the same one.
+    @param lockFile: the directory of the shared lock files of every
+        maildrop of this store (default: C{.popserv-locks.d} in the mail
+        root); every process serving the same maildrops must use the same one.
     @param uidlSource: C{uidl_source}: UIDLs carried over from the previous
         server (L{popserv.backends.maildir.foreign}), or C{native}.
     """
