@@ -76,7 +76,13 @@ _unique = itemgetter(UNIQUE)
 
 def stamps(path: str) -> Stamps | None:
     """What says whether the maildrop changed: None if too fresh to vouch for."""
+    return _stamps(path)[0]
+
+
+def _stamps(path: str) -> tuple[Stamps | None, int]:
+    """L{stamps}, and the size (C{st_size}) of the biggest directory."""
     found: list[int] = []
+    biggest = 0
     for sub in SUBDIRS:
         try:
             st = os.stat(f"{path}/{sub}")  # (a doubled slash names the same directory)
@@ -84,9 +90,10 @@ def stamps(path: str) -> Stamps | None:
             found += [0, 0]
             continue
         found += [st.st_ino, st.st_mtime_ns]
+        biggest = max(biggest, st.st_size)
     if time.time_ns() - max(found[1::2]) < _RACY_NS:
-        return None
-    return tuple(found)
+        return None, biggest
+    return tuple(found), biggest
 
 
 def cachedListing(path: str, cache: MaildropCache | None) -> Listing | None:
@@ -122,30 +129,37 @@ def smallListing(path: str, cache: MaildropCache) -> tuple[Listing, Stamps | Non
     """
     if cache.source is not None or cache.uids:
         return None  # carried-over UIDLs read the previous server's files
-    limits = [(f"{path}/{sub}", SMALL_DIRECTORY) for sub in SUBDIRS]
+    before, biggest = _stamps(path)
+    if biggest > SMALL_DIRECTORY:
+        return None
     if not cache.loaded:
-        limits.append((f"{path}/{INDEX_FILE}", SMALL_INDEX))
-    for name, limit in limits:
         try:
-            if os.stat(name).st_size > limit:
+            if os.stat(f"{path}/{INDEX_FILE}").st_size > SMALL_INDEX:
                 return None
         except FileNotFoundError:
-            continue  # (listed as missing, as in a thread)
+            pass  # (sizes to count then: NeedsThread)
     try:
-        return listing(path, cache, read=False)
+        return listing(path, cache, read=False, before=before)
     except NeedsThread:
         return None
 
 
-def listing(path: str, cache: MaildropCache, read: bool = True) -> tuple[Listing, Stamps | None]:
+_UNSTAMPED = (-1,)
+
+
+def listing(
+    path: str, cache: MaildropCache, read: bool = True, before: Stamps | None = _UNSTAMPED
+) -> tuple[Listing, Stamps | None]:
     """
     The listing of the maildrop at C{path} (blocking: run it in a thread),
     and the stamps it was made under (None: not to be trusted later).
 
     @param read: whether message files may be read (sizes counted) and the
         index written; if not, L{NeedsThread} is raised where they would be.
+    @param before: the maildrop's L{stamps} taken just now, if they were.
     """
-    before = stamps(path)
+    if before is _UNSTAMPED:
+        before = stamps(path)
     if before is not None and cache.listing is not None and cache.listing[0] == before:
         return cache.listing[1], before  # nothing was added, removed or renamed
     if not cache.loaded:
