@@ -145,7 +145,10 @@ class ClassicText:
         """RFC 3339 local time to the second, as C{twisted.logger.formatTime}."""
         if when is None:
             return "-"
-        second = math.floor(when)
+        # The second datetime.fromtimestamp shows: rounded to the microsecond first.
+        fraction, whole = math.modf(when)
+        micros = round(fraction * 1e6)
+        second = int(whole) + (1 if micros >= 1_000_000 else -1 if micros < 0 else 0)
         last = self._last
         if last[0] != second:
             last = self._last = (second, formatTime(second))

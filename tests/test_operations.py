@@ -350,6 +350,11 @@ def _classicEvents():
         {**events[0], "session_line": ""},
         {**base, "log_format": "plain {x}", "x": 1, **fields},
         {**base, "log_format": "no time", "log_time": None},
+        # Rounded to the microsecond as datetime does, across a second and 0.
+        {**events[0], "log_time": 1_700_000_000.9999996},
+        {**events[0], "log_time": 1_700_000_000.9999994},
+        {**events[0], "log_time": -1e-07},
+        {**events[0], "log_time": -0.5},
         {"log_format": "bare"},
         {**base},  # no format: no line
         {**base, "log_namespace": "other", "log_format": "{a!r}", "a": "q"},
