@@ -652,3 +652,44 @@ def test_big_index_is_read_in_a_thread(tmp_path, box):
     store = _freshStore(tmp_path)
     _threaded(store, calls)
     assert [i.uid for i in listing(store)] == ["1000.A.h"] and calls == ["_scan"]
+
+
+def test_deliveries_of_one_second_list_in_delivery_order(tmp_path):
+    """popserv's names carry the microseconds in six digits: M099999 sorts before M100000."""
+    from popserv.backends.maildir.names import formatUnique
+
+    first = formatUnique(1_700_000_000 + 99_999.5e-6, 1, 1, "h")
+    second = formatUnique(1_700_000_000 + 100_001.5e-6, 1, 2, "h")
+    assert ".M0999" in first and ".M1000" in second and first < second
+    box = tmp_path / "alice" / "Maildir"
+    deliver(box, b"second\n", name=second)
+    deliver(box, b"first\n", name=first)
+    assert [i.uid for i in listing(_freshStore(tmp_path))] == [first, second]
+
+
+def test_absurd_numbers_in_names_and_index_are_no_sizes_or_times(tmp_path, box):
+    """Numbers too long for a file's size or a delivery time are not taken as such."""
+    deliver(box, b"a\n", name="1000.A.h")
+    deliver(box, b"bb\n", name="123456789012345678901234.B.h")  # no delivery time
+    deliver(box, b"ccc\n", name=f"1001.C.h,W={'9' * 30}")  # no size: counted
+    infos = listing(_freshStore(tmp_path))
+    assert sorted((i.uid, i.size) for i in infos) == [
+        ("1000.A.h", 3),
+        ("1001.C.h", 5),
+        ("123456789012345678901234.B.h", 4),
+    ]
+    index = box / ".popserv.index"
+    index.write_text(index.read_text().replace("1000.A.h\t3", "1000.A.h\t" + "7" * 25))
+    assert sorted(i.size for i in listing(_freshStore(tmp_path))) == [3, 4, 5]  # recounted
+
+
+def test_many_names_are_read_in_a_thread_whatever_the_size_says(tmp_path, box, monkeypatch):
+    for i in range(scan.SMALL_ENTRIES + 1):
+        deliver(box, b"x\n", name=f"{1000 + i}.M{i}.h")
+    age_directories(box)
+    listing(_freshStore(tmp_path))  # (indexed)
+    monkeypatch.setattr(scan, "SMALL_DIRECTORY", 10**9)  # a file system whose size says little
+    calls = []
+    store = _freshStore(tmp_path)
+    _threaded(store, calls)
+    assert len(listing(store)) == scan.SMALL_ENTRIES + 1 and calls == ["_scan"]

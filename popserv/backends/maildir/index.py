@@ -63,7 +63,9 @@ class MaildropCache:
             try:
                 # A small index (most maildrops) in one read, without the
                 # text file's layers: a first login pays 4 us here, not 14.
-                data = os.read(fd, _SMALL_READ)
+                data = b""
+                while len(data) < _SMALL_READ and (more := os.read(fd, _SMALL_READ - len(data))):
+                    data += more
                 if len(data) < _SMALL_READ:
                     lines = data.decode("utf-8", "surrogateescape").split("\n")
                     if lines[-1] == "":
@@ -103,6 +105,8 @@ class MaildropCache:
                 base, sep, size = base.rpartition("\t")
                 if not sep or not (size.isascii() and size.isdigit()):
                     return None
+            if len(size) > 18:
+                return None  # no file's size: damaged
             sizes[base] = int(size)
         return sizes, uids
 

@@ -94,7 +94,9 @@ def sizeHints(name: str) -> dict[str, int]:
     hints = {}
     for field in name.split(":", 1)[0].split(",")[1:]:
         key, sep, value = field.partition("=")
-        if sep and key in ("S", "W") and value.isascii() and value.isdigit():
+        # (Up to 18 digits: a size that fits the listing's 64-bit columns; a
+        # longer one is no size a file has, and the file is read instead.)
+        if sep and key in ("S", "W") and value.isascii() and value.isdigit() and len(value) <= 18:
             hints[key] = int(value)
     return hints
 
@@ -124,12 +126,15 @@ def _hostPart(host: str) -> str:
 
 def formatUnique(when: float, pid: int, serial: int, host: str, uid: str | None = None) -> str:
     """
-    A unique part: C{SECONDS.MmicrosPpidQserial.HOST}, then the C{U=} field
+    A unique part: C{SECONDS.MmicrosPpidQserial.HOST} (micros in six
+    digits), then the C{U=} field
     if C{uid} is given. The host is cut so that the whole fits L{MAX_UNIQUE}.
     """
     seconds = int(when)
     micros = min(int((when - seconds) * 1e6), 999_999)
-    head = f"{seconds}.M{micros}P{pid}Q{serial}."
+    # Six digits: two deliveries of one second then sort in delivery order
+    # (a listing orders them by the unique part; "M99999" sorted after "M100000").
+    head = f"{seconds}.M{micros:06d}P{pid}Q{serial}."
     tail = "" if uid is None else _UID_FIELD + escapeUID(uid)
     host = _hostPart(host).encode("utf-8", "surrogateescape")
     room = MAX_UNIQUE - len(head.encode()) - len(tail)

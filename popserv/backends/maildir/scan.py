@@ -73,6 +73,10 @@ ORDER, UNIQUE, UID, SIZE, PATH = range(5)
 
 _unique = itemgetter(UNIQUE)
 
+#: A leading number longer than this is no delivery time (and would not fit
+#: the listing's 64-bit columns).
+_MAX_DIGITS = 18
+
 
 def stamps(path: str) -> Stamps | None:
     """What says whether the maildrop changed: None if too fresh to vouch for."""
@@ -111,6 +115,8 @@ def cachedListing(path: str, cache: MaildropCache | None) -> Listing | None:
 #: L{smallListing}, and so is an index no bigger than L{SMALL_INDEX}.
 SMALL_DIRECTORY = 4096
 SMALL_INDEX = 64 * 1024
+#: And no more names than this are read there, whatever C{st_size} says.
+SMALL_ENTRIES = 256
 
 
 class NeedsThread(Exception):
@@ -167,7 +173,16 @@ def listing(
     entries: list[os.DirEntry[str]] = []
     for sub in SUBDIRS:
         try:
-            entries += list(os.scandir(os.path.join(path, sub)))
+            with os.scandir(os.path.join(path, sub)) as found:
+                if read:
+                    entries += found
+                    continue
+                for entry in found:
+                    # Whatever a file system says a directory's size is (ZFS:
+                    # its entries; some report 0): no more names read here.
+                    if len(entries) >= SMALL_ENTRIES:
+                        raise NeedsThread()
+                    entries.append(entry)
         except FileNotFoundError:
             continue
     infos, counted = None, 0
@@ -296,6 +311,8 @@ def collect(
         if size is None and ",W=" in base:
             size = sizeHints(name).get("W")
         leading = LEADING_DIGITS.match(unique)
+        if leading and leading.end() > _MAX_DIGITS:
+            leading = None  # no delivery time: ordered by the file's mtime
         try:
             if size is None:
                 if not read:
