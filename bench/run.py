@@ -16,6 +16,7 @@ bench/README.rst.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -54,7 +55,7 @@ from loadgen import (  # noqa: E402
     raiseFileLimit,
 )
 from pgsql import PgSeeder, PostgreSQL  # noqa: E402
-from seed import SEED, Maildrop, Message, Seeder  # noqa: E402
+from seed import SEED, Maildrop, Message, Seeder, uniquePart  # noqa: E402
 from servers import (  # noqa: E402
     REPO,
     Dovecot,
@@ -930,9 +931,23 @@ class Bench:
         self.passwd.write_text(text)
 
     def table(self, user: str) -> dict[str, Message]:
-        if user not in self._tables:
-            self._tables[user] = self.drops[user].byUID()
-        return self._tables[user]
+        table = self._tables.get(user)
+        if table is None:
+            table = self._tables[user] = self.drops[user].byUID()
+        # A server that ran before may have renamed files (Dovecot moves them
+        # from new/ to cur/ with flags), and twisted.mail's UIDL is the MD5
+        # of the name as it is now: map those too.
+        byUnique = {uniquePart(m.name): m for m in self.drops[user].messages}
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(os.path.join(self.drops[user].path, sub))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                message = byUnique.get(uniquePart(name))
+                if message is not None:
+                    table.setdefault(hashlib.md5(name.encode()).hexdigest(), message)
+        return table
 
     # -- servers -------------------------------------------------------------
 
