@@ -871,6 +871,7 @@ class Bench:
         for user, count in self.dndUsers():
             self.drops[user] = self.seeder.seed(user, self._password(user), count)
             self._tables.pop(user, None)
+            self.table(user)  # (made here, untimed, not in the run)
             self.giveMailToDovecot(self.root / user)
         if name == "pgsql":
             self.seedDatabase([u for u, _ in self.dndUsers()])
@@ -934,20 +935,26 @@ class Bench:
         table = self._tables.get(user)
         if table is None:
             table = self._tables[user] = self.drops[user].byUID()
-        # A server that ran before may have renamed files (Dovecot moves them
-        # from new/ to cur/ with flags), and twisted.mail's UIDL is the MD5
-        # of the name as it is now: map those too.
-        byUnique = {uniquePart(m.name): m for m in self.drops[user].messages}
+            self._addCurrentNames(user, table)
+        return table
+
+    def _addCurrentNames(self, user: str, table: dict[str, Message]) -> None:
+        """
+        Map the MD5 of each file's name as it is now: twisted.mail's UIDL.
+        A server measured before may have renamed files (Dovecot moves them
+        from new/ to cur/ with flags). Run when a server starts, untimed.
+        """
+        drop = self.drops[user]
+        byUnique = {uniquePart(m.name): m for m in drop.messages}
         for sub in ("cur", "new"):
             try:
-                names = os.listdir(os.path.join(self.drops[user].path, sub))
+                names = os.listdir(os.path.join(drop.path, sub))
             except FileNotFoundError:
                 continue
             for name in names:
                 message = byUnique.get(uniquePart(name))
                 if message is not None:
                     table.setdefault(hashlib.md5(name.encode()).hexdigest(), message)
-        return table
 
     # -- servers -------------------------------------------------------------
 
@@ -1005,6 +1012,8 @@ class Bench:
         server = self.makeServer(name, tag, workers)
         if tls:
             server.tlsCert = self.certificate()
+        for user, table in self._tables.items():
+            self._addCurrentNames(user, table)
         server.start()
         try:
             yield server

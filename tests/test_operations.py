@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -294,10 +293,34 @@ def _free(port: int) -> bool:
             return False
 
 
-def test_json_log_lines_for_log_shippers(tmp_path):
+def _jsonLogout(line):
+    event = json.loads(line.lstrip("\x1e"))  # every line is one JSON record (RFC 7464)
+    if event.get("log_namespace") == "popserv.session":
+        assert event["user"] == "alice" and event["reason"] == "quit"
+        return True
+    return False
+
+
+def _textLogout(line):
+    if "popserv.session" not in line:
+        return False
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.session#info\] "
+        r"session end: user=alice ip=127\.0\.0\.1 tls=no .* reason=quit .*\n",
+        line,
+    ), line
+    return True
+
+
+@pytest.mark.parametrize(
+    "logger, logout",
+    [("popserv.logs.json", _jsonLogout), ("popserv.logs.text", _textLogout)],
+)
+def test_twistd_loggers(tmp_path, logger, logout):
+    """JSON records for log shippers; Twisted's text lines, cheaper; the logout line in each."""
     srv = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
     proc = startTwistd(
-        ["--logger", "popserv.logs.json", "popserv", "--config", str(srv.config)],
+        ["--logger", logger, "popserv", "--config", str(srv.config)],
         srv.root,
         logToStdout=False,
     )
@@ -305,7 +328,7 @@ def test_json_log_lines_for_log_shippers(tmp_path):
         port = None
         lines = iter(proc.stdout)
         for line in lines:
-            json.loads(line.lstrip("\x1e"))  # every line is one JSON record (RFC 7464)
+            logout(line)  # (each line in the logger's form)
             if m := re.search(r"POP3Factory starting on (\d+)", line):
                 port = int(m.group(1))
                 break
@@ -313,15 +336,11 @@ def test_json_log_lines_for_log_shippers(tmp_path):
         pop.user("alice")
         pop.pass_("wonderland")
         pop.quit()
-        for line in lines:
-            event = json.loads(line.lstrip("\x1e"))
-            if event.get("log_namespace") == "popserv.session":
-                assert event["user"] == "alice" and event["reason"] == "quit"
-                break
+        if not any(logout(line) for line in lines):
+            pytest.fail("no logout line")
     finally:
         proc.terminate()
         proc.wait(15)
-    assert sys.executable
 
 
 def _classicEvents():
@@ -369,39 +388,6 @@ def test_text_observer_writes_twisted_classic_lines():
     fast = ClassicText()
     for event in _classicEvents():
         assert fast(event) == formatEventAsClassicLogText(event), event
-
-
-def test_twistd_logger_popserv_text(tmp_path):
-    srv = ServerProcess(tmp_path / "srv", {"alice": "{PLAIN}wonderland"})
-    proc = startTwistd(
-        ["--logger", "popserv.logs.text", "popserv", "--config", str(srv.config)],
-        srv.root,
-        logToStdout=False,
-    )
-    try:
-        port = None
-        lines = iter(proc.stdout)
-        for line in lines:
-            if m := re.search(r"POP3Factory starting on (\d+)", line):
-                port = int(m.group(1))
-                break
-        pop = poplib.POP3("127.0.0.1", port, timeout=10)
-        pop.user("alice")
-        pop.pass_("wonderland")
-        pop.quit()
-        for line in lines:
-            if "popserv.session" in line:
-                assert re.fullmatch(
-                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popserv\.session#info\] "
-                    r"session end: user=alice ip=127\.0\.0\.1 tls=no .* reason=quit .*\n",
-                    line,
-                ), line
-                break
-        else:
-            pytest.fail("no logout line")
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_production_example_configuration_is_valid():
