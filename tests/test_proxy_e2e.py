@@ -35,6 +35,22 @@ def _proxy(tmp: Path, users: dict[str, str], extra: str = "") -> ServerProcess:
     return ServerProcess(tmp, users, extra=extra).start()
 
 
+def _masterProxy(
+    tmp: Path, users: dict[str, str], backendURL: str, password: str
+) -> ServerProcess:
+    """A proxy that logs in to C{backendURL} as the master user C{master}."""
+    (tmp / "master.pw").write_text(password + "\n")
+    return _proxy(
+        tmp / "proxy",
+        users,
+        extra=(
+            f'proxy_backend = ["{backendURL}"]\n'
+            'proxy_master_user = "master"\n'
+            f'proxy_master_password_file = "{tmp / "master.pw"}"\n'
+        ),
+    )
+
+
 @pytest.fixture
 def backend(tmp_path):
     server = _backend(tmp_path / "backend")
@@ -83,15 +99,11 @@ def test_forwarded_password_relays_a_whole_session(tmp_path, backend):
 
 def test_master_user_login_keeps_other_mechanisms_usable(tmp_path, backend):
     """With a master user, the proxy logs in with SASL PLAIN as master for alice."""
-    (tmp_path / "master.pw").write_text("masterpw\n")
-    proxy = _proxy(
-        tmp_path / "proxy",
+    proxy = _masterProxy(
+        tmp_path,
         {"alice": "{PLAIN}frontpw"},
-        extra=(
-            f'proxy_backend = ["pop://;AUTH=*@127.0.0.1:{backend.port}"]\n'
-            'proxy_master_user = "master"\n'
-            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
-        ),
+        f"pop://;AUTH=*@127.0.0.1:{backend.port}",
+        "masterpw",
     )
     try:
         client = _client(proxy)
@@ -103,15 +115,8 @@ def test_master_user_login_keeps_other_mechanisms_usable(tmp_path, backend):
 
 
 def test_master_user_refused_is_a_temporary_failure(tmp_path, backend):
-    (tmp_path / "master.pw").write_text("wrong\n")
-    proxy = _proxy(
-        tmp_path / "proxy",
-        {"alice": "{PLAIN}secret"},
-        extra=(
-            f'proxy_backend = ["pop://127.0.0.1:{backend.port}"]\n'
-            'proxy_master_user = "master"\n'
-            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
-        ),
+    proxy = _masterProxy(
+        tmp_path, {"alice": "{PLAIN}secret"}, f"pop://127.0.0.1:{backend.port}", "wrong"
     )
     try:
         client = _client(proxy)
@@ -376,15 +381,8 @@ def test_nopassword_users_are_checked_by_their_backend_only(tmp_path, backend):
 
 def test_nopassword_with_a_master_user_is_refused(tmp_path, backend):
     """Master-user mode would let any password in: a nopassword user is refused there."""
-    (tmp_path / "master.pw").write_text("masterpw\n")
-    proxy = _proxy(
-        tmp_path / "proxy",
-        {"alice": ":::::: nopassword=y"},
-        extra=(
-            f'proxy_backend = ["pop://127.0.0.1:{backend.port}"]\n'
-            'proxy_master_user = "master"\n'
-            f'proxy_master_password_file = "{tmp_path / "master.pw"}"\n'
-        ),
+    proxy = _masterProxy(
+        tmp_path, {"alice": ":::::: nopassword=y"}, f"pop://127.0.0.1:{backend.port}", "masterpw"
     )
     try:
         client = _client(proxy)
