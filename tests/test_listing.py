@@ -257,6 +257,30 @@ def test_big_listings_select_and_concatenate_by_cutting_their_columns(seed):
     assert joined.totalSize == selected.totalSize + sum(info.size for info in new)
     unordered = listing.select(reversed(kept))  # not ascending: made the general way
     assert unordered == tuple(infos[i] for i in reversed(kept))
+    before = Listing.of(new) + selected  # a small listing's 4-byte column spliced first
+    assert before == tuple(new) + tuple(infos[i] for i in kept)
+    assert before.totalSize == joined.totalSize
+
+
+@pytest.mark.parametrize(
+    "big", [None, "size", "time"], ids=["small values", "a 5 GiB size", "a time after 2038"]
+)
+def test_a_small_listing_keeps_its_integers_in_4_bytes_when_they_fit(big):
+    """Half the memory of an idle session's listing; a value that needs 8 bytes gets them."""
+    infos = [
+        MessageInfo(f"{i}.M{i}.h", 1000 + i, f"cur/{i}.M{i}.h:2,", 1_700_000_000 + i)
+        for i in range(3)
+    ]
+    if big == "size":
+        infos[1] = infos[1]._replace(size=5 * 2**30)
+    elif big == "time":
+        infos[2] = infos[2]._replace(received=2**31 + 5)
+    listing = Listing.of(infos)
+    assert listing._ints.itemsize == (4 if big is None else 8)
+    assert listing == tuple(infos)
+    assert list(listing.sizes()) == [info.size for info in infos]
+    assert listing.totalSize == sum(info.size for info in infos)
+    assert pickle.loads(pickle.dumps(listing)) == listing
 
 
 def test_of_columns_is_the_listing_of_the_same_messages():
