@@ -9,7 +9,7 @@ listings (LIST, UIDL of a large maildrop).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -47,6 +47,10 @@ class _PushProducer:
         onProgress: Callable[[], object] | None = None,
     ) -> None:
         self._consumer = consumer
+        #: A transport's (L{IConsumer} has only C{write}).
+        self._writeSequence: Callable[[Sequence[bytes]], object] | None = getattr(
+            consumer, "writeSequence", None
+        )
         self._prefix = prefix
         self._onProgress = onProgress
         self._paused = False
@@ -109,17 +113,23 @@ class _PushProducer:
     def _write(self, piece: bytes | None) -> None:
         if self._finished:
             return
-        end = piece is None
         if self._prefix:
-            # The status line goes out in the same write as the first data,
-            # so a small response is one segment.
-            piece = self._prefix + (piece or b"")
-            self._prefix = b""
-        if piece:
-            self.written += len(piece)
-            self._consumer.write(piece)
-        if end:
+            # The status line goes out with the first data, so a small
+            # response is one segment: beside it, not copied in front of it.
+            prefix, self._prefix = self._prefix, b""
+            if piece and self._writeSequence is not None:
+                self.written += len(prefix) + len(piece)
+                self._writeSequence((prefix, piece))
+            else:
+                self._writePiece(prefix + (piece or b""))
+        elif piece:
+            self._writePiece(piece)
+        if piece is None:
             self._end(None)
+
+    def _writePiece(self, piece: bytes) -> None:
+        self.written += len(piece)
+        self._consumer.write(piece)
 
     def _end(self, reason: Failure | None) -> None:
         if self._finished:
