@@ -53,6 +53,9 @@ MAX_BUFFERED_INPUT = 64 * 1024
 MAX_SASL_LINE = 16 * 1024
 
 _OPEN = Lifecycle.OPEN
+#: The input buffer of a session with no partial line: shared, never grown
+#: (an idle session holds no buffer of its own).
+_NO_INPUT = bytearray()
 
 
 #: What L{fired} says of a Deferred that has no plain result yet.
@@ -152,7 +155,7 @@ class CommandPipeline(LineReceiver):
         #: When the autologout timer ends this session (factory clock seconds).
         self.deadline: float | None = None
         self._timeout: float | None = None
-        self._inbuf = bytearray()
+        self._inbuf = _NO_INPUT
         self._busy = False
         self._processing = False
         self._discarding = False
@@ -213,7 +216,10 @@ class CommandPipeline(LineReceiver):
         """
         if self.lifecycle is not _OPEN:
             return
-        self._inbuf += data
+        if self._inbuf is _NO_INPUT:
+            self._inbuf = bytearray(data)
+        else:
+            self._inbuf += data
         self._processInput()
         if len(self._inbuf) > MAX_BUFFERED_INPUT and not self._readPaused:
             self._readPaused = True
@@ -247,10 +253,18 @@ class CommandPipeline(LineReceiver):
                 self.lineReceived(line)
         finally:
             self._processing = False
+        if not self._inbuf:
+            self._inbuf = _NO_INPUT
         if self._readPaused and not self._busy and len(self._inbuf) <= MAX_BUFFERED_INPUT:
             self._readPaused = False
             if self.lifecycle.connected:
                 self.transport.resumeProducing()
+
+    def _putBack(self, data: bytes) -> None:
+        """Put C{data} back before the buffered input: it is read again first."""
+        if self._inbuf is _NO_INPUT:
+            self._inbuf = bytearray()
+        self._inbuf[0:0] = data
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.resetTimeout()

@@ -414,6 +414,19 @@ def test_commands_split_byte_by_byte_and_bare_lf(pop):
     assert client.lines()[-1] == b"+OK 3 78"
 
 
+def test_sessions_between_commands_hold_no_input_buffer(pop):
+    """An idle session keeps no buffer of its own; a partial line gets one of its own."""
+    factory, _ = pop
+    alice, bob = login(factory), login(factory, b"bob", b"pw")
+    assert alice.protocol._inbuf is bob.protocol._inbuf  # (the shared empty one)
+    alice.send(b"ST")
+    assert bytes(alice.protocol._inbuf) == b"ST" and not bob.protocol._inbuf
+    assert reply(bob, b"NOOP") == [b"+OK"]
+    alice.send(b"AT\r\n")
+    assert alice.lines() == [b"+OK 3 78"]
+    assert alice.protocol._inbuf is bob.protocol._inbuf and not bob.protocol._inbuf
+
+
 def test_overlong_line_is_drained_and_answered(pop):
     """RFC 2449 section 4: 255 octets max; the rest is drained, the session goes on."""
     factory, _ = pop

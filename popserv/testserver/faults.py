@@ -215,7 +215,7 @@ class FaultyProtocol(POP3Protocol):
         if seconds is not None and not self._delayed:
             # Slow answer: put the line back and take it up again later.
             self._delayed = True
-            self._inbuf[0:0] = line + b"\r\n"
+            self._putBack(line + b"\r\n")
             self._busy = True
             self.factory.clock.callLater(seconds, self._idle)
             return
