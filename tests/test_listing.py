@@ -283,12 +283,13 @@ def test_a_small_listing_keeps_its_integers_in_4_bytes_when_they_fit(big):
     assert pickle.loads(pickle.dumps(listing)) == listing
 
 
-def test_of_columns_is_the_listing_of_the_same_messages():
+@pytest.mark.parametrize("n", [50, SHARED_UIDS_MAX + 1], ids=["small", "big"])
+def test_of_columns_is_the_listing_of_the_same_messages(n):
     """A database's columns kept as they come: the same sequence, every operation alike."""
     from array import array
 
     infos = tuple(
-        MessageInfo(f"P{i}", 100 + i * 7, 9000 + i, 1_700_000_000.25 + i) for i in range(50)
+        MessageInfo(f"P{i}", 100 + i * 7, 9000 + i, 1_700_000_000.25 + i) for i in range(n)
     )
     listing = Listing.ofColumns(
         [i.uid for i in infos],
@@ -302,12 +303,16 @@ def test_of_columns_is_the_listing_of_the_same_messages():
         [str(i.key) for i in infos],
         array("d", [i.received for i in infos]),
     ) == tuple(i._replace(key=str(i.key)) for i in infos)
-    assert listing == infos and tuple(listing) == infos and len(listing) == 50
+    assert listing == infos and tuple(listing) == infos and len(listing) == n
+    # A small one (an idle session's) joins its UIDLs: no string object each.
+    assert (type(listing._uids) is str) == (n <= SHARED_UIDS_MAX)
     assert listing.totalSize == sum(i.size for i in infos)
     assert listing[-1] == infos[-1] and listing[7] == infos[7]
     assert listing[3:9] == infos[3:9] and listing[::5] == infos[::5]
     assert listing.select([4, 2]) == (infos[4], infos[2])
     assert listing + listing == infos + infos
+    assert listing.select(range(n - 1, -1, -1)) == infos[::-1]
+    assert listing.uids() == [i.uid for i in infos] and listing.keys() == [i.key for i in infos]
     assert list(listing.uids(2, 4)) == ["P2", "P3"] and list(listing.sizes(0, 2)) == [100, 107]
     assert pickle.loads(pickle.dumps(listing)) == infos
     assert Listing.ofColumns([], array("q"), [], array("d")) is EMPTY

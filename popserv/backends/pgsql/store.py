@@ -272,6 +272,8 @@ class _ChunkReader:
 class PgMailbox:
     """One locked maildrop of a L{PgStore} for one session; C{key} is the message id."""
 
+    __slots__ = ("_store", "user", "maildrop", "changes", "_locked")
+
     def __init__(self, store: PgStore, user: str, maildrop: int, changes: int = -1) -> None:
         self._store = store
         self.user = user
