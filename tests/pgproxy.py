@@ -3,7 +3,8 @@ A TCP relay in front of the test PostgreSQL's Unix socket that a test can
 cut off as a network partition would (L{Relay.partition}: nothing passes
 either way, connections stay open and new ones hang), or make drop the
 next reply and close (L{Relay.dropNextReply}: a request that ran but whose
-answer never came).
+answer never came), or the reply to the next request holding some bytes
+(L{Relay.dropReplyTo}, e.g. a COMMIT that committed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.cut = False
         self.dropReply = False
+        self._dropMarker: bytes | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -37,6 +39,10 @@ class Relay:
     def dropNextReply(self) -> None:
         self.dropReply = True
 
+    def dropReplyTo(self, marker: bytes) -> None:
+        """The next request holding C{marker} is passed on, its reply dropped."""
+        self._dropMarker = marker
+
     def _accept(self) -> None:
         while True:
             try:
@@ -51,7 +57,7 @@ class Relay:
             server.connect(self.target)
             with self._lock:
                 self._sockets.append(server)
-            silenced = [False]
+            silenced = [False, False]  # cut off; the next reply to drop
             threading.Thread(
                 target=self._pump, args=(client, server, silenced, False), daemon=True
             ).start()
@@ -71,9 +77,13 @@ class Relay:
                 silenced[0] = True
             if silenced[0]:
                 continue
-            if replies and self.dropReply:
+            if replies and (self.dropReply or silenced[1]):
                 self.dropReply = False
                 break
+            marker = self._dropMarker
+            if not replies and marker is not None and marker in data:
+                self._dropMarker = None
+                silenced[1] = True
             try:
                 sink.sendall(data)
             except OSError:

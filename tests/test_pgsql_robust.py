@@ -152,6 +152,35 @@ def test_a_lost_reply_does_not_count_a_failed_login_twice(pgdatabase, relay):
         store.close()
 
 
+@pytest.mark.parametrize("uid", [None, "given-uidl-1"], ids=["drawn UIDL", "given UIDL"])
+def test_a_delivery_whose_commit_reply_is_lost_is_stored_once(pgdatabase, relay, uid):
+    """
+    The COMMIT ran but its reply never came: the database runs the delivery
+    again on a fresh connection. That retry finds the message stored and
+    reports it, rather than taking its own row for a UIDL clash (it drew
+    UIDLs for ever) or refusing a given UIDL that it stored itself.
+    """
+    initialized(pgdatabase)
+    store = makeStore(relay.uri(dbname(pgdatabase)))
+    outcome = []
+    try:
+        writer = result(store.deliverMessage("alice", uid=uid))
+        result(writer.write(b"Subject: once\r\n\r\nonly once\r\n"))
+        relay.dropReplyTo(b"COMMIT")
+        thread = threading.Thread(target=lambda: outcome.append(timed(writer.commit)))
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the delivery never ended"
+        stored = store.database.run(
+            lambda conn: conn.execute("SELECT uid FROM messages").fetchall()
+        )
+        assert [row[0] for row in stored] == [result(outcome[0][1])]
+        assert uid is None or stored[0][0] == uid
+    finally:
+        relay.close()  # (ends a delivery still looping)
+        store.close()
+
+
 def test_an_unlock_waits_out_a_busy_lock_connection(pgdatabase):
     """A logout while another lock operation holds the lock connection longer
     than the timeout still unlocks: a given-up unlock would lock the user out

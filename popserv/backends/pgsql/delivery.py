@@ -115,6 +115,14 @@ class PgDelivery:
                     )
                 break
             except psycopg.errors.UniqueViolation:
+                stored = conn.execute(
+                    "SELECT uid FROM messages WHERE id = %s", (messageId,)
+                ).fetchone()
+                if stored is not None:
+                    # This very message: an earlier run committed it and its
+                    # reply was lost (the database ran this again). Its
+                    # chunks came in the same transaction.
+                    return str(stored[0])
                 if self.uid is not None:
                     raise UIDConflict(f"UIDL {uid!r} is already in the maildrop") from None
                 # An imported UIDL took the name: draw another.
