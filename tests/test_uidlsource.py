@@ -127,6 +127,49 @@ def test_recorded_uidls_stay(tmp_path):
     assert uidls(tmp_path, "native") == ["kept", "2.b", "3.c"]
 
 
+def test_a_second_lister_waits_for_the_index_and_keeps_the_carried_uidls(tmp_path, monkeypatch):
+    """
+    A login while LMTP's quota check is still reading the index (a fresh
+    process, both listing one maildrop): the login never lists it without
+    its carried-over UIDLs, neither then nor in the listing it caches.
+    """
+    import os
+    import threading
+    import time
+
+    from popserv.backends.maildir.index import MaildropCache
+
+    root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n", "cur/2.b": b"\n"})
+    assert uidls(tmp_path, "xuidl") == ["kept", "2.b"]  # recorded in the index
+    past = time.time() - 60  # (listings of fresh directories are not cached)
+    for sub in ("cur", "new"):
+        os.utime(root / sub, (past, past))
+    store = MaildirStore(f"maildir:{tmp_path}/%u/Maildir", runInThread=synchronously)
+    inLoad, goOn = threading.Event(), threading.Event()
+    parse = MaildropCache._parse
+
+    def slowParse(lines):  # the quota check's index read takes a moment
+        if threading.current_thread().name == "usage":
+            inLoad.set()
+            goOn.wait(5)
+        return parse(lines)
+
+    monkeypatch.setattr(MaildropCache, "_parse", staticmethod(slowParse))
+    usage = threading.Thread(target=store._scanUsage, args=(str(root),), name="usage")
+    usage.start()
+    assert inLoad.wait(5)
+    listed: list[object] = []
+    # The login, on the reactor thread: it must not list the maildrop now.
+    threading.Timer(0.2, goOn.set).start()
+    store.listing(str(root)).addCallback(listed.append)
+    usage.join(5)
+    assert [info.uid for info in listed[0]] == ["kept", "2.b"]  # type: ignore[attr-defined]
+    assert uidls(tmp_path, "native") == ["kept", "2.b"]
+    later: list[object] = []
+    store.listing(str(root)).addCallback(later.append)  # cached in this process
+    assert [info.uid for info in later[0]] == ["kept", "2.b"]  # type: ignore[attr-defined]
+
+
 def test_native_writes_the_index_as_before(tmp_path):
     root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n"})
     assert uidls(tmp_path, "native") == ["1.a"]

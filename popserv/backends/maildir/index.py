@@ -46,6 +46,10 @@ class MaildropCache:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: Held by whoever lists the maildrop (L{popserv.backends.maildir.scan}):
+        #: a second lister meanwhile (a login beside LMTP's quota check) must
+        #: not see the index half loaded, nor its own carried-over UIDLs lost.
+        self.lock = threading.Lock()
         self.sizes: dict[str, int] = {}
         self.loaded = False
         self.listing: tuple[tuple[int, ...], Listing] | None = None
@@ -56,7 +60,12 @@ class MaildropCache:
 
     def load(self) -> None:
         """Read the index file; a missing or damaged one is simply rebuilt."""
-        self.loaded = True
+        try:
+            self._load()
+        finally:
+            self.loaded = True  # (only now: see L{lock})
+
+    def _load(self) -> None:
         path = os.path.join(self.path, INDEX_FILE)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -292,17 +292,22 @@ class MaildirStore:
     def _smallScan(self, path: str) -> Listing | None:
         """A small maildrop listed here, as L{scan.smallListing} allows; else None."""
         cache = self.cacheFor(path)
+        if not cache.lock.acquire(blocking=False):
+            return None  # being listed in a thread: never wait for it here
         try:
             found = scan.smallListing(path, cache)
+            if found is None:
+                return None
+            return self._keep(path, cache, *found)
         except OSError:
             return None  # (the thread's listing reports it)
-        if found is None:
-            return None
-        return self._keep(path, cache, *found)
+        finally:
+            cache.lock.release()
 
     def _scan(self, path: str) -> Listing:
         cache = self.cacheFor(path)
-        return self._keep(path, cache, *scan.listing(path, cache))
+        with cache.lock:
+            return self._keep(path, cache, *scan.listing(path, cache))
 
     def _keep(
         self, path: str, cache: MaildropCache, infos: Listing, stamps: scan.Stamps | None
