@@ -170,6 +170,34 @@ def test_a_second_lister_waits_for_the_index_and_keeps_the_carried_uidls(tmp_pat
     assert [info.uid for info in later[0]] == ["kept", "2.b"]  # type: ignore[attr-defined]
 
 
+def test_an_index_with_carried_uidls_is_written_durably(tmp_path, monkeypatch):
+    """
+    The index may be the only record of carried-over UIDLs (their source
+    gone): it is synced before it replaces the old one, and its directory
+    after, so a power cut leaves one or the other, not an empty file.
+    """
+    import os
+
+    root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n"})
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    assert uidls(tmp_path, "xuidl") == ["kept"]
+    index = str(root / INDEX_FILE)
+    assert [path.startswith(f"{index}.") for path in synced] == [True, False]
+    assert synced[1] == str(root)
+    synced.clear()
+    assert uidls(tmp_path, "native") == ["kept"]
+    (root / "cur/2.b").write_bytes(b"\n")
+    assert uidls(tmp_path, "native") == ["kept", "2.b"]  # (a size counted: saved again)
+    assert len(synced) == 2
+
+
 def test_native_writes_the_index_as_before(tmp_path):
     root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n"})
     assert uidls(tmp_path, "native") == ["1.a"]

@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 
+from popserv.backends.durable import syncDirectory
 from popserv.backends.maildir import names
 from popserv.interfaces import UIDConflict
 from popserv.octets import CRLFSizer
@@ -62,14 +63,6 @@ def holdsUID(path: str, uid: str) -> bool:
             if name[0] != "." and names.uidFor(names.uniquePart(name)) == uid:
                 return True
     return False
-
-
-def _syncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MaildirDelivery:
@@ -131,7 +124,7 @@ class MaildirDelivery:
             self.abort()
             raise
         self.path = final
-        _syncDirectory(os.path.join(self.maildir, "new"))
+        syncDirectory(os.path.join(self.maildir, "new"))
         return uid
 
     def _renameUnique(self, final: str) -> None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from popserv.backends.durable import syncDirectory
+
 if TYPE_CHECKING:
     from popserv.backends.maildir.foreign import UIDLSource
     from popserv.listing import Listing
@@ -123,8 +125,8 @@ class MaildropCache:
         """
         Write the sizes of the messages still present (base names C{live};
         None: all of them), atomically (a reader sees the old file or the new
-        one, never a mix). Failure (disk full, read-only maildrop) only costs
-        recounting later.
+        one, never a mix), and durably if it holds carried-over UIDLs. Failure
+        (disk full, read-only maildrop) only costs recounting later.
         """
         if live is not None:
             self.sizes = {base: size for base, size in self.sizes.items() if base in live}
@@ -148,7 +150,16 @@ class MaildropCache:
                     )
                 else:
                     f.write("".join([f"{base}\t{size}\n" for base, size in self.sizes.items()]))
+                if self.uids:
+                    # Carried-over UIDLs may be kept nowhere else (their
+                    # source gone): a power cut must leave the old index or
+                    # the new one, never an empty file. Sizes alone are only
+                    # counted again.
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(temporary, os.path.join(self.path, INDEX_FILE))
+            if self.uids:
+                syncDirectory(self.path)
         except OSError as e:
             _log.warn(
                 "{maildir}: cannot write the size index: {error}", maildir=self.path, error=e

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 
+from popserv.backends.durable import syncDirectory
 from popserv.backends.mbox.format import copyRange
 from popserv.backends.mbox.index import (
     Entry,
@@ -37,14 +38,6 @@ from popserv.backends.mbox.lock import LINK_PREFIX, SpoolLock, processAlive
 __all__ = ["removeFromSpool", "NEW_SUFFIX"]
 
 NEW_SUFFIX = ".popserv-new"
-
-
-def _syncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clearLeftovers(directory: str, name: str) -> None:
@@ -104,7 +97,7 @@ def removeFromSpool(spool: str, uids: Collection[str], fmt: str, lockTimeout: fl
                 pass
             raise
         try:
-            _syncDirectory(directory)
+            syncDirectory(directory)
             new = Index(stampOf(os.fstat(out)), fmt, tailOf(out, entries), entries)
         finally:
             os.close(out)
