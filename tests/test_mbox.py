@@ -363,6 +363,42 @@ def test_fcntl_lock_of_another_process_is_waited_for(tmp_path):
     holder.wait()
 
 
+def test_threads_of_one_process_take_a_spool_in_turn_even_without_a_dotlock(tmp_path, monkeypatch):
+    """
+    A spool directory popserv may not write in leaves it fcntl alone, and
+    fcntl locks are the process's: two deliveries in two threads both got
+    one and appended at the same offset. Threads now wait for each other.
+    """
+    import errno
+    import threading
+
+    def refused(self):
+        raise PermissionError(errno.EACCES, "Permission denied", self.lockPath)
+
+    monkeypatch.setattr(SpoolLock, "_makeDotlock", refused)
+    path = tmp_path / "alice"
+    path.write_bytes(b"")
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with SpoolLock(str(path), timeout=1):
+            held.set()
+            done.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(5)
+    try:
+        with pytest.raises(SpoolLocked):
+            SpoolLock(str(tmp_path / "." / "alice"), timeout=0.2).acquire()
+        assert not (tmp_path / "alice.lock").exists()
+    finally:
+        done.set()
+        thread.join(5)
+    with SpoolLock(str(path), timeout=0.2) as lock:  # given back
+        assert lock.fd >= 0
+
+
 def test_lock_follows_a_spool_replaced_while_waiting(tmp_path):
     """The path is checked after locking: the lock is on the inode the path names."""
     path = tmp_path / "alice"

@@ -18,6 +18,12 @@ its dotlock (L{SpoolLock.touch}).
 After the C{fcntl} lock is held, the spool's path is checked to still name
 the locked inode: a rewrite (ours, or mutt's) may have replaced the file
 while we waited, and appending to the old inode would lose the mail.
+
+Before both, a thread takes the spool's lock within this process: POSIX
+C{fcntl} locks belong to the process, so two threads (two LMTP deliveries
+at once) would both get one, and closing any descriptor of the spool drops
+it. Without a dotlock (a spool directory popserv may not write in) that
+was all that stood between two appends at the same offset.
 """
 
 from __future__ import annotations
@@ -85,6 +91,40 @@ def isStale(lockPath: str, staleAfter: float, now: float | None = None) -> bool:
     return False
 
 
+class _ThreadLocks:
+    """One lock per spool path for the threads of this process, forgotten once unused."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def acquire(self, path: str, timeout: float) -> bool:
+        with self._guard:
+            lock, users = self._locks.get(path, (None, 0))
+            if lock is None:
+                lock = threading.Lock()
+            self._locks[path] = (lock, users + 1)
+        if lock.acquire(timeout=max(timeout, 0)):
+            return True
+        self._done(path)
+        return False
+
+    def release(self, path: str) -> None:
+        self._locks[path][0].release()
+        self._done(path)
+
+    def _done(self, path: str) -> None:
+        with self._guard:
+            lock, users = self._locks[path]
+            if users == 1:
+                del self._locks[path]
+            else:
+                self._locks[path] = (lock, users - 1)
+
+
+_threads = _ThreadLocks()
+
+
 class SpoolLock:
     """
     The dotlock and C{fcntl} lock of one spool, held by one thread; use as a
@@ -109,6 +149,8 @@ class SpoolLock:
         self.staleAfter = staleAfter
         self.fd = -1
         self._dotlock: tuple[int, int] | None = None  # (dev, ino) of our dotlock
+        self._key = os.path.realpath(path)  # (the threads' lock: one per spool)
+        self._threadHeld = False
 
     def __enter__(self) -> SpoolLock:
         self.acquire()
@@ -119,12 +161,24 @@ class SpoolLock:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.timeout
-        self._takeDotlock(deadline)
+        if not _threads.acquire(self._key, self.timeout):
+            raise SpoolLocked()
+        self._threadHeld = True
         try:
-            self._takeFcntl(deadline)
+            self._takeDotlock(deadline)
+            try:
+                self._takeFcntl(deadline)
+            except BaseException:
+                self._dropDotlock()
+                raise
         except BaseException:
-            self._dropDotlock()
+            self._releaseThreads()
             raise
+
+    def _releaseThreads(self) -> None:
+        if self._threadHeld:
+            self._threadHeld = False
+            _threads.release(self._key)
 
     def _sleep(self, deadline: float, attempt: int) -> None:
         if time.monotonic() >= deadline:
@@ -240,6 +294,9 @@ class SpoolLock:
     def release(self) -> None:
         """Close the spool (dropping the fcntl lock), then remove the dotlock."""
         fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-        self._dropDotlock()
+        try:
+            if fd >= 0:
+                os.close(fd)
+            self._dropDotlock()
+        finally:
+            self._releaseThreads()
