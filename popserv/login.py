@@ -210,6 +210,7 @@ class Authorization(CommandPipeline):
         self.transport.write(session.greeting)
         leftover = bytes(self._inbuf)
         del self._inbuf[:]
+        self._releaseOutput()  # (the relay's back-pressure is the transport's now)
         if self._readPaused:
             self._readPaused = False
             self.transport.resumeProducing()

@@ -102,6 +102,9 @@ class CommandPipeline(LineReceiver):
     A handler that returns a Deferred (a login, a streamed RETR, a slow
     backend) makes the connection busy: further pipelined lines wait in the
     input buffer, and past L{MAX_BUFFERED_INPUT} the socket stops being read.
+    So does a client that sends commands but does not read their answers:
+    the session is the transport's producer (L{pauseProducing}), and takes no
+    command while the transport holds more unsent output than its buffer.
 
     @cvar commands: the commands of this class, built from its C{@command}
         declarations when the class is made.
@@ -138,6 +141,7 @@ class CommandPipeline(LineReceiver):
         "_sasl",
         "_producer",
         "_lastStreamed",
+        "_outputPaused",
     )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -164,6 +168,8 @@ class CommandPipeline(LineReceiver):
         self._sasl: Any = None  # a SASL exchange in progress: its lines skip dispatch
         self._producer: MessageProducer | LinesProducer | None = None
         self._lastStreamed = 0  # octets the last streamed response wrote
+        #: The transport's producer: None (not registered), False, or True (paused).
+        self._outputPaused: bool | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -172,6 +178,39 @@ class CommandPipeline(LineReceiver):
         if lifecycle not in TRANSITIONS[self.lifecycle]:
             raise BadTransition(f"{self.lifecycle.name} -> {lifecycle.name}")
         self.lifecycle = lifecycle
+        if lifecycle is not _OPEN:
+            # No command runs any more: a transport closes only once no
+            # producer is registered (TLS even waits for that to shut down).
+            self._releaseOutput()
+
+    # -- output back-pressure: the session as the transport's producer --------------
+
+    def _watchOutput(self) -> None:
+        """Be told when the transport holds too much unsent output (while open)."""
+        if self._outputPaused is None and self.lifecycle is _OPEN:
+            self._outputPaused = False
+            self.transport.registerProducer(self, True)
+
+    def _releaseOutput(self) -> None:
+        if self._outputPaused is not None:
+            self._outputPaused = None
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: take no command until it drains."""
+        if self._outputPaused is not None:
+            self._outputPaused = True
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained: go on with pipelined commands."""
+        if self._outputPaused is not None:
+            self._outputPaused = False
+            if not self._busy and self.lifecycle is _OPEN:
+                self._processInput()
+
+    def stopProducing(self) -> None:
+        """The connection is gone (L{connectionLost} follows): nothing to stop."""
+        self._outputPaused = None
 
     def _close(self) -> None:
         """Run no further command (if still open): the last reply is on its way."""
@@ -231,7 +270,7 @@ class CommandPipeline(LineReceiver):
         self._processing = True
         try:
             buf = self._inbuf
-            while not self._busy and self.lifecycle is _OPEN:
+            while not (self._busy or self._outputPaused) and self.lifecycle is _OPEN:
                 limit = MAX_SASL_LINE if self._sasl is not None else self.MAX_LENGTH
                 eol = buf.find(b"\n")
                 if eol < 0:
@@ -256,6 +295,7 @@ class CommandPipeline(LineReceiver):
         if not self._inbuf:
             self._inbuf = _NO_INPUT
         if self._readPaused and not self._busy and len(self._inbuf) <= MAX_BUFFERED_INPUT:
+            # (read on while output is paused: the input buffer then fills and stops it)
             self._readPaused = False
             if self.lifecycle.connected:
                 self.transport.resumeProducing()
@@ -357,6 +397,7 @@ class CommandPipeline(LineReceiver):
 
     def _runProducer(self, producer: MessageProducer | LinesProducer) -> Deferred[bytes]:
         """Stream a response; the command is answered when it is all written."""
+        self._releaseOutput()  # (the response's producer is the transport's now)
         self._producer = producer
         d = producer.start()
         d.addBoth(self._producerDone)
@@ -367,6 +408,7 @@ class CommandPipeline(LineReceiver):
         self._lastStreamed = self._producer.written
         self.stats.bytes_out += self._producer.written
         self._producer = None
+        self._watchOutput()
         if isinstance(result, Failure) and not result.check(ConnectionLost):
             # The +OK line is out: a -ERR now would be read as message data.
             # Cut the connection so the client sees an incomplete response.

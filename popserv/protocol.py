@@ -164,6 +164,7 @@ class POP3Protocol(TransactionCommands):
         # Before login a shorter timer: an idle unauthenticated connection
         # costs a slot and gives nothing back.
         self.setTimeout(min(self.factory.loginTimeout, self.factory.timeout))
+        self._watchOutput()
         self.transport.write(wire.ok(greeting))
 
     def connectionLost(self, reason: Failure | None = None) -> None:

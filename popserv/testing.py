@@ -139,10 +139,16 @@ class TestClient:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
-def connect(factory: POP3Factory, peer: str = "127.0.0.1") -> TestClient:
-    """Connect a new protocol to an in-memory transport; the greeting is consumed."""
+def connect(
+    factory: POP3Factory, peer: str = "127.0.0.1", transport: StringTransport | None = None
+) -> TestClient:
+    """
+    Connect a new protocol to an in-memory transport (C{transport}, if the
+    test needs one of its own, e.g. with C{startTLS}); the greeting is consumed.
+    """
     protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+    if transport is None:
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
     protocol.makeConnection(transport)
     client = TestClient(protocol, transport)
     client.greeting = client.output()  # type: ignore[attr-defined]

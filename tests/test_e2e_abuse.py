@@ -84,6 +84,56 @@ HOSTILE = {
 }
 
 
+def test_unread_answers_to_pipelined_commands_stop_the_reading(tmp_path):
+    """
+    A client that pipelines short commands before login and reads none of
+    the answers: once the socket holds a buffer's worth of answers, the
+    server takes no more commands and stops reading (the client's sends
+    stall) rather than queueing answers without bound. Read later, every
+    answer is there, in order, and the session goes on.
+    """
+    import select
+    import threading
+
+    line = b"USER x\r\n"
+    srv = ServerProcess(tmp_path, USERS).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        read_line(sock)
+        before = rss_kib(srv.proc.pid)
+        chunk = memoryview(line * 8192)  # 64 KiB of commands, about 190 KiB of answers
+        sent = 0
+        sock.setblocking(False)
+        while sent < 64 * 1024 * 1024:
+            if not select.select([], [sock], [], 3)[1]:
+                break  # stalled: the server stopped reading
+            sent += sock.send(chunk[sent % len(chunk) :])
+        grown = rss_kib(srv.proc.pid) - before
+        assert sent < 16 * 1024 * 1024, f"the server read {sent >> 20} MiB of commands"
+        assert grown < 16 * 1024, f"server memory grew by {grown} KiB"
+        answers = bytearray()
+
+        def read():
+            while not answers.endswith(b"signing off\r\n"):
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                answers.extend(data)
+
+        sock.setblocking(True)
+        reader = threading.Thread(target=read)
+        reader.start()
+        sock.sendall(line[sent % len(line) :] + b"QUIT\r\n")  # (the last line's end first)
+        reader.join(60)
+        lines = bytes(answers).split(b"\r\n")[:-1]
+        assert lines and lines[-1].startswith(b"+OK") and lines[-1].endswith(b"signing off")
+        assert set(lines[:-1]) == {b"+OK Send your password"}
+        assert len(lines) - 1 == sent // len(line) + 1  # (the last one completed)
+    finally:
+        srv.stop()
+
+
 def test_hostile_messages_are_served_exactly(tmp_path):
     srv = ServerProcess(tmp_path, USERS)
     for i, (name, content) in enumerate(HOSTILE.items()):

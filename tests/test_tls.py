@@ -45,12 +45,8 @@ class TLSCapableTransport(StringTransport):
 def tls_client(pki, **kw):
     tls = ServerTLS(str(pki["cert"]), str(pki["key"]))
     factory, store = memoryServer({"alice": "pw"}, tls=tls, **kw)
-    client = connect(factory)
-    transport = TLSCapableTransport(peerAddress=client.transport.getPeer())
-    client.protocol.transport = transport
-    client.transport = transport
-    client._read = 0
-    return client, tls
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    return connect(factory, transport=TLSCapableTransport(peerAddress=peer)), tls
 
 
 def test_stls_is_offered_and_starts_tls(pki):
