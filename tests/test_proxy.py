@@ -129,6 +129,35 @@ def test_master_login_uses_authzid_and_bad_greeting_is_a_failure():
     assert results[0].check(BackendFailed)  # another backend may be tried
 
 
+class _TLSStringTransport(StringTransport):
+    tlsStarted = False
+
+    def startTLS(self, options):
+        self.tlsStarted = True
+
+
+def test_stls_to_a_backend_trusts_nothing_sent_in_the_clear_behind_its_ok():
+    """
+    CVE-2011-0411 from the client's side: a man in the middle appends
+    answers to CAPA, USER and PASS behind the backend's +OK to STLS. Read
+    after startTLS, they would log the user in; the login fails instead.
+    """
+    for injected, ok in ((b"+OK\r\n.\r\n+OK\r\n+OK forged login\r\n", False), (b"", True)):
+        protocol = BackendLogin(LoginAs("alice", b"pw"), STARTTLS, None)
+        transport = _TLSStringTransport()
+        protocol.makeConnection(transport)
+        results = []
+        protocol.done.addBoth(results.append)
+        protocol.dataReceived(b"+OK backend ready\r\n")
+        assert transport.value() == b"STLS\r\n"
+        protocol.dataReceived(b"+OK Begin TLS\r\n" + injected)
+        assert transport.tlsStarted is ok
+        if ok:
+            assert results == [] and transport.value().endswith(b"CAPA\r\n")
+        else:
+            assert results[0].check(BackendFailed) and transport.disconnecting
+
+
 def test_relay_back_pressure_both_ways():
     protocol, back, results = _login(LoginAs("alice", b"pw"), "none")
     protocol.dataReceived(b"+OK hi\r\n-ERR\r\n")

@@ -213,6 +213,12 @@ class BackendLogin(Protocol):
         if not line.startswith(b"+OK"):
             self._fail(BackendFailed(f"STLS refused: {line[:80]!r}"))
             return
+        if self._buffer:
+            # Bytes behind the +OK came in the clear, where a man in the
+            # middle may have put them (CVE-2011-0411, the client's side):
+            # read as answers over TLS they could log the user in.
+            self._fail(BackendFailed("data in the clear after the STLS answer"))
+            return
         self.transport.startTLS(self.tls)
         self._askCapa()
 
