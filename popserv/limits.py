@@ -6,7 +6,11 @@ failed-login penalty (a delay that doubles with every failure from an
 address, up to a cap, as Dovecot's anvil does).
 
 Delays never block the reactor: the failing connection's answer is simply
-sent later, and every other connection is served meanwhile.
+sent later, and every other connection is served meanwhile. An address that
+failed recently also has its next logins wait their turn before any password
+is checked (L{AuthPenalty.admit}), so a guesser gains nothing by hanging up
+rather than waiting for the late answer, nor by opening connections in
+parallel.
 
 The penalty's counts live in the process, or, given a shared place (a
 L{popserv.interfaces.IFailedLogins}, such as the PostgreSQL store), in that
@@ -16,6 +20,7 @@ place, so an attacker who spreads guesses over N nodes gains nothing.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +91,11 @@ class ConnectionLimits:
 class AuthPenalty:
     """
     Failed logins per client address: the n-th recent failure is answered
-    after C{min(cap, base * 2 ** (n - 1))} seconds. A success from the address
-    clears it; so does C{forget} seconds without failures.
+    after C{min(cap, base * 2 ** (n - 1))} seconds, and the address's next
+    logins are checked one such delay apart (L{admit}). A success from the
+    address clears it; so does C{forget} seconds without failures. At most
+    L{ADDRESSES} addresses are remembered, the least recently failed
+    forgotten first.
 
     With C{shared} (an L{popserv.interfaces.IFailedLogins}) the count is the
     shared one: each failure costs one statement there, and L{failed} gives
@@ -112,20 +120,44 @@ class AuthPenalty:
         self.cap = cap
         self.forget = forget
         self.shared = shared
-        self._failures: dict[str, tuple[int, float]] = {}
+        #: By address: recent failures, the last one's time, and when the
+        #: next login from there may be checked.
+        self._failures: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    #: Addresses remembered at most (each about 200 bytes).
+    ADDRESSES = 100_000
+
+    def admit(self, address: str) -> float:
+        """
+        Seconds a login from C{address} waits before its credentials are
+        checked: none unless the address failed recently. Such logins are
+        checked one delay apart: one that follows a failure's late answer
+        waits no more, one that hung up on it and came back waits for that
+        answer's time, and parallel ones queue.
+        """
+        entry = self._failures.get(address)
+        if entry is None:
+            return 0.0
+        count, last, turn = entry
+        now = self.clock.seconds()
+        if now - last > self.forget:
+            return 0.0
+        start = max(now, turn)
+        self._failures[address] = (count, last, start + self.delay(count))
+        return start - now
 
     def failed(self, address: str) -> float | Deferred[float]:
         """Record a failure; the delay to answer it with (a Deferred if shared)."""
         if self.cap <= 0:
             return 0.0
         now = self.clock.seconds()
-        count, last = self._failures.get(address, (0, now))
+        count, last, turn = self._failures.pop(address, (0, now, now))
         if now - last > self.forget:
             count = 0
         count += 1
-        self._failures[address] = (count, now)
-        if len(self._failures) > 100_000:
-            self._failures = {a: v for a, v in self._failures.items() if now - v[1] <= self.forget}
+        self._failures[address] = (count, now, max(turn, now + self.delay(count)))
+        if len(self._failures) > self.ADDRESSES:
+            self._failures.popitem(last=False)  # the least recently failed
         if self.shared is None:
             return self.delay(count)
         d = maybeDeferred(self.shared.recordFailure, address, now, self.forget)

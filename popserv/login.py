@@ -40,7 +40,7 @@ from popserv.pipeline import PENDING, CommandPipeline, fired
 from popserv.policy import UserSettings
 from popserv.sasl import Challenge, ISASLMechanism, SASLContext
 from popserv.session import Transaction
-from popserv.states import State
+from popserv.states import Lifecycle, State
 from popserv.tls import serverEndPointBinding, tlsConnection
 
 __all__ = ["Authorization"]
@@ -117,16 +117,33 @@ class Authorization(CommandPipeline):
         user, self._pendingUser = self._pendingUser, None
         if user is None:
             raise CommandError("Send USER first")
-        return self._login(UsernamePassword(user, password), "USER")
+        return self._inTurn(self._login, UsernamePassword(user, password), "USER")
 
     @command("APOP", states=_AUTHORIZATION, parse=commands.apop)
     def do_APOP(self, name: str, digest: bytes) -> Deferred[bytes]:
         if self._challenge is None:
             raise CommandError("APOP is not available")
         self._pendingUser = None
-        return self._login(APOPCredentials(name, self._challenge, digest), "APOP")
+        return self._inTurn(self._login, APOPCredentials(name, self._challenge, digest), "APOP")
 
     # -- the login flow ----------------------------------------------------------
+
+    def _inTurn(self, attempt: Callable[..., Any], *args: Any) -> Any:
+        """
+        Make a login attempt (check credentials) when this address's failed
+        logins allow (L{popserv.limits.AuthPenalty.admit}): at once for
+        nearly all; never if the client left meanwhile.
+        """
+        wait = self.factory.penalty.admit(self.stats.ip)
+        if wait <= 0:
+            return attempt(*args)
+        self.stats.penalized()
+        return deferLater(self.factory.clock, wait, self._ifStillHere, attempt, args)
+
+    def _ifStillHere(self, attempt: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if self.lifecycle is not Lifecycle.OPEN:
+            return b""  # gone (or told to go): nothing is checked
+        return attempt(*args)
 
     def _login(self, credentials: Any, mechanism: str) -> Deferred[bytes]:
         started = time.monotonic()
@@ -151,7 +168,9 @@ class Authorization(CommandPipeline):
         # The auth source's name for the user (a realm of popserv's says it):
         # the maildrop, the settings and the login record go by it.
         user = getattr(logout, "avatarId", user)
-        if not self.lifecycle.connected:
+        if self.lifecycle is not Lifecycle.OPEN:
+            # Gone, or told to go (the autologout's goodbye came first):
+            # what the login took is given back, no maildrop is opened.
             self._runLogout()
             return b""
         listed = time.monotonic()
@@ -172,7 +191,7 @@ class Authorization(CommandPipeline):
     ) -> bytes:
         factory = self.factory
         self.stats.backend("list", listed)
-        if not self.lifecycle.connected:
+        if self.lifecycle is not Lifecycle.OPEN:
             self._runLogout()
             return b""
         self.transaction = Transaction(mailbox, messages)
@@ -202,7 +221,7 @@ class Authorization(CommandPipeline):
         this protocol parses nothing more and only keeps the idle timer and
         the logout line (see L{popserv.proxy}).
         """
-        if not self.lifecycle.connected:
+        if self.lifecycle is not Lifecycle.OPEN:
             self._runLogout()
             return b""
         self.stats.backend_host = session.backendName
@@ -315,7 +334,7 @@ class Authorization(CommandPipeline):
         self._pendingUser = None
         self._sasl = chosen.exchange(context)
         self._saslMechanism = chosen.name
-        return self._saslStep(initial)
+        return self._inTurn(self._saslStep, initial)
 
     def _saslResponse(self, line: bytes) -> None:
         if line == b"*":

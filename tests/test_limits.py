@@ -96,6 +96,70 @@ def test_sasl_failures_are_penalized_too(guarded):
     assert client.lines() == [b"-ERR [AUTH] Authentication failed"]
 
 
+def test_a_guesser_who_hangs_up_on_the_late_answer_waits_all_the_same(guarded):
+    """
+    The late -ERR alone let a guesser hang up and try again at once, the
+    right password answered +OK without delay. An address's next login is
+    checked only when that late answer would have come, and one whose
+    client left meanwhile is never checked (it does not count as a failure).
+    """
+    factory, clock = guarded
+    guesser = connect(factory, peer="198.51.100.9")
+    fail_once(guesser)
+    guesser.disconnect()  # no waiting for the -ERR
+    again = connect(factory, peer="198.51.100.9")
+    again.send(b"USER alice\r\nPASS pw\r\n")
+    assert again.lines() == [b"+OK Send your password"]
+    clock.advance(0.99)
+    assert again.lines() == []
+    clock.advance(0.01)
+    assert again.lines() == [b"+OK Logged in, 0 messages (0 octets)"]
+    again.send(b"QUIT\r\n")
+    fail_once(connect(factory, peer="198.51.100.9"))  # a fresh count: answered in 1 s
+    gone = connect(factory, peer="198.51.100.9")
+    fail_once(gone)  # waits its turn (1 s)...
+    gone.disconnect()  # ...and leaves before it: never checked
+    clock.advance(2)
+    late = connect(factory, peer="198.51.100.9")
+    fail_once(late)
+    clock.advance(1.99)  # the second failure's delay (2 s), not the third's (4 s)
+    assert late.lines()[-1] != b"-ERR [AUTH] Authentication failed"
+    clock.advance(0.01)
+    assert late.lines()[-1] == b"-ERR [AUTH] Authentication failed"
+
+
+def test_parallel_guesses_from_one_address_are_checked_one_delay_apart(guarded):
+    """
+    After a failure, three connections guess at once: the first is checked
+    at once (its turn had come), the others one delay after the previous
+    turn; each failure then answers late as usual (2, 4, 8 s).
+    """
+    factory, clock = guarded
+    fail_once(connect(factory, peer="198.51.100.9"))
+    clock.advance(1)
+    clients = [connect(factory, peer="198.51.100.9") for _ in range(3)]
+    for client in clients:
+        fail_once(client)
+    answered = []
+    for step in range(1, 60):
+        clock.advance(0.25)
+        answered += [step / 4 for c in clients if c.output().endswith(b"failed\r\n")]
+    assert answered == [2, 6, 12]  # checked at 0, 2 and 4 s
+
+
+def test_the_penalty_remembers_a_bounded_number_of_addresses():
+    """A flood of failures from ever new addresses (an IPv6 /64) costs bounded memory and time."""
+    clock = Clock()
+    penalty = AuthPenalty(clock)
+    penalty.ADDRESSES = 50
+    for n in range(200):
+        penalty.failed(f"2001:db8::{n:x}")
+        clock.advance(0.1)
+    assert len(penalty._failures) == 50
+    assert penalty.failed("2001:db8::c7") == 2  # the most recent are kept
+    assert penalty.failed("2001:db8::1") == 1  # the oldest forgotten
+
+
 def test_penalty_is_forgotten_after_quiet_time():
     clock = Clock()
     penalty = AuthPenalty(clock, forget=3600)

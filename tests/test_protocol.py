@@ -457,6 +457,30 @@ def test_async_login_holds_pipelined_commands_in_order():
     assert client.lines() == [b"+OK Logged in, 1 message (23 octets)", b"+OK 1 23", b"+OK"]
 
 
+def test_a_login_that_ends_after_the_autologout_opens_nothing():
+    """
+    The login timer said goodbye while the auth source was still answering:
+    its late yes must not open and lock the maildrop, nor set the session's
+    10-minute timer again (a client that does not read would hold the lock).
+    """
+    checker = SlowChecker()
+    clock = Clock()
+    factory = POP3Factory(Portal(MailboxRealm(MemoryStore()), [checker]), clock)
+    client = connect(factory)
+    client.send(b"USER alice\r\nPASS x\r\n")
+    client.output()
+    clock.advance(factory.loginTimeout + 1)
+    assert client.lines() == [b"-ERR Disconnected for inactivity"]
+    checker.pending[0].callback("alice")  # the source answers late
+    assert client.protocol.state is State.AUTHORIZATION and client.protocol.transaction is None
+    assert client.lines() == []
+    assert client.protocol.deadline <= clock.seconds() + factory.abortGrace  # (cut soon)
+    again = connect(factory)  # the maildrop is free
+    again.send(b"USER alice\r\nPASS x\r\n")
+    checker.pending[1].callback("alice")
+    assert again.lines()[-1].startswith(b"+OK Logged in")
+
+
 def test_async_mailbox_operations():
     """Every mailbox method may return a Deferred; answers still come in order."""
     gates: list[Deferred] = []
