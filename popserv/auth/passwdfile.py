@@ -119,13 +119,13 @@ def parsePasswdFile(
 @implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource, IUserDirectory)
 class PasswdFileChecker(CredentialChecks):
     """
-    Checks USER/PASS and SASL PLAIN/LOGIN (L{IUsernamePassword}), APOP and
-    CRAM-MD5 (L{IUsernameHashedPassword}, only for C{{PLAIN}} accounts: no
+    Checks USER/PASS and SASL PLAIN/LOGIN (C{IUsernamePassword}), APOP and
+    CRAM-MD5 (C{IUsernameHashedPassword}, only for C{{PLAIN}} accounts: no
     other scheme yields the shared secret), SCRAM results
     (L{IVerifiedCredentials}: the keys came from here) and master-user logins
     (L{IImpersonation}, for the users in C{masterUsers}).
 
-    Unknown users and wrong passwords fail alike, with L{UnauthorizedLogin},
+    Unknown users and wrong passwords fail alike, with C{UnauthorizedLogin},
     after the same work and with the same answer on the wire; an unknown
     user's failure is its subclass L{UnknownUser}, so that a chain of
     sources can tell the two apart.
