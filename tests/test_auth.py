@@ -12,14 +12,15 @@ from passlib.hash import argon2, bcrypt, sha256_crypt, sha512_crypt
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
-from popserv.auth.credentials import APOPCredentials, UsernamePassword
+from popserv.auth.credentials import APOPCredentials, Impersonation, UsernamePassword
 from popserv.auth.passwdfile import PasswdFileChecker, parsePasswdFile
 from popserv.auth.realm import MailboxRealm
 from popserv.auth.schemes import UnknownScheme, parseStoredPassword
 from popserv.backends.memory import MemoryStore
-from popserv.errors import UnknownUser
+from popserv.errors import AccountDisabled, UnknownUser
 from popserv.interfaces import IMailbox
 from popserv.pipeline import errorReply
 from popserv.threads import synchronously
@@ -110,6 +111,61 @@ def test_apop_only_for_plaintext_secrets(checker):
         assert result.check(UnauthorizedLogin)
     bad = APOPCredentials("plain", challenge, b"0" * 32)
     assert outcome(checker.requestAvatarId(bad)).check(UnauthorizedLogin)
+
+
+def test_unknown_user_costs_no_thread_where_no_check_would(tmp_path):
+    """With no slow hash in the file, a real check is quick: an unknown user's is too."""
+    path = tmp_path / "passwd"
+    path.write_text("alice:{PLAIN}pw\n")
+    runs = []
+
+    def run(f, *args):
+        runs.append(f)
+        return synchronously(f, *args)
+
+    checker = PasswdFileChecker(path, runInThread=run)
+    assert outcome(checker.requestAvatarId(UsernamePassword("mallory", b"pw"))).check(UnknownUser)
+    assert runs == []
+
+
+def test_the_verdict_reads_the_line_the_file_has_once_the_hash_is_checked(tmp_path):
+    """A line removed or marked nologin while a slow hash is checked counts at once."""
+    path = tmp_path / "passwd"
+    path.write_text(f"alice:{HASHES['argon']}\nbob:{HASHES['argon']}\n")
+    pending = []
+
+    def later(f, *args):
+        d = Deferred()
+        pending.append(lambda: d.callback(f(*args)))
+        return d
+
+    checker = PasswdFileChecker(path, runInThread=later)
+    alice = checker.requestAvatarId(UsernamePassword("alice", b"pw"))
+    bob = checker.requestAvatarId(UsernamePassword("bob", b"pw"))
+    path.write_text(f"bob:{HASHES['argon']}:::::: nologin\n")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert checker.users == {"bob"}
+    for fire in pending:
+        fire()
+    assert outcome(alice).check(UnknownUser)
+    assert outcome(bob).check(AccountDisabled)
+
+
+def test_master_users_act_as_users_of_the_file(tmp_path):
+    """Master-user logins, as the SQL and LDAP sources have them (the checks are shared)."""
+    path = tmp_path / "passwd"
+    path.write_text("admin:{PLAIN}secret\nalice:{PLAIN}pw\ncarol:{PLAIN}c:::::: nologin\n")
+    checker = PasswdFileChecker(path, runInThread=synchronously, masterUsers=frozenset({"admin"}))
+    admin = UsernamePassword("admin", b"secret")
+    assert outcome(checker.requestAvatarId(Impersonation("alice", admin))) == "alice"
+    wrong = Impersonation("alice", UsernamePassword("admin", b"x"))
+    assert outcome(checker.requestAvatarId(wrong)).type is UnauthorizedLogin
+    notMaster = Impersonation("admin", UsernamePassword("alice", b"pw"))
+    assert outcome(checker.requestAvatarId(notMaster)).type is UnauthorizedLogin
+    unknown = Impersonation("nobody", admin)
+    assert outcome(checker.requestAvatarId(unknown)).check(UnknownUser)
+    assert outcome(checker.requestAvatarId(Impersonation("carol", admin))).check(AccountDisabled)
 
 
 def test_passwd_file_reloads_when_changed(checker, passwd):

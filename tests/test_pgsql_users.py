@@ -18,7 +18,7 @@ from twisted.internet import task
 
 from popserv.admin import main
 from popserv.auth.cache import VerificationCache
-from popserv.auth.credentials import UsernamePassword
+from popserv.auth.credentials import APOPCredentials, Impersonation, UsernamePassword
 from popserv.backends.pgsql.schema import CURRENT
 from popserv.errors import AccountDisabled, TemporaryFailure, UnknownUser
 from popserv.threads import synchronously
@@ -145,6 +145,71 @@ def test_scram_keys_for_plain_users(passdb):
     assert result(passdb.scramKeys("alice", "SCRAM-SHA-256")) is keys  # derived once
     assert result(passdb.scramKeys("bob", "SCRAM-SHA-256")) is None  # bcrypt yields none
     assert result(passdb.scramKeys("nobody", "SCRAM-SHA-256")) is None
+
+
+def test_a_master_user_acts_as_another(users):
+    """Master-user logins, as the passwd-file has them (the checks are shared)."""
+    source = makePassdb(users, masterUsers=frozenset({"alice"}))
+    try:
+        acting = Impersonation("bob", UsernamePassword("alice", b"wonderland"))
+        assert result(source.requestAvatarId(acting)) == "bob"
+        with pytest.raises(UnauthorizedLogin) as wrong:
+            result(source.requestAvatarId(Impersonation("bob", UsernamePassword("alice", b"x"))))
+        assert not isinstance(wrong.value, UnknownUser)
+        with pytest.raises(UnauthorizedLogin):  # bob is no master user
+            result(
+                source.requestAvatarId(Impersonation("alice", UsernamePassword("bob", b"builder")))
+            )
+        with pytest.raises(UnknownUser):
+            result(
+                source.requestAvatarId(Impersonation("nobody", UsernamePassword("alice", b"x")))
+            )
+        with pytest.raises(AccountDisabled):
+            result(source.requestAvatarId(Impersonation("carol", acting.credentials)))
+    finally:
+        source.close()
+
+
+def test_slow_hashes_and_decoys_run_in_the_thread_runner(users):
+    """
+    Only the lookup runs in a thread for a fast scheme; a slow one's check
+    runs there too, and an unknown user costs a check of the same kind: a
+    slow hash seen before, or a throw-away argon2 one while there is none.
+    """
+    runs = []
+
+    def run(f, *args):
+        runs.append(f.__name__)
+        return synchronously(f, *args)
+
+    from popserv.auth.pgsql import PgPassdb
+    from popserv.backends.pgsql.connections import Database
+
+    source = PgPassdb(Database(users, 2, 2), runInThread=run)
+    fresh = PgPassdb(Database(users, 2, 2), runInThread=run)
+    try:
+        for checker, user, password, checks in [
+            (source, "alice", "wonderland", []),
+            (source, "bob", "builder", ["verify"]),
+            (source, "nobody", "pw", ["_decoyCheck"]),
+            (fresh, "nobody", "pw", ["_decoyCheck"]),
+        ]:
+            runs.clear()
+            try:
+                login(checker, user, password)
+            except UnknownUser:
+                assert user == "nobody"
+            assert runs == ["_find", *checks]
+        assert source._decoy[0].name == "BLF-CRYPT"  # bob's: a real check's cost
+        assert fresh._decoy[0].name == "ARGON2ID"  # nothing slow seen: made up
+        runs.clear()
+        apop = APOPCredentials("nobody", b"<1.2@h>", b"0" * 32)
+        with pytest.raises(UnknownUser):  # APOP checks no hash: no decoy either
+            result(source.requestAvatarId(apop))
+        assert runs == ["_find"]
+    finally:
+        source.close()
+        fresh.close()
 
 
 def test_database_unreachable_is_temporary():

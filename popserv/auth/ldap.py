@@ -381,13 +381,11 @@ class LdapPassdb(LookupPassdb):
 
     # -- checks ------------------------------------------------------------------------
 
-    def _checkPassword(self, found: Any, credentials: Any) -> Deferred[bool]:
+    def _checkPassword(self, name: str, found: Any, password: bytes) -> Deferred[bool]:
         """In the bind mode, the directory checks the password: bind as the user."""
         if not self.authBind:
-            return super()._checkPassword(found, credentials)
-        if not IUsernamePassword.providedBy(credentials):
-            return succeed(False)
-        return self._runInThread(self._bindAs, found.dn, credentials.password)  # type: ignore[no-any-return]
+            return super()._checkPassword(name, found, password)
+        return self._runInThread(self._bindAs, found.dn, password)  # type: ignore[no-any-return]
 
     def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
         if self.authBind:

@@ -19,25 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
-from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
+from popserv.auth.credentials import IImpersonation
 from popserv.auth.schemes import Scheme, UnknownScheme, parseStoredPassword
-from popserv.auth.scramkeys import (
-    PROCESS_SALT_KEY,
-    ISecretSource,
-    ScramKeys,
-    deriveScramKeys,
-    parseScramSecret,
-    stableSalt,
-)
-from popserv.errors import AccountDisabled, UnknownUser
-from popserv.interfaces import IUserDirectory, UnverifiedUser
+from popserv.auth.scramkeys import ISecretSource, ScramKeys
+from popserv.auth.verify import NO_PASSWORD, Account, CredentialChecks
+from popserv.interfaces import IUserDirectory
 from popserv.policy import IUserSettingsSource, parseExpire
 from popserv.proxy.fields import routingSetting, yes
 from popserv.threads import RunInThread, reactorThreads
@@ -56,14 +47,6 @@ class PasswdEntry:
     settings: dict[str, Any] = field(default_factory=dict)
     disabled: bool = False
 
-
-def _nothingMatches(password: bytes, secret: str) -> bool:
-    return False
-
-
-#: The scheme of a C{nopassword=y} line: nothing is checked here, and
-#: nothing matches (APOP, CRAM-MD5 and SCRAM need a secret; there is none).
-NO_PASSWORD = Scheme("NOPASSWORD", _nothingMatches, slow=False)
 
 #: Quota fields (enforced at LMTP delivery) and their settings' names.
 _QUOTAS = {"quota_bytes": "quotaBytes", "quota_messages": "quotaMessages"}
@@ -134,29 +117,25 @@ def parsePasswdFile(
 
 
 @implementer(ICredentialsChecker, ISecretSource, IUserSettingsSource, IUserDirectory)
-class PasswdFileChecker:
+class PasswdFileChecker(CredentialChecks):
     """
-    Checks USER/PASS and SASL PLAIN/LOGIN (L{IUsernamePassword}), APOP and
-    CRAM-MD5 (L{IUsernameHashedPassword}, only for C{{PLAIN}} accounts: no
+    Checks USER/PASS and SASL PLAIN/LOGIN (C{IUsernamePassword}), APOP and
+    CRAM-MD5 (C{IUsernameHashedPassword}, only for C{{PLAIN}} accounts: no
     other scheme yields the shared secret), SCRAM results
     (L{IVerifiedCredentials}: the keys came from here) and master-user logins
     (L{IImpersonation}, for the users in C{masterUsers}).
 
-    Unknown users and wrong passwords fail alike, with L{UnauthorizedLogin},
+    Unknown users and wrong passwords fail alike, with C{UnauthorizedLogin},
     after the same work and with the same answer on the wire; an unknown
     user's failure is its subclass L{UnknownUser}, so that a chain of
     sources can tell the two apart.
 
+    The checks are L{CredentialChecks}; this class finds the accounts in
+    the file.
+
     @param runInThread: runs slow hashes (argon2, bcrypt, crypt, PBKDF2) off
         the reactor thread.
     """
-
-    credentialInterfaces = (
-        IUsernamePassword,
-        IUsernameHashedPassword,
-        IVerifiedCredentials,
-        IImpersonation,
-    )
 
     def __init__(
         self,
@@ -170,21 +149,13 @@ class PasswdFileChecker:
         self.path = os.fspath(path)
         #: Seconds a check of the file stands for what does not authenticate.
         self.recheck = recheck
-        #: SCRAM salts for plaintext passwords derive from it, so a user keeps
-        #: one salt across reloads of the file (and, given one key, across
-        #: workers): see L{popserv.auth.scramkeys}.
-        self.saltKey = saltKey or PROCESS_SALT_KEY
-        self._runInThread = runInThread or reactorThreads()
-        self.masterUsers = frozenset(masterUsers)
-        #: Remembers recent successful slow-hash checks (see L{VerificationCache}).
-        self.cache = cache
+        # The salt key: SCRAM salts of plaintext passwords stay the same
+        # across reloads of the file (and, given one key, across workers).
+        self._setUpChecks(runInThread or reactorThreads(), masterUsers, cache, saltKey)
         self._stamp: tuple[int, int, int, int] | None = None
         self._checked = float("-inf")  # monotonic time of the last stat
         self._users: dict[str, PasswdEntry] = {}
-        self._kinds: frozenset[str] = frozenset()
         self._overridden: frozenset[str] = frozenset()
-        self._derived: dict[tuple[str, str, str], ScramKeys] = {}
-        self._decoy: PasswdEntry | None = None
         self._load()
 
     def _load(self, maxAge: float = 0.0) -> None:
@@ -218,16 +189,13 @@ class PasswdFileChecker:
             )
             return
         self._users = parsePasswdFile(text, self.path)
-        kinds = set()
+        self._kinds = frozenset()
+        self._decoy = None
         for entry in self._users.values():
-            if entry.scheme.plaintext:
-                kinds.add("plaintext")
-            if entry.scheme.scram:
-                kinds.add(entry.scheme.scram)
-        self._kinds = frozenset(kinds)
+            self._learnSecret(entry.scheme, entry.secret)
+        # With no slow hash in the file, no real check costs a thread either.
+        self._decoys = self._decoy is not None
         self._overridden = frozenset(k for e in self._users.values() for k in e.settings)
-        # An account whose hash an unknown user name is checked against.
-        self._decoy = next((e for e in self._users.values() if e.scheme.slow), None)
         self._derived.clear()
         self._stamp = stamp
 
@@ -250,76 +218,17 @@ class PasswdFileChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         self._load()
+        name = credentials.username
         if IImpersonation.providedBy(credentials):
-            return self._impersonate(credentials)
-        entry = self._users.get(credentials.username)
+            return self._actAs(name, self._users.get(name), credentials)
+        entry = self._users.get(name)
         if entry is None:
             return self._unknownUser(credentials)
-        scheme, secret = entry.scheme, entry.secret
-        if IUsernamePassword.providedBy(credentials):
-            if scheme is NO_PASSWORD:
-                # Only the user's backend may check this password (see UnverifiedUser).
-                return maybeDeferred(self._verdict, True, UnverifiedUser(credentials.username))
-            password = credentials.password
-            if scheme.slow:
-                cache = self.cache
-                if cache is not None and cache.known(credentials.username, secret, password):
-                    d = succeed(True)
-                else:
-                    d = self._runInThread(scheme.verify, password, secret)
-                    if cache is not None:
-                        d.addCallback(self._remember, credentials.username, secret, password)
-            else:
-                d = maybeDeferred(scheme.verify, password, secret)
-        elif IUsernameHashedPassword.providedBy(credentials) and scheme.plaintext:
-            d = succeed(credentials.checkPassword(secret.encode("utf-8")))
-        elif IVerifiedCredentials.providedBy(credentials):
-            d = succeed(True)
-        else:
-            return fail(UnauthorizedLogin())
-        return d.addCallback(self._verdict, credentials.username)
+        return self._check(name, entry, credentials)
 
-    def _remember(self, matched: bool, user: str, secret: str, password: bytes) -> bool:
-        if matched and self.cache is not None:
-            self.cache.remember(user, secret, password)
-        return matched
-
-    def _unknownUser(self, credentials: Any) -> Deferred[str]:
-        """
-        Fail, but only after the work a real account's check would cost: a
-        quick refusal would tell a guesser which user names exist.
-        """
-        decoy = self._decoy
-        if decoy is None or not IUsernamePassword.providedBy(credentials):
-            return fail(UnknownUser())
-        d = self._runInThread(decoy.scheme.verify, credentials.password, decoy.secret)
-        return d.addCallback(_unknown)
-
-    def _verdict(self, matched: bool, username: str) -> str:
-        if not matched:
-            raise UnauthorizedLogin()
-        entry = self._users.get(username)
-        if entry is None:
-            raise UnknownUser()
-        if entry.disabled:
-            raise AccountDisabled()
-        return username
-
-    def _impersonate(self, credentials: Any) -> Deferred[str]:
-        actor = credentials.credentials
-        if credentials.username not in self._users:
-            return fail(UnknownUser())
-        if actor.username not in self.masterUsers:
-            return fail(UnauthorizedLogin())
-        d = self.requestAvatarId(actor)
-        return d.addCallback(self._actedAs, credentials.username)
-
-    def _actedAs(self, actor: str, user: str) -> str:
-        if isinstance(actor, UnverifiedUser):
-            # A master user's password must be checked here: nobody checks
-            # it later when the master acts as someone else.
-            raise UnauthorizedLogin()
-        return self._verdict(True, user)
+    def _current(self, name: str, found: Account) -> Account | None:
+        # The file may have been re-read while a slow hash was checked.
+        return self._users.get(name)
 
     # -- ISecretSource -----------------------------------------------------------
 
@@ -329,20 +238,8 @@ class PasswdFileChecker:
 
     def scramKeys(self, user: str, mechanism: str) -> Deferred[ScramKeys | None]:
         self._load()
-        entry = self._users.get(user)
-        if entry is None:
-            return succeed(None)
-        if entry.scheme.scram == mechanism:
-            return succeed(parseScramSecret(entry.secret))
-        if not entry.scheme.plaintext:
-            return succeed(None)
-        key = (user, mechanism, entry.secret)
-        if key in self._derived:
-            return succeed(self._derived[key])
-        salt = stableSalt(self.saltKey, mechanism, user)
-        d = self._runInThread(deriveScramKeys, mechanism, entry.secret, salt)
-        d.addCallback(lambda keys: self._derived.setdefault(key, keys))
-        return d
+        keys = self._keys(self._users.get(user), user, mechanism)
+        return keys if isinstance(keys, Deferred) else succeed(keys)
 
     # -- IUserSettingsSource -------------------------------------------------------
 
@@ -354,7 +251,3 @@ class PasswdFileChecker:
     def overriddenSettings(self) -> frozenset[str]:
         self._load(self.recheck)
         return self._overridden
-
-
-def _unknown(_matched: object) -> str:
-    raise UnknownUser()

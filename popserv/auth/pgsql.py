@@ -36,12 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.auth.cache import VerificationCache
-from popserv.auth.credentials import IImpersonation, IVerifiedCredentials
 from popserv.auth.lookup import SETTING_FIELDS, LookupPassdb, userSettings
 from popserv.auth.schemes import SCHEMES, Scheme, UnknownScheme, parseStoredPassword
 from popserv.auth.scramkeys import (
@@ -111,13 +109,6 @@ class PgPassdb(LookupPassdb):
     @param database: a L{popserv.backends.pgsql.connections.Database}.
     @param query: the password query (see the module docstring).
     """
-
-    credentialInterfaces = (
-        IUsernamePassword,
-        IUsernameHashedPassword,
-        IVerifiedCredentials,
-        IImpersonation,
-    )
 
     def __init__(
         self,
