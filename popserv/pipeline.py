@@ -209,7 +209,7 @@ class CommandPipeline(LineReceiver):
                 self._processInput()
 
     def stopProducing(self) -> None:
-        """The connection is gone (L{connectionLost} follows): nothing to stop."""
+        """The connection is gone (C{connectionLost} follows): nothing to stop."""
         self._outputPaused = None
 
     def _close(self) -> None:
