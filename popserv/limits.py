@@ -133,7 +133,8 @@ class AuthPenalty:
         checked: none unless the address failed recently. Such logins are
         checked one delay apart: one that follows a failure's late answer
         waits no more, one that hung up on it and came back waits for that
-        answer's time, and parallel ones queue.
+        answer's time, and parallel ones queue, none longer than C{cap} (a
+        user behind the guesser's NAT waits no longer than its answers do).
         """
         entry = self._failures.get(address)
         if entry is None:
@@ -142,7 +143,7 @@ class AuthPenalty:
         now = self.clock.seconds()
         if now - last > self.forget:
             return 0.0
-        start = max(now, turn)
+        start = min(max(now, turn), now + self.cap)
         self._failures[address] = (count, last, start + self.delay(count))
         return start - now
 
