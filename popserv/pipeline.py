@@ -408,8 +408,14 @@ class CommandPipeline(LineReceiver):
         self._lastStreamed = self._producer.written
         self.stats.bytes_out += self._producer.written
         self._producer = None
+        if isinstance(result, Failure) and result.check(ConnectionLost):
+            # The transport stopped the stream as the connection went, before
+            # telling us (connectionLost): no pipelined command may run now
+            # (a QUIT behind the RETR would remove what never arrived).
+            self._close()
+            return b""
         self._watchOutput()
-        if isinstance(result, Failure) and not result.check(ConnectionLost):
+        if isinstance(result, Failure):
             # The +OK line is out: a -ERR now would be read as message data.
             # Cut the connection so the client sees an incomplete response.
             _log.failure("storage failed while streaming to {user}", result, user=self.stats.user)

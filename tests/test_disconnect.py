@@ -59,6 +59,26 @@ def test_pipelined_dele_and_quit_after_a_cut_retr_never_run():
     assert not store.maildrop("alice").locked  # the implicit RSET released the lock
 
 
+def test_nothing_runs_between_the_transport_stopping_a_stream_and_the_loss():
+    """
+    A real transport stops its producer (the RETR's stream) before it tells
+    the protocol that the connection is lost: the DELE and QUIT pipelined
+    behind the RETR must not run in between (they removed the message the
+    client never got), nor may the session take the transport for its own.
+    """
+    client, store = stalledSession()
+    client.send(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    transport = client.transport
+    stream, transport.producer = transport.producer, None  # (as FileDescriptor does)
+    stream.stopProducing()
+    assert transport.producer is None
+    client.disconnect()
+    assert len(store.maildrop("alice").messages) == 2
+    assert client.protocol.stats.dele == 0 and client.protocol.stats.reason == "disconnect"
+    assert client.protocol.lifecycle is Lifecycle.ENDED
+    assert not store.maildrop("alice").locked
+
+
 def test_pipelined_login_after_a_drop_never_runs():
     """Commands pipelined behind a cut-off listing do not log a gone client in."""
     factory, store = memoryServer({"alice": "pw"})

@@ -134,6 +134,38 @@ def test_unread_answers_to_pipelined_commands_stop_the_reading(tmp_path):
         srv.stop()
 
 
+def test_a_client_gone_mid_retr_leaves_its_pipelined_quit_unrun(tmp_path):
+    """
+    RETR 1, DELE 1 and QUIT pipelined, and the client resets the connection
+    mid-RETR (a cancelled download): message 1 stays, and the session ends
+    as a dropped one, with no error logged.
+    """
+    import struct
+
+    srv = ServerProcess(tmp_path, USERS)
+    body = (b"x" * 99 + b"\n") * (20 * 1024 * 1024 // 100)
+    deliver(srv.maildir("alice"), b"Subject: big\n\n" + body, name="1.big.h")
+    srv.start()
+    try:
+        sock = login(srv.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+        assert read_line(sock).startswith(b"+OK")  # the stream has begun
+        time.sleep(0.5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: gone mid-RETR
+        log = srv.waitForLog("reason=")
+        time.sleep(0.3)
+        log = srv.log
+    finally:
+        srv.stop()
+    maildir = srv.maildir("alice")
+    left = os.listdir(maildir / "cur") + os.listdir(maildir / "new")
+    assert any(name.startswith("1.big.h") for name in left), left
+    assert "reason=disconnect" in log and "removed=0" in log, log[-800:]
+    assert "Traceback" not in log and "critical" not in log, log[-2000:]
+
+
 def test_hostile_messages_are_served_exactly(tmp_path):
     srv = ServerProcess(tmp_path, USERS)
     for i, (name, content) in enumerate(HOSTILE.items()):
