@@ -45,19 +45,30 @@ def login(port: int) -> socket.socket:
     return sock
 
 
+def bigMessageServer(tmp_path, mib: int, extra: str = "") -> ServerProcess:
+    """A started server whose alice has one message of C{mib} MiB, C{1.big.h}."""
+    srv = ServerProcess(tmp_path, USERS, extra=extra)
+    body = (b"x" * 99 + b"\n") * (mib * 1024 * 1024 // 100)
+    deliver(srv.maildir("alice"), b"Subject: big\n\n" + body, name="1.big.h")
+    return srv.start()
+
+
+def slowReader(port: int) -> socket.socket:
+    """Logged in as alice, with a receive buffer that fills at once."""
+    sock = login(port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
 def test_stalled_reader_costs_bounded_memory_and_times_out(tmp_path):
     """
     A client that sends RETR of a 50 MiB message and reads nothing: the server
     stops reading the file when the socket is full (back-pressure), its memory
     stays flat, and the session times out without touching the maildrop.
     """
-    srv = ServerProcess(tmp_path, USERS, extra="timeout = 3\n")
-    body = (b"x" * 99 + b"\n") * (50 * 1024 * 1024 // 100)
-    deliver(srv.maildir("alice"), b"Subject: big\n\n" + body, name="1.big.h")
-    srv.start()
+    srv = bigMessageServer(tmp_path, 50, extra="timeout = 3\n")
     try:
-        sock = login(srv.port)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock = slowReader(srv.port)
         before = rss_kib(srv.proc.pid)
         sock.sendall(b"RETR 1\r\n")
         time.sleep(1.0)
@@ -142,13 +153,9 @@ def test_a_client_gone_mid_retr_leaves_its_pipelined_quit_unrun(tmp_path):
     """
     import struct
 
-    srv = ServerProcess(tmp_path, USERS)
-    body = (b"x" * 99 + b"\n") * (20 * 1024 * 1024 // 100)
-    deliver(srv.maildir("alice"), b"Subject: big\n\n" + body, name="1.big.h")
-    srv.start()
+    srv = bigMessageServer(tmp_path, 20)
     try:
-        sock = login(srv.port)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock = slowReader(srv.port)
         sock.sendall(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
         assert read_line(sock).startswith(b"+OK")  # the stream has begun
         time.sleep(0.5)
