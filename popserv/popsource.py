@@ -112,6 +112,13 @@ class _Connection:
             return data[:-2]
         return data[:-1] if data.endswith(b"\n") else data
 
+    def piece(self) -> bytes:
+        """The next line as sent, or its next L{_MAX_LINE} octets if longer (a body's)."""
+        data = self.file.readline(_MAX_LINE)
+        if not data:
+            raise SourceError("the server closed the connection")
+        return data
+
     def response(self) -> str:
         line = self.line()
         if line.startswith(b"+OK"):
@@ -158,24 +165,42 @@ class _Reader:
         self._connection = connection
         connection.command(f"RETR {number}")
         self._done = False
+        self._lineStart = True
+        self._heldCR = False  # a piece ended in CR: half of a CRLF, or data
         self.sha256 = hashlib.sha256()
         self.octets = 0
 
     def read(self, size: int) -> bytes:
+        # Piece by piece, not line by line: a line may be longer than any
+        # limit a status line has (generated HTML, unwrapped base64).
         out = []
         count = 0
         while not self._done and count < size:
-            line = self._connection.line()
-            if line == b".":
-                self._done = True
-                break
-            if line.startswith(b"."):
-                line = line[1:]
-            wire = line + b"\r\n"
-            self.sha256.update(wire)
-            self.octets += len(wire)
-            out.append(line + b"\n")
-            count += len(line) + 1
+            piece = self._connection.piece()
+            if self._lineStart:
+                if piece in (b".\r\n", b".\n"):
+                    self._done = True
+                    break
+                if piece.startswith(b"."):
+                    piece = piece[1:]
+            ends = piece.endswith(b"\n")
+            body = piece[: -2 if piece.endswith(b"\r\n") else -1] if ends else piece
+            if self._heldCR:
+                self._heldCR = False
+                if piece != b"\n":
+                    body = b"\r" + body  # (the CR of a CRLF split across pieces: dropped)
+            if not ends and body.endswith(b"\r"):
+                body = body[:-1]
+                self._heldCR = True
+            self._lineStart = ends
+            self.sha256.update(body)
+            self.octets += len(body)
+            out.append(body)
+            if ends:
+                self.sha256.update(b"\r\n")
+                self.octets += 2
+                out.append(b"\n")
+            count += len(body) + ends
         return b"".join(out)
 
     def close(self) -> None:
