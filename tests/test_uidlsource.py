@@ -109,6 +109,19 @@ def test_uw_ipop3d(tmp_path):
     assert uidls(tmp_path, "uw") == ["499602d200000001", "499602d200000002", "3.c"]
 
 
+def test_a_name_that_holds_its_uidl_keeps_it_whatever_the_source_says(tmp_path):
+    """
+    A message migrated in (or delivered with a given UIDL) has it in its
+    name's U= field: a store configured to carry foreign UIDLs over (for
+    other maildrops taken over in place) must not give it its X-UIDL.
+    """
+    maildir(
+        tmp_path, {"cur/1.a,U=given-1:2,S": b"X-UIDL: header\n\n", "cur/2.b": b"X-UIDL: b\n\n"}
+    )
+    assert uidls(tmp_path, "xuidl") == ["given-1", "b"]
+    assert uidls(tmp_path, "native") == ["given-1", "b"]
+
+
 def test_recorded_uidls_stay(tmp_path):
     """
     Once listed, a carried-over UIDL is in the index and stays (source gone,

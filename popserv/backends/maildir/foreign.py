@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from popserv.backends.maildir.names import baseName
+from popserv.backends.maildir.names import baseName, givenUID
 from popserv.interfaces import validUID
 
 __all__ = [
@@ -305,15 +305,20 @@ def carryOver(
     listed already. Returns how many were recorded now.
     """
     bases = [baseName(entry[4]) for entry in found]
+    # A name that holds its UIDL (a migration's, a delivery's given one)
+    # keeps it: no other server's file or header says otherwise.
+    given = {base for base, entry in zip(bases, found, strict=True) if givenUID(entry[1])}
     fresh = [
-        (base, entry[4]) for base, entry in zip(bases, found, strict=True) if base not in recorded
+        (base, entry[4])
+        for base, entry in zip(bases, found, strict=True)
+        if base not in recorded and base not in given
     ]
     record = bool(fresh) and not source.native
     proposed = source.proposals(maildir, fresh) if record else {}
     wanted: list[str | None] = []
     for base in bases:
         uidl = recorded.get(base)
-        if uidl is None:
+        if uidl is None and base not in given:
             uidl = proposed.get(base)
             if uidl is not None and not validUID(uidl):
                 uidl = None

@@ -74,6 +74,11 @@ def uniquePart(name: str) -> str:
     return ",".join([first, *kept])
 
 
+def givenUID(unique: str) -> bool:
+    """Does this unique part hold its UIDL (a well-formed C{U=} field)?"""
+    return _UID_FIELD in unique and unescapeUID(unique.rpartition(_UID_FIELD)[2]) is not None
+
+
 def uidFor(unique: str) -> str:
     """
     The UIDL for a unique part: the UIDL its C{U=} field holds, else itself
