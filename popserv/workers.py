@@ -240,6 +240,8 @@ class Supervisor:
         )
         self.workers[index] = (proc, time.monotonic())
         print(f"popserv: worker {index} started, pid {proc.pid}", flush=True)
+        if self.stopping:
+            proc.send_signal(signal.SIGTERM)  # (the stop came while it started)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -265,7 +267,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, lambda *_: self.signal(signal.SIGHUP))
         for index in range(self.count):
-            self.start(index)
+            if not self.stopping:
+                self.start(index)
         while True:
             if self.stopping:
                 for proc, _ in self.workers.values():
@@ -281,6 +284,8 @@ class Supervisor:
                 self._exited(proc.pid)
                 if time.monotonic() - started < _RESTART_PAUSE:
                     time.sleep(_RESTART_PAUSE)
+                    if self.stopping:
+                        break  # (stopped while it paused: nothing to start)
                 self.start(index)
             time.sleep(0.2)
 

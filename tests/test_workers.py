@@ -194,6 +194,35 @@ def test_sigterm_stops_every_worker(tmp_path):
             os.kill(pid, 0)
 
 
+def test_sigterm_while_a_restart_pauses_stops_the_server(tmp_path):
+    """
+    A worker that dies right after its start is restarted after a pause; a
+    SIGTERM in that pause once started a worker that never got the signal,
+    and the supervisor waited for it for ever (systemctl stop hung).
+    """
+    w = Workers(tmp_path, {"u": "{PLAIN}pw"}, count=1)
+    try:
+        first = w.pids[0]
+        os.kill(first, signal.SIGKILL)  # (it ran over a second: restarted at once)
+        deadline = time.time() + 10
+        while w.pids[0] == first:
+            assert time.time() < deadline, "".join(w.lines)
+            time.sleep(0.01)
+        os.kill(w.pids[0], signal.SIGKILL)  # just started: a pause before the next
+        time.sleep(0.5)
+        w.proc.send_signal(signal.SIGTERM)  # in the pause
+        assert w.proc.wait(15) == 0
+    finally:
+        if w.proc.poll() is None:
+            for pid in w.pids.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            w.proc.kill()
+            w.proc.wait()
+
+
 def test_unshareable_listeners_are_refused(tmp_path):
     """A listener kind the supervisor cannot share is refused, with the kinds it can."""
     server = ServerProcess(tmp_path, {"u": "{PLAIN}pw"}, listen="systemd:domain=INET:index=0")
