@@ -53,8 +53,12 @@ def test_pw_refuses_unknown_scheme_and_empty_password():
     assert popserv("pw", "--password-stdin", stdin=b"\n").returncode == 64
 
 
-def test_user_add_list_del_keep_comments_and_mode(config, tmp_path):
+def test_user_add_list_del_keep_comments_mode_and_group(config, tmp_path):
     passwd = tmp_path / "passwd"
+    group = os.getegid()
+    if os.geteuid() == 0:  # as admins run it: the server reads it as its group
+        group = 65534
+        os.chown(passwd, 0, group)
     out = popserv(
         "user",
         "add",
@@ -78,6 +82,7 @@ def test_user_add_list_del_keep_comments_and_mode(config, tmp_path):
     assert again.returncode == 1 and b"already exists" in again.stderr
     assert popserv("user", "del", "alice", "--passwd", str(passwd)).returncode == 0
     assert "alice" not in passwd.read_text() and "# end" in passwd.read_text()
+    assert os.stat(passwd).st_gid == group and stat.S_IMODE(os.stat(passwd).st_mode) == 0o640
     assert popserv("user", "del", "nobody", "--passwd", str(passwd)).returncode == 67
     assert (
         popserv(

@@ -55,18 +55,19 @@ def editPasswdFile(path: str, user: str, field: str | None) -> None:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines(keepends=True)
-        mode = os.stat(path).st_mode & 0o7777
+        st = os.stat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         if field is None:
             raise AdminError(f"{path} does not exist") from None
-        lines, mode = [], 0o640
-    owner = [i for i, line in enumerate(lines) if line.split(":", 1)[0] == user]
+        lines, mode, owner = [], 0o640, None
+    found = [i for i, line in enumerate(lines) if line.split(":", 1)[0] == user]
     if field is None:
-        if not owner:
+        if not found:
             raise AdminError(f"no user {user} in {path}", EX_NOUSER)
-        del lines[owner[0]]
+        del lines[found[0]]
     else:
-        if owner:
+        if found:
             raise AdminError(f"user {user} already exists in {path}")
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
@@ -78,6 +79,12 @@ def editPasswdFile(path: str, user: str, field: str | None) -> None:
             f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
+            if owner is not None:
+                # The server may read it as its group only (root:popserv 0640).
+                try:
+                    os.fchown(f.fileno(), *owner)
+                except PermissionError:
+                    pass  # (not root: the file becomes the editor's, as it can only)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
