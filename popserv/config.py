@@ -175,6 +175,22 @@ def _checkPassdb(specs: tuple[Any, ...]) -> None:
             raise ValueError(f"{spec!r}: expected KIND:ARGUMENTS, KIND one of {_authKinds()}")
 
 
+def _portOf(description: str) -> int | None:
+    """The port of a tcp:, tcp6: or ssl: endpoint (behind haproxy:), if it names one."""
+    kind, _, rest = description.partition(":")
+    while kind == "haproxy":
+        kind, _, rest = rest.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    args = rest.split(":")
+    given = [a for a in args if "=" not in a][:1] or [
+        a.partition("=")[2] for a in args if a.startswith("port=")
+    ]
+    if given and given[0].strip().isdigit():
+        return int(given[0])
+    return None
+
+
 @dataclass(frozen=True)
 class PassdbSpec:
     """
@@ -635,6 +651,12 @@ class Config:
                 raise ConfigError(f"{declared.name}: {e}") from None
         if not self.listen and not self.listen_tls:
             raise ConfigError("listen: at least one endpoint is needed")
+        for name in ("listen", "listen_tls", "lmtp", "metrics"):
+            value = getattr(self, name)
+            for description in (value,) if isinstance(value, str) else value or ():
+                port = _portOf(description)
+                if port is not None and not 0 <= port <= 65535:
+                    raise ConfigError(f"{name}: port {port} of {description!r} is not 0-65535")
         if self.listen_tls and not self.tlsEnabled:
             raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
         if not self.authSources and not self.proxy_backend:

@@ -158,6 +158,18 @@ def test_check_config_good_and_broken(config, tmp_path):
     assert len(lines) == 5
 
 
+def test_a_port_out_of_range_is_refused_with_one_line(config, tmp_path):
+    """Not a configuration OK, then a traceback from twistd and from serve."""
+    text = config.read_text()
+    for endpoint in ("tcp:99999", "haproxy:tcp:port=70000:interface=127.0.0.1"):
+        config.write_text(text.replace("tcp:0:interface=127.0.0.1", endpoint))
+        bad = popserv("check-config", "--config", str(config))
+        assert bad.returncode == 1 and b"is not 0-65535" in bad.stdout, bad.stdout
+    served = popserv("serve", "--config", str(config), "--workers", "1")
+    assert served.returncode != 0 and b"is not 0-65535" in served.stderr
+    assert b"Traceback" not in served.stderr
+
+
 def test_check_config_missing_file():
     out = popserv("check-config", "--config", "/nonexistent.conf")
     assert out.returncode == 64 and b"cannot read" in out.stderr

@@ -83,6 +83,25 @@ def test_lines_longer_than_any_status_line_migrate_exactly(tmp_path):
     assert got == sorted(crlf)
 
 
+def test_a_ca_file_that_is_missing_or_no_pem_is_a_usage_error(tmp_path):
+    (tmp_path / "pw").write_text("pw\n")
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    for ca in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
+        done = migrate(
+            tmp_path,
+            "--from",
+            "pop3s://u@127.0.0.1:1",
+            "--to",
+            f"maildir:{tmp_path}/dst/%u",
+            "--password-file",
+            str(tmp_path / "pw"),
+            "--ca-file",
+            str(ca),
+        )
+        assert done.returncode == 64 and "--ca-file" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_migrate_from_dovecot(dovecot, tmp_path):
     """
     One user named in the URL: every message copied with its Dovecot UIDL,

@@ -97,6 +97,17 @@ def test_db_commands(pgdatabase, capsys):
     assert main(["db", "status", "--mail-location", "maildir:/tmp/x"]) == 64
 
 
+def test_db_init_by_a_role_that_may_not_create_tables_is_one_line(postgresql, pgdatabase, capsys):
+    """PostgreSQL 15+: a role that does not own the database may not create in public."""
+    postgresql.execute(
+        "DO $$BEGIN CREATE ROLE mailer LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$"
+    )
+    uri = pgdatabase.replace("user=postgres", "user=mailer")
+    assert uri != pgdatabase
+    assert main(["db", "init", "--mail-location", f"pgsql:{uri}"]) == 1
+    assert "the database refused: permission denied" in capsys.readouterr().err
+
+
 def test_check_config_reports_the_database(pgdatabase, tmp_path, capsys):
     (tmp_path / "passwd").write_text("alice:{PLAIN}x\n")
     config = tmp_path / "popserv.conf"

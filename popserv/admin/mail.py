@@ -209,7 +209,10 @@ def popSource(args: argparse.Namespace) -> Any:
         raise AdminError("the URL names no user: --user or --credentials", EX_USAGE)
     for user in args.users or ():
         passwords.setdefault(user, "")
-    return POP3Source(url, passwords, master, caFile=args.ca_file, insecure=args.insecure)
+    try:
+        return POP3Source(url, passwords, master, caFile=args.ca_file, insecure=args.insecure)
+    except OSError as e:  # (a --ca-file that is missing, or no PEM: ssl.SSLError)
+        raise AdminError(f"--ca-file {args.ca_file}: {e.strerror or e}", EX_USAGE) from None
 
 
 def cmdMigrate(args: argparse.Namespace) -> int:

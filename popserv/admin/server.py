@@ -50,6 +50,8 @@ def cmdDb(args: argparse.Namespace) -> int:
             before, after = migrate(conn)
     except psycopg.OperationalError as e:
         raise AdminError(f"cannot reach the database: {str(e).strip()}", EX_TEMPFAIL) from None
+    except psycopg.Error as e:  # (e.g. no right to create tables: the role is not the owner)
+        raise AdminError(f"the database refused: {str(e).strip()}") from None
     except SchemaError as e:
         raise AdminError(str(e)) from None
     print(f"schema version {after}" + (f" (was {before})" if before != after else " (unchanged)"))
