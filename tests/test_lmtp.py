@@ -156,6 +156,27 @@ def test_too_long_line_and_too_many_errors(passwd):
     assert t.disconnecting
 
 
+def test_transactions_whose_recipients_were_all_refused_do_not_close(passwd):
+    """
+    A pipelining MTA on a kept LMTP connection sends DATA before it reads
+    the 550s: the 503 to that DATA is no client error, and twenty such
+    transactions (a spam run to unknown users) must not close the link.
+    """
+    proto, t, _ = connect(MemoryStore(), passwd, maxBadCommands=3)
+    send(proto, t, b"LHLO mta\r\n")
+    for _ in range(10):
+        assert send(
+            proto, t, b"MAIL FROM:<x@y>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\nRSET\r\n"
+        ) == [
+            "250 2.1.0 Sender OK",
+            "550 5.1.1 No such user here",
+            "503 5.5.1 No valid recipients",
+            "250 2.0.0 OK",
+        ]
+    assert not t.disconnecting
+    assert send(proto, t, b"A\r\nB\r\nC\r\n")[-1] == "421 4.7.0 Too many errors, closing"
+
+
 def test_timeout(passwd):
     proto, t, clock = connect(MemoryStore(), passwd, timeout=30)
     said(t)

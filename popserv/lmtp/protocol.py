@@ -263,9 +263,15 @@ class LMTPProtocol(LineReceiver, TimeoutMixin):
 
     # -- DATA -----------------------------------------------------------------
 
-    def lmtp_DATA(self, argument: str) -> Reply | Deferred[None]:
-        if self._sender is None or not self._recipients:
+    def lmtp_DATA(self, argument: str) -> Reply | Deferred[None] | None:
+        if self._sender is None:
             return Reply(503, "5.5.1", "No valid recipients")
+        if not self._recipients:
+            # Every recipient was refused (a pipelining MTA sent DATA before
+            # it read the 550s): the usual end of a spam run to unknown
+            # users, no client error to count towards closing.
+            self._reply(Reply(503, "5.5.1", "No valid recipients"))
+            return None
         if argument:
             return SYNTAX
         self._copies = [_Copy(r) for r in self._recipients]
