@@ -98,6 +98,29 @@ def test_mail_and_update(srv):
     assert srv.deleted("alice") == [b"Subject: a\n\nfirst\n"]
 
 
+def test_big_messages_travel_the_control_channel_whole(srv):
+    """
+    A delivered message goes inline as one long line, and messages() answers
+    one: both read piece by piece, with several requests to a piece as well.
+    """
+    body = b"".join(b"%07d " % n + b"y" * 990 + b"\r\n" for n in range(12_000))  # 12 MB
+    message = b"Subject: big\r\n\r\n" + body
+    srv.add_user("alice", "secret")
+    srv.deliver("alice", message)
+    srv.deliver("alice", b"Subject: small\r\n\r\nx\r\n")
+    assert [m == message for m in srv.messages("alice")] == [True, False]
+    pop = poplib.POP3(srv.host, srv.port, timeout=30)
+    pop.user("alice")
+    pop.pass_("secret")
+    assert b"\r\n".join(pop.retr(1)[1]) + b"\r\n" == message
+    pop.quit()
+
+
+def test_a_server_in_a_directory_not_made_yet(tmp_path):
+    with POP3TestServer(tmp_path / "pop3" / "here") as server:
+        assert server.running and (tmp_path / "pop3" / "here" / "server.log").exists()
+
+
 def test_no_update_without_quit(srv):
     srv.deliver("alice", b"Subject: a\r\n\r\nx\r\n")
     pop = login(srv)

@@ -105,6 +105,7 @@ class POP3TestServer:
         stopped (killed if need be) and L{TestServerError} says why.
         """
         self._buffer = b""
+        os.makedirs(self.directory, exist_ok=True)  # (the server would; its log goes there first)
         with open(self.stderr_path, "ab") as stderr:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "popserv.testserver.server", self.directory],
@@ -153,18 +154,24 @@ class POP3TestServer:
         assert self._proc is not None and self._proc.stdout is not None
         deadline = time.monotonic() + self.timeout
         fd = self._proc.stdout.fileno()
+        if (end := self._buffer.find(b"\n")) >= 0:
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            return line
+        pieces = [self._buffer]  # (a long answer: each piece searched once)
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
+            while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
+                    self._buffer = b"".join(pieces)
                     raise TestServerError(f"no answer in {self.timeout}s")
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     raise TestServerError("the test server exited")
-                self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+                if (end := chunk.find(b"\n")) >= 0:
+                    self._buffer = chunk[end + 1 :]
+                    return b"".join([*pieces, chunk[:end]])
+                pieces.append(chunk)
 
     def _problem(self, what: str, where: bool = True) -> str:
         """C{what}, and if the process ended, its exit status and last words."""

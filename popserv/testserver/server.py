@@ -22,9 +22,8 @@ from typing import Any
 
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
-from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -238,15 +237,19 @@ def _encode(value: Any) -> Any:
     return value
 
 
-class ControlProtocol(LineReceiver):
+class ControlProtocol(Protocol):
     """
     The control channel: a request a line (C{{"id": N, "op": NAME, "args":
     {...}}}), answered by C{{"id": N, "ok": true, "result": ...}} or C{{"id":
     N, "ok": false, "error": TEXT}}. Bytes travel as C{{"b64": ...}}. End of
     input stops the server.
+
+    A line (a message delivered inline) may be megabytes long: its pieces
+    are kept as they come and only each new one searched for the line's end
+    (a C{LineReceiver} searched all it held again at every read: 20 MB took
+    37 s).
     """
 
-    delimiter = b"\n"
     MAX_LENGTH = 256 * 1024 * 1024
 
     def __init__(self, core: TestServerCore, onEnd: Callable[[], None]) -> None:
@@ -270,6 +273,19 @@ class ControlProtocol(LineReceiver):
             "strictness": core.strictness,
         }
         self._queue: Deferred[None] | None = None
+        self._pieces: list[bytes] = []
+        self._held = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        while (end := data.find(b"\n")) >= 0:
+            line = b"".join([*self._pieces, data[:end]])
+            self._pieces, self._held, data = [], 0, data[end + 1 :]
+            self.lineReceived(line)
+        if data:
+            self._pieces.append(data)
+            self._held += len(data)
+            if self._held > self.MAX_LENGTH:
+                self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
         number = None
