@@ -175,20 +175,24 @@ def _checkPassdb(specs: tuple[Any, ...]) -> None:
             raise ValueError(f"{spec!r}: expected KIND:ARGUMENTS, KIND one of {_authKinds()}")
 
 
-def _portOf(description: str) -> int | None:
-    """The port of a tcp:, tcp6: or ssl: endpoint (behind haproxy:), if it names one."""
-    kind, _, rest = description.partition(":")
-    while kind == "haproxy":
-        kind, _, rest = rest.partition(":")
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return None
-    args = rest.split(":")
-    given = [a for a in args if "=" not in a][:1] or [
-        a.partition("=")[2] for a in args if a.startswith("port=")
-    ]
-    if given and given[0].strip().isdigit():
-        return int(given[0])
-    return None
+def _checkEndpoints(value: str | tuple[str, ...]) -> None:
+    """
+    Ports 0-65535 in tcp:, tcp6: and ssl: endpoints (behind haproxy: too):
+    Twisted's parser takes any number, and only the bind fails, with a
+    traceback.
+    """
+    for description in (value,) if isinstance(value, str) else value:
+        kind, _, rest = description.partition(":")
+        while kind == "haproxy":
+            kind, _, rest = rest.partition(":")
+        if kind not in ("tcp", "tcp6", "ssl"):
+            continue
+        args = rest.split(":")
+        port = [a for a in args if "=" not in a][:1] or [
+            a.partition("=")[2] for a in args if a.startswith("port=")
+        ]
+        if port and port[0].strip().isdigit() and int(port[0]) > 65535:
+            raise ValueError(f"port {int(port[0])} of {description!r} is not 0-65535")
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,7 @@ class Config:
         LIST,
         short="l",
         metavar="ENDPOINT",
+        check=_checkEndpoints,
     )
     listen_tls: tuple[str, ...] = setting(
         (),
@@ -251,6 +256,7 @@ class Config:
         "repeatable (e.g. tcp:995).",
         LIST,
         metavar="ENDPOINT",
+        check=_checkEndpoints,
     )
     lmtp: tuple[str, ...] = setting(
         (),
@@ -258,6 +264,7 @@ class Config:
         "repeatable (e.g. unix:/run/popserv/lmtp, tcp:24:interface=127.0.0.1).",
         LIST,
         metavar="ENDPOINT",
+        check=_checkEndpoints,
     )
     lmtp_trusted_networks: tuple[str, ...] = setting(
         DEFAULT_TRUSTED_NETWORKS,
@@ -531,6 +538,7 @@ class Config:
         STR,
         defaultText="off",
         metavar="ENDPOINT",
+        check=_checkEndpoints,
     )
     logout_format: str = setting(
         DEFAULT_LOGOUT_FORMAT,
@@ -651,12 +659,6 @@ class Config:
                 raise ConfigError(f"{declared.name}: {e}") from None
         if not self.listen and not self.listen_tls:
             raise ConfigError("listen: at least one endpoint is needed")
-        for name in ("listen", "listen_tls", "lmtp", "metrics"):
-            value = getattr(self, name)
-            for description in (value,) if isinstance(value, str) else value or ():
-                port = _portOf(description)
-                if port is not None and not 0 <= port <= 65535:
-                    raise ConfigError(f"{name}: port {port} of {description!r} is not 0-65535")
         if self.listen_tls and not self.tlsEnabled:
             raise ConfigError("listen_tls: needs tls_cert (or tls_selfsigned)")
         if not self.authSources and not self.proxy_backend:

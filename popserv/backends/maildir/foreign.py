@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from popserv.backends.maildir.names import baseName, givenUID
+from popserv.backends.maildir.names import baseName, heldUID
 from popserv.interfaces import validUID
 
 __all__ = [
@@ -307,7 +307,9 @@ def carryOver(
     bases = [baseName(entry[4]) for entry in found]
     # A name that holds its UIDL (a migration's, a delivery's given one)
     # keeps it: no other server's file or header says otherwise.
-    given = {base for base, entry in zip(bases, found, strict=True) if givenUID(entry[1])}
+    given = {
+        base for base, entry in zip(bases, found, strict=True) if heldUID(entry[1]) is not None
+    }
     fresh = [
         (base, entry[4])
         for base, entry in zip(bases, found, strict=True)

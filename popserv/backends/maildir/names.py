@@ -74,9 +74,11 @@ def uniquePart(name: str) -> str:
     return ",".join([first, *kept])
 
 
-def givenUID(unique: str) -> bool:
-    """Does this unique part hold its UIDL (a well-formed C{U=} field)?"""
-    return _UID_FIELD in unique and unescapeUID(unique.rpartition(_UID_FIELD)[2]) is not None
+def heldUID(unique: str) -> str | None:
+    """The UIDL a unique part's C{U=} field holds (None: no well-formed one)."""
+    if _UID_FIELD not in unique:
+        return None
+    return unescapeUID(unique.rpartition(_UID_FIELD)[2])
 
 
 def uidFor(unique: str) -> str:
@@ -84,10 +86,9 @@ def uidFor(unique: str) -> str:
     The UIDL for a unique part: the UIDL its C{U=} field holds, else itself
     if RFC-valid, else a digest of it.
     """
-    if _UID_FIELD in unique:
-        held = unescapeUID(unique.rpartition(_UID_FIELD)[2])
-        if held is not None:
-            return held
+    held = heldUID(unique)
+    if held is not None:
+        return held
     if validUID(unique):
         return unique
     digest = hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()
