@@ -8,17 +8,13 @@ import random
 import time
 
 import pytest
-from twisted.cred.portal import Portal
-from twisted.internet.task import Clock
 
-from popserv.auth.realm import MailboxRealm
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.memory import MemoryMailbox, MemoryMaildrop
 from popserv.interfaces import MessageInfo
 from popserv.listing import EMPTY, SHARED_UIDS_MAX, Listing
-from popserv.protocol import POP3Factory
 from popserv.session import Transaction
-from popserv.testing import PlaintextChecker, connect
+from popserv.testing import connect, memoryServer
 from popserv.threads import synchronously
 from support import deliver
 
@@ -184,9 +180,7 @@ def test_a_maildir_login_holds_a_listing(tmp_path):
     for sub in ("cur", "new"):
         os.utime(box / sub, (past, past))
     store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
-    factory = POP3Factory(
-        Portal(MailboxRealm(store), [PlaintextChecker({"alice": "pw"})]), Clock()
-    )
+    factory, _ = memoryServer({"alice": "pw"}, store=store)
     client = connect(factory)
     client.send(b"USER alice\r\nPASS pw\r\nUIDL\r\n")
     assert client.lines() == [
