@@ -35,6 +35,13 @@ def deliver(maildir: Path, message: bytes, sub: str = "new", name: str | None = 
     return final
 
 
+def age_directories(maildir: Path, seconds: float = 60) -> None:
+    """Directory mtimes as of a while ago: a listing made now can be trusted (cached)."""
+    past = time.time() - seconds
+    for sub in ("cur", "new"):
+        os.utime(maildir / sub, (past, past))
+
+
 def twistdCommand() -> list[str]:
     script = Path(sys.executable).parent / "twistd"
     if script.exists():

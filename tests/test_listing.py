@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import time
 
 import pytest
 
@@ -16,7 +14,7 @@ from popserv.listing import EMPTY, SHARED_UIDS_MAX, Listing
 from popserv.session import Transaction
 from popserv.testing import connect, memoryServer
 from popserv.threads import synchronously
-from support import deliver
+from support import age_directories, deliver
 
 INFOS = (
     MessageInfo("1000.A.h", 120, "new/1000.A.h", 1000),
@@ -176,9 +174,7 @@ def test_a_maildir_login_holds_a_listing(tmp_path):
     box = tmp_path / "alice" / "Maildir"
     for n in range(3):
         deliver(box, b"Subject: %d\n\nbody\n" % n, name=f"{1000 + n}.M{n}.h")
-    past = time.time() - 100
-    for sub in ("cur", "new"):
-        os.utime(box / sub, (past, past))
+    age_directories(box, 100)
     store = MaildirStore(f"{tmp_path}/%n/Maildir", runInThread=synchronously)
     factory, _ = memoryServer({"alice": "pw"}, store=store)
     client = connect(factory)
@@ -211,17 +207,12 @@ def test_empty_maildrops_share_one_empty_listing(tmp_path):
     box = tmp_path / "alice" / "Maildir"
     deliver(box, b"a\n", name="1000.A.h")
 
-    def age(seconds):
-        past = time.time() - seconds
-        for sub in ("cur", "new"):
-            os.utime(box / sub, (past, past))
-
-    age(100)
+    age_directories(box, 100)
     first = store.openMailbox("alice").result
     assert len(first.listMessages().result) == 1
     assert store.peekCache(str(box)).listing is not None
     (box / "new" / "1000.A.h").unlink()
-    age(50)
+    age_directories(box, 50)
     assert first.listMessages().result is EMPTY  # relisted: nothing kept
     first.close()
     store.forget(str(box))

@@ -22,7 +22,7 @@ from popserv.interfaces import IMailbox, IMailStore, IMessageReader, validUID
 from popserv.protocol import POP3Factory
 from popserv.testing import PlaintextChecker, connect
 from popserv.threads import synchronously
-from support import REPO, deliver
+from support import REPO, age_directories, deliver
 
 
 def result(d):
@@ -354,13 +354,6 @@ def test_protocol_over_maildir_end_to_end(tmp_path):
     ]
     assert [n.split(".")[1] for n in os.listdir(box / "new")] == ["A"]
     open_(store).close()  # the lock was released
-
-
-def age_directories(box, seconds=60):
-    """Directory mtimes as of a while ago: a listing made now can be trusted."""
-    past = time.time() - seconds
-    for sub in ("cur", "new"):
-        os.utime(box / sub, (past, past))
 
 
 def listing(store):

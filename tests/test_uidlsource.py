@@ -6,12 +6,16 @@ leave them; the real Dovecot is in test_uidlsource_dovecot.py.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 from popserv.backends.maildir import MaildirStore
 from popserv.backends.maildir.foreign import expandDovecot, parseSource, readCourier
-from popserv.backends.maildir.index import INDEX_FILE
+from popserv.backends.maildir.index import INDEX_FILE, MaildropCache
 from popserv.threads import synchronously
+from support import age_directories
 
 
 def maildir(tmp_path, files: dict[str, bytes]):
@@ -146,17 +150,9 @@ def test_a_second_lister_waits_for_the_index_and_keeps_the_carried_uidls(tmp_pat
     process, both listing one maildrop): the login never lists it without
     its carried-over UIDLs, neither then nor in the listing it caches.
     """
-    import os
-    import threading
-    import time
-
-    from popserv.backends.maildir.index import MaildropCache
-
     root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n", "cur/2.b": b"\n"})
     assert uidls(tmp_path, "xuidl") == ["kept", "2.b"]  # recorded in the index
-    past = time.time() - 60  # (listings of fresh directories are not cached)
-    for sub in ("cur", "new"):
-        os.utime(root / sub, (past, past))
+    age_directories(root)  # (listings of fresh directories are not cached)
     store = MaildirStore(f"maildir:{tmp_path}/%u/Maildir", runInThread=synchronously)
     inLoad, goOn = threading.Event(), threading.Event()
     parse = MaildropCache._parse
@@ -189,8 +185,6 @@ def test_an_index_with_carried_uidls_is_written_durably(tmp_path, monkeypatch):
     gone): it is synced before it replaces the old one, and its directory
     after, so a power cut leaves one or the other, not an empty file.
     """
-    import os
-
     root = maildir(tmp_path, {"cur/1.a": b"X-UIDL: kept\n\n"})
     synced: list[str] = []
     fsync = os.fsync
