@@ -328,7 +328,7 @@ def test_twistd_loggers(tmp_path, logger, logout):
         port = None
         lines = iter(proc.stdout)
         for line in lines:
-            logout(line)  # (each line in the logger's form)
+            logout(line)  # (JSON: every line must parse; text: checked from the logout on)
             if m := re.search(r"POP3Factory starting on (\d+)", line):
                 port = int(m.group(1))
                 break

@@ -48,9 +48,7 @@ THIRD_PARTY = textwrap.dedent(
     from popserv.settings import BOOL, Setting
 
 
-    class Reader:
-        transferForm = False
-
+    class Reader:  # (from before transferForm: without it, the message as it is)
         def __init__(self, data):
             self.data = data
 
